@@ -1,0 +1,19 @@
+// nanobind module `jax_nf4._nf4_cuda`: capsules of the CUDA FFI handlers in cuda_ops.cu.
+#include "nanobind/nanobind.h"
+#include "xla/ffi/api/api.h"
+
+namespace nb = nanobind;
+
+XLA_FFI_DECLARE_HANDLER_SYMBOL(JaxNf4QuantizeCuda);
+XLA_FFI_DECLARE_HANDLER_SYMBOL(JaxNf4DequantizeCuda);
+XLA_FFI_DECLARE_HANDLER_SYMBOL(JaxNf4MatmulCuda);
+
+NB_MODULE(_nf4_cuda, m) {
+  m.def("registrations", []() {
+    nb::dict targets;
+    targets["nf4_quantize"] = nb::capsule(reinterpret_cast<void*>(JaxNf4QuantizeCuda));
+    targets["nf4_dequantize"] = nb::capsule(reinterpret_cast<void*>(JaxNf4DequantizeCuda));
+    targets["nf4_matmul"] = nb::capsule(reinterpret_cast<void*>(JaxNf4MatmulCuda));
+    return targets;
+  });
+}

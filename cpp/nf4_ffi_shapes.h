@@ -1,0 +1,125 @@
+// Shape and dtype checks shared by the CPU and CUDA FFI handlers. Every op works on a leading
+// group dimension G (stacked weights / vmap), so all operands are rank 3:
+//   packed  uint8 [G, N/2, K]      absmax float32 [G, N, K/block_size]
+//   x       T     [G, M, K]        out    T       [G, M, N]          (matmul)
+//   w       T     [G, N, K]                                          (quantize input, dequantize output)
+// The Python layer checks the same things with friendlier messages at trace time; these checks
+// make the handlers safe on their own.
+#pragma once
+
+#include <cstdint>
+#include <string>
+
+#include "xla/ffi/api/ffi.h"
+
+namespace jax_nf4 {
+
+namespace ffi = xla::ffi;
+
+struct Nf4Dims {
+  int64_t groups = 0;      // G
+  int64_t rows = 0;        // N (even)
+  int64_t cols = 0;        // K (multiple of block_size)
+  int64_t block_size = 0;  // elements of one row sharing a scale
+  int64_t blocks() const { return block_size > 0 ? cols / block_size : 0; }
+};
+
+inline std::string DimsToString(ffi::Span<const int64_t> dims) {
+  std::string s = "[";
+  for (size_t i = 0; i < dims.size(); ++i) s += (i ? ", " : "") + std::to_string(dims[i]);
+  return s + "]";
+}
+
+inline bool IsActivationType(ffi::DataType t) {
+  return t == ffi::DataType::F32 || t == ffi::DataType::BF16 || t == ffi::DataType::F16;
+}
+
+// Checks packed / absmax against each other and the block size; fills dims.
+inline ffi::Error CheckWeight(const char* op, ffi::AnyBuffer packed, ffi::AnyBuffer absmax,
+                              int64_t block_size, Nf4Dims* dims) {
+  auto err = [op](const std::string& msg) {
+    return ffi::Error::InvalidArgument(std::string(op) + ": " + msg);
+  };
+  if (block_size <= 0) return err("block_size must be positive, got " + std::to_string(block_size));
+  if (packed.element_type() != ffi::DataType::U8)
+    return err("packed must be uint8");
+  if (absmax.element_type() != ffi::DataType::F32)
+    return err("absmax must be float32");
+  auto pd = packed.dimensions();
+  auto ad = absmax.dimensions();
+  if (pd.size() != 3) return err("packed must be [G, N/2, K], got " + DimsToString(pd));
+  if (ad.size() != 3) return err("absmax must be [G, N, K/block_size], got " + DimsToString(ad));
+  dims->groups = pd[0];
+  dims->rows = 2 * pd[1];
+  dims->cols = pd[2];
+  dims->block_size = block_size;
+  if (dims->cols % block_size != 0)
+    return err("K = " + std::to_string(dims->cols) + " is not a multiple of block_size = " +
+               std::to_string(block_size));
+  if (ad[0] != dims->groups || ad[1] != dims->rows || ad[2] != dims->blocks())
+    return err("absmax must be [" + std::to_string(dims->groups) + ", " +
+               std::to_string(dims->rows) + ", " + std::to_string(dims->blocks()) + "] for packed " +
+               DimsToString(pd) + ", got " + DimsToString(ad));
+  return ffi::Error::Success();
+}
+
+// Checks a dense [G, N, K] tensor (quantize input or dequantize output) against dims.
+inline ffi::Error CheckDense(const char* op, const char* name, ffi::AnyBuffer dense,
+                             const Nf4Dims& dims) {
+  auto dd = dense.dimensions();
+  if (!IsActivationType(dense.element_type()))
+    return ffi::Error::InvalidArgument(std::string(op) + ": " + name +
+                                       " must be float32, bfloat16 or float16");
+  if (dd.size() != 3 || dd[0] != dims.groups || dd[1] != dims.rows || dd[2] != dims.cols)
+    return ffi::Error::InvalidArgument(
+        std::string(op) + ": " + name + " must be [" + std::to_string(dims.groups) + ", " +
+        std::to_string(dims.rows) + ", " + std::to_string(dims.cols) + "], got " +
+        DimsToString(dd));
+  return ffi::Error::Success();
+}
+
+// Checks the quantize input w [G, N, K] alone (there is no packed operand yet).
+inline ffi::Error CheckQuantizeInput(ffi::AnyBuffer w, int64_t block_size, Nf4Dims* dims) {
+  auto wd = w.dimensions();
+  if (block_size <= 0)
+    return ffi::Error::InvalidArgument("nf4_quantize: block_size must be positive, got " +
+                                       std::to_string(block_size));
+  if (wd.size() != 3)
+    return ffi::Error::InvalidArgument("nf4_quantize: w must be [G, N, K], got " + DimsToString(wd));
+  dims->groups = wd[0];
+  dims->rows = wd[1];
+  dims->cols = wd[2];
+  dims->block_size = block_size;
+  if (dims->rows % 2 != 0)
+    return ffi::Error::InvalidArgument("nf4_quantize: N = " + std::to_string(dims->rows) +
+                                       " must be even");
+  if (dims->cols % block_size != 0)
+    return ffi::Error::InvalidArgument("nf4_quantize: K = " + std::to_string(dims->cols) +
+                                       " is not a multiple of block_size = " +
+                                       std::to_string(block_size));
+  return CheckDense("nf4_quantize", "w", w, *dims);
+}
+
+// Checks matmul activations x [G, M, K] and output [G, M, N]; returns M.
+inline ffi::Error CheckMatmul(ffi::AnyBuffer x, ffi::AnyBuffer out, const Nf4Dims& dims,
+                              int64_t* m) {
+  auto xd = x.dimensions();
+  auto od = out.dimensions();
+  if (!IsActivationType(x.element_type()))
+    return ffi::Error::InvalidArgument("nf4_matmul: x must be float32, bfloat16 or float16");
+  if (out.element_type() != x.element_type())
+    return ffi::Error::InvalidArgument("nf4_matmul: output dtype must equal x's dtype");
+  if (xd.size() != 3 || xd[0] != dims.groups || xd[2] != dims.cols)
+    return ffi::Error::InvalidArgument("nf4_matmul: x must be [" + std::to_string(dims.groups) +
+                                       ", M, " + std::to_string(dims.cols) + "], got " +
+                                       DimsToString(xd));
+  *m = xd[1];
+  if (od.size() != 3 || od[0] != dims.groups || od[1] != *m || od[2] != dims.rows)
+    return ffi::Error::InvalidArgument("nf4_matmul: output must be [" +
+                                       std::to_string(dims.groups) + ", " + std::to_string(*m) +
+                                       ", " + std::to_string(dims.rows) + "], got " +
+                                       DimsToString(od));
+  return ffi::Error::Success();
+}
+
+}  // namespace jax_nf4

@@ -1,0 +1,119 @@
+"""The NF4 primitives: abstract evaluation and batching rules.
+
+Every primitive works on a leading group dim G, so a vmap over weights (stacked layers,
+experts) folds into G and a vmap over activations only folds into M:
+
+  nf4_quantize_p   (w[G, N, K])                         -> packed u8[G, N/2, K], absmax f32[G, N, K/bs]
+  nf4_dequantize_p (packed, absmax)                     -> w[G, N, K] in ``dtype``
+  nf4_matmul_p     (x[G, M, K], packed, absmax)         -> out[G, M, N] in x.dtype
+
+Lowerings live in ``_lowering.py``; autodiff rules in ``_autodiff.py``.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from jax.extend.core import Primitive
+from jax.interpreters import batching
+from jax.interpreters.xla import apply_primitive
+import jax.numpy as jnp
+from jax.core import ShapedArray
+
+from jax_nf4 import _shapes
+
+__all__ = ["nf4_quantize_p", "nf4_dequantize_p", "nf4_matmul_p"]
+
+
+def _make(name: str, multiple_results: bool = False) -> Primitive:
+    p = Primitive(name)
+    p.multiple_results = multiple_results
+    p.def_impl(lambda *args, **params: apply_primitive(p, *args, **params))
+    return p
+
+
+nf4_quantize_p = _make("nf4_quantize", multiple_results=True)
+nf4_dequantize_p = _make("nf4_dequantize")
+nf4_matmul_p = _make("nf4_matmul")
+
+
+# ----------------------------------------------------------------------------- abstract eval
+
+def _quantize_abstract(w, *, block_size):
+    g, n, k = _shapes.check_quantize(w.shape, w.dtype, block_size)
+    return (ShapedArray((g, n // 2, k), np.uint8),
+            ShapedArray((g, n, k // block_size), np.float32))
+
+
+def _dequantize_abstract(packed, absmax, *, block_size, dtype):
+    g, n, k = _shapes.check_weight_operands(packed, absmax, block_size, "nf4_dequantize")
+    return ShapedArray((g, n, k), _shapes.check_activation_dtype(dtype, "dtype"))
+
+
+def _matmul_abstract(x, packed, absmax, *, block_size):
+    g, n, k = _shapes.check_weight_operands(packed, absmax, block_size, "nf4_matmul")
+    if x.ndim != 3 or x.shape[0] != g or x.shape[2] != k:
+        raise ValueError(f"nf4_matmul: x must be [{g}, M, {k}], got {tuple(x.shape)}")
+    return ShapedArray((g, x.shape[1], n), _shapes.check_activation_dtype(x.dtype, "x"))
+
+
+nf4_quantize_p.def_abstract_eval(_quantize_abstract)
+nf4_dequantize_p.def_abstract_eval(_dequantize_abstract)
+nf4_matmul_p.def_abstract_eval(_matmul_abstract)
+
+
+# ----------------------------------------------------------------------------- batching
+
+def _to_front(x, dim, size):
+    """Batch dim of x moved to the front, or x broadcast along a new front dim."""
+    if dim is None:
+        return jnp.broadcast_to(x, (size,) + x.shape)
+    return jnp.moveaxis(x, dim, 0)
+
+
+def _fold(x):
+    """[B, G, ...] -> [B*G, ...]."""
+    return x.reshape((x.shape[0] * x.shape[1],) + x.shape[2:])
+
+
+def _unfold(x, size):
+    """[B*G, ...] -> [B, G, ...]."""
+    return x.reshape((size, x.shape[0] // size) + x.shape[1:])
+
+
+def _batch_size(args, dims):
+    return next(a.shape[d] for a, d in zip(args, dims) if d is not None)
+
+
+def _quantize_batch(args, dims, *, block_size):
+    (w,), (dim,) = args, dims
+    size = w.shape[dim]
+    packed, absmax = nf4_quantize_p.bind(_fold(_to_front(w, dim, size)), block_size=block_size)
+    return (_unfold(packed, size), _unfold(absmax, size)), (0, 0)
+
+
+def _dequantize_batch(args, dims, *, block_size, dtype):
+    size = _batch_size(args, dims)
+    packed, absmax = (_fold(_to_front(a, d, size)) for a, d in zip(args, dims))
+    out = nf4_dequantize_p.bind(packed, absmax, block_size=block_size, dtype=dtype)
+    return _unfold(out, size), 0
+
+
+def _matmul_batch(args, dims, *, block_size):
+    x, packed, absmax = args
+    x_dim, packed_dim, absmax_dim = dims
+    size = _batch_size(args, dims)
+    if packed_dim is None and absmax_dim is None:
+        # Only the activations are batched: fold the batch into M and read each weight once.
+        xb = jnp.moveaxis(x, x_dim, 1)  # [G, B, M, K]
+        g, b, m, k = xb.shape
+        out = nf4_matmul_p.bind(xb.reshape(g, b * m, k), packed, absmax, block_size=block_size)
+        return out.reshape(g, b, m, out.shape[-1]), 1
+    # Batched weights fold into the group dim; activations follow (broadcast if unbatched).
+    x, packed, absmax = (_fold(_to_front(a, d, size)) for a, d in zip(args, dims))
+    out = nf4_matmul_p.bind(x, packed, absmax, block_size=block_size)
+    return _unfold(out, size), 0
+
+
+batching.primitive_batchers[nf4_quantize_p] = _quantize_batch
+batching.primitive_batchers[nf4_dequantize_p] = _dequantize_batch
+batching.primitive_batchers[nf4_matmul_p] = _matmul_batch

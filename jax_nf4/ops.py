@@ -1,0 +1,106 @@
+"""Public NF4 ops: quantize, dequantize, matmul, linear."""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.typing import ArrayLike, DTypeLike
+
+from jax_nf4 import _lowering  # noqa: F401  (registers the lowerings)
+from jax_nf4 import _shapes
+from jax_nf4._primitives import nf4_dequantize_p, nf4_matmul_p, nf4_quantize_p
+from jax_nf4._weight import NF4Weight
+
+__all__ = ["quantize", "dequantize", "matmul", "linear"]
+
+
+def _check_weight(q: Any, name: str = "q") -> NF4Weight:
+    if not isinstance(q, NF4Weight):
+        raise TypeError(f"{name} must be an NF4Weight (from jax_nf4.quantize), got "
+                        f"{type(q).__name__}")
+    return q
+
+
+def quantize(w: ArrayLike, block_size: int = 64) -> NF4Weight:
+    """Quantizes a dense weight to NF4 (as a custom call; bit-identical to ``reference``).
+
+    Args:
+      w: ``[..., N, K]`` float32, bfloat16 or float16 (float64 is cast to float32), N even,
+        K a multiple of ``block_size``. Leading dims give a stacked weight.
+      block_size: elements of one row sharing a scale (64 is QLoRA's default).
+
+    Returns:
+      An :class:`NF4Weight` with ``packed uint8[..., N/2, K]`` and
+      ``absmax float32[..., N, K/block_size]``; its ``dtype`` is ``w``'s dtype.
+    """
+    w = jnp.asarray(w)
+    if w.dtype == np.float64:
+        w = w.astype(np.float32)
+    shape = _shapes.check_quantize(w.shape, w.dtype, block_size)
+    *lead, n, k = shape
+    g = math.prod(lead)
+    packed, absmax = nf4_quantize_p.bind(w.reshape(g, n, k), block_size=int(block_size))
+    return NF4Weight(packed.reshape(*lead, n // 2, k), absmax.reshape(*lead, n, k // block_size),
+                     (n, k), block_size, w.dtype)
+
+
+def dequantize(q: NF4Weight, dtype: DTypeLike | None = None) -> jax.Array:
+    """Dense ``[..., N, K]`` weight: ``CODEBOOK[code] * absmax`` in float32, rounded once to
+    ``dtype`` (float32, bfloat16 or float16; default: the dtype the weight was quantized from)."""
+    q = _check_weight(q)
+    dtype = _shapes.check_activation_dtype(q.dtype if dtype is None else dtype, "dtype")
+    n, k = q.shape
+    lead = q.stack_shape
+    g = math.prod(lead)
+    out = nf4_dequantize_p.bind(q.packed.reshape(g, n // 2, k),
+                                q.absmax.reshape(g, n, k // q.block_size),
+                                block_size=q.block_size, dtype=dtype)
+    return out.reshape(*lead, n, k)
+
+
+def matmul(x: ArrayLike, q: NF4Weight) -> jax.Array:
+    """``x @ dequantize(q).T`` with the dequantization fused into the product.
+
+    Args:
+      x: ``[..., K]`` float32, bfloat16 or float16 activations.
+      q: an unstacked :class:`NF4Weight` of shape ``(N, K)`` (map stacked weights with
+        ``jax.vmap`` or ``lax.scan``).
+
+    Returns:
+      ``[..., N]`` in ``x``'s dtype, accumulated in float32.
+    """
+    q = _check_weight(q)
+    x = jnp.asarray(x)
+    n, k = q.shape
+    if q.stack_shape:
+        raise ValueError(f"q is a stack of weights (stack dims {q.stack_shape}, shape {q.shape}); "
+                         "matmul takes one weight: map over the stack with jax.vmap or lax.scan")
+    if x.ndim < 1:
+        raise ValueError(f"x must have shape [..., K] with K = {k}, got a scalar")
+    _shapes.check_activation_dtype(x.dtype, "x")
+    if x.shape[-1] != k:
+        raise ValueError(f"x has {x.shape[-1]} features (shape {tuple(x.shape)}) but the weight "
+                         f"of shape (N, K) = {q.shape} needs K = {k}")
+    lead = x.shape[:-1]
+    out = nf4_matmul_p.bind(x.reshape(1, math.prod(lead), k), q.packed[None], q.absmax[None],
+                            block_size=q.block_size)
+    return out.reshape(*lead, n)
+
+
+def linear(x: ArrayLike, q: NF4Weight, bias: ArrayLike | None = None) -> jax.Array:
+    """``matmul(x, q) + bias``: a dense layer ``[..., K] -> [..., N]`` with an NF4 weight.
+
+    ``bias`` is ``[N]``; it is added in float32 and the result cast to ``x``'s dtype.
+    """
+    y = matmul(x, q)
+    if bias is None:
+        return y
+    bias = jnp.asarray(bias)
+    if bias.shape != (q.shape[0],):
+        raise ValueError(f"bias must have shape ({q.shape[0]},) for a weight of shape (N, K) = "
+                         f"{q.shape}, got {tuple(bias.shape)}")
+    return (y.astype(jnp.float32) + bias.astype(jnp.float32)).astype(y.dtype)
