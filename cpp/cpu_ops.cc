@@ -30,6 +30,15 @@ ffi::Error DispatchActivation(ffi::DataType dtype, Fn&& fn) {
   }
 }
 
+// CodeValue as a table, for the host loops.
+struct Codebook {
+  float value[16];
+  constexpr Codebook() : value{} {
+    for (int i = 0; i < 16; ++i) value[i] = CodeValue(i);
+  }
+};
+constexpr Codebook kCodebook;
+
 // Dequantizes one row into float32: row[k] = CodeValue(code(n, k)) * absmax[n, k / bs].
 void DequantizeRow(const uint8_t* packed_row, int nibble, const float* absmax_row,
                    const Nf4Dims& d, float* row) {
@@ -37,7 +46,7 @@ void DequantizeRow(const uint8_t* packed_row, int nibble, const float* absmax_ro
     const float scale = absmax_row[b];
     for (int64_t k = b * d.block_size; k < (b + 1) * d.block_size; ++k) {
       const uint32_t byte = packed_row[k];
-      row[k] = DequantizeElement(nibble ? OddRowCode(byte) : EvenRowCode(byte), scale);
+      row[k] = kCodebook.value[nibble ? OddRowCode(byte) : EvenRowCode(byte)] * scale;
     }
   }
 }

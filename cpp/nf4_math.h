@@ -13,6 +13,8 @@
 namespace jax_nf4 {
 
 // The 16 NF4 code values (QLoRA's NormalFloat quantiles), exactly bitsandbytes' float32 table.
+// Dequantization of element (n, k) is CodeValue(code) * absmax[n, k / block_size], one float32
+// product, rounded once to the output dtype.
 NF4_HD constexpr float CodeValue(int code) {
   switch (code & 15) {
     case 0: return -1.0f;
@@ -74,8 +76,5 @@ NF4_HD uint8_t PackPair(uint8_t even_row_code, uint8_t odd_row_code) {
 }
 NF4_HD int EvenRowCode(uint32_t byte) { return static_cast<int>(byte & 15u); }
 NF4_HD int OddRowCode(uint32_t byte) { return static_cast<int>((byte >> 4) & 15u); }
-
-// One dequantized element before rounding to the output dtype: product in float32.
-NF4_HD float DequantizeElement(int code, float absmax) { return CodeValue(code) * absmax; }
 
 }  // namespace jax_nf4

@@ -1,9 +1,13 @@
 """FFI target registration and per-platform lowerings of the NF4 primitives.
 
 The CPU module is always built; the CUDA module only where CUDA was found at build time
-(``jax_nf4.cuda_available()`` tells). On CUDA, ``nf4_matmul`` with more than
-``CUDA_FUSED_MAX_ROWS`` activation rows lowers to the dequantize kernel followed by an XLA dot
-(tensor cores win there); up to that it runs the fused dequant + GEMV kernel.
+(``jax_nf4.cuda_available()`` tells). On CUDA, ``nf4_matmul`` runs the fused dequant + GEMV
+kernel for M (activation rows) up to :func:`cuda_fused_max_rows` and the dequantize kernel
+followed by an XLA dot above it:
+
+- bfloat16 / float16 activations with a power-of-two ``block_size >= 64``: fused tensor-core GEMV
+  (mma.m16n8k16, float32 accumulation) up to M = 32;
+- other block sizes and float32 activations: fused SIMT GEMV up to M = 8.
 """
 
 from __future__ import annotations
@@ -22,8 +26,13 @@ try:
 except ImportError:  # built without CUDA
     _nf4_cuda = None
 
-#: Largest M (activation rows) that the CUDA lowering sends to the fused GEMV kernel.
-CUDA_FUSED_MAX_ROWS = 16
+
+
+def cuda_fused_max_rows(dtype, block_size: int) -> int:
+    """Largest M (activation rows) that the CUDA lowering sends to the fused GEMV kernel."""
+    power_of_two = block_size & (block_size - 1) == 0
+    tensor_cores = np.dtype(dtype) != np.float32 and block_size % 64 == 0 and power_of_two
+    return 32 if tensor_cores else 8
 
 _TARGETS = {"nf4_quantize": nf4_quantize_p, "nf4_dequantize": nf4_dequantize_p,
             "nf4_matmul": nf4_matmul_p}
@@ -53,8 +62,9 @@ def _cuda_matmul_rule():
     dense = mlir.lower_fun(_dequantize_then_dot, multiple_results=False)
 
     def lowering(ctx, x, packed, absmax, *, block_size):
-        rows = ctx.avals_in[0].shape[1]
-        rule = fused if rows <= CUDA_FUSED_MAX_ROWS else dense
+        x_aval = ctx.avals_in[0]
+        rows = x_aval.shape[1]
+        rule = fused if rows <= cuda_fused_max_rows(x_aval.dtype, block_size) else dense
         return rule(ctx, x, packed, absmax, block_size=block_size)
 
     return lowering

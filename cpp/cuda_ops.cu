@@ -1,0 +1,749 @@
+// CUDA FFI handlers for the NF4 ops: quantize, dequantize and the fused dequant + GEMV for
+// up to kMaxFusedRows activation rows per launch (larger M is tiled by the handler; the Python
+// lowering sends large M to dequantize + an XLA dot instead).
+//
+// Operands carry a leading group dim G (see nf4_ffi_shapes.h). Kernels read the packed weights
+// with 16-byte streaming loads when the block size allows (block_size % 16 == 0), else with a
+// byte-wise path; the codebook sits in shared memory replicated once per bank, so the 32 lanes
+// of a warp never conflict. Reductions run in a fixed order: results are bit-stable run to run.
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <cuda_runtime.h>
+
+#include <cstdint>
+#include <string>
+#include <type_traits>
+
+#include "nf4_ffi_shapes.h"
+#include "nf4_math.h"
+#include "xla/ffi/api/ffi.h"
+
+namespace jax_nf4 {
+namespace {
+
+constexpr int kThreads = 256;  // 8 warps per CTA
+constexpr int kWarps = kThreads / 32;
+constexpr int kMaxFusedRows = 8;
+
+// ---------------------------------------------------------------- dtype conversions
+
+__device__ __forceinline__ float ToFloat(float v) { return v; }
+__device__ __forceinline__ float ToFloat(__nv_bfloat16 v) { return __bfloat162float(v); }
+__device__ __forceinline__ float ToFloat(__half v) { return __half2float(v); }
+
+template <typename T>
+__device__ __forceinline__ T FromFloat(float v);
+template <>
+__device__ __forceinline__ float FromFloat<float>(float v) { return v; }
+template <>
+__device__ __forceinline__ __nv_bfloat16 FromFloat<__nv_bfloat16>(float v) {
+  return __float2bfloat16_rn(v);
+}
+template <>
+__device__ __forceinline__ __half FromFloat<__half>(float v) { return __float2half_rn(v); }
+
+// V consecutive elements of type T (V * sizeof(T) bytes, aligned to that size when V > 1).
+template <typename T, int V>
+struct alignas(V * sizeof(T) >= 16 ? 16 : V * sizeof(T)) Vec {
+  T v[V];
+};
+
+template <typename T, int V>
+__device__ __forceinline__ Vec<T, V> LoadVec(const T* p) {
+  Vec<T, V> out;
+  if constexpr (V * sizeof(T) % 16 == 0) {
+    const uint4* src = reinterpret_cast<const uint4*>(p);
+    uint4* dst = reinterpret_cast<uint4*>(&out);
+#pragma unroll
+    for (int i = 0; i < int(V * sizeof(T) / 16); ++i) dst[i] = __ldg(src + i);
+  } else if constexpr (V * sizeof(T) == 8) {
+    *reinterpret_cast<uint2*>(&out) = __ldg(reinterpret_cast<const uint2*>(p));
+  } else if constexpr (V * sizeof(T) == 4 && V > 1) {
+    *reinterpret_cast<uint32_t*>(&out) = __ldg(reinterpret_cast<const unsigned int*>(p));
+  } else {
+#pragma unroll
+    for (int i = 0; i < V; ++i) out.v[i] = p[i];
+  }
+  return out;
+}
+
+template <typename T, int V>
+__device__ __forceinline__ void StoreVec(T* p, const Vec<T, V>& val) {
+  if constexpr (V * sizeof(T) % 16 == 0) {
+    uint4* dst = reinterpret_cast<uint4*>(p);
+    const uint4* src = reinterpret_cast<const uint4*>(&val);
+#pragma unroll
+    for (int i = 0; i < int(V * sizeof(T) / 16); ++i) dst[i] = src[i];
+  } else {
+#pragma unroll
+    for (int i = 0; i < V; ++i) p[i] = val.v[i];
+  }
+}
+
+// V packed weight bytes; 16 of them come in one streaming (evict-first) load.
+template <int V>
+__device__ __forceinline__ Vec<uint8_t, V> LoadPacked(const uint8_t* p) {
+  Vec<uint8_t, V> out;
+  if constexpr (V == 16) {
+    *reinterpret_cast<uint4*>(&out) = __ldcs(reinterpret_cast<const uint4*>(p));
+  } else {
+#pragma unroll
+    for (int i = 0; i < V; ++i) out.v[i] = p[i];
+  }
+  return out;
+}
+
+// Bytes 4j..4j+3 of a chunk as one word (the whole chunk when it is narrower than a word).
+template <int V>
+__device__ __forceinline__ uint32_t WordAt(const Vec<uint8_t, V>& w, int j) {
+  if constexpr (V >= 4) {
+    const uint32_t* words = reinterpret_cast<const uint32_t*>(&w);
+    uint32_t out = words[0];
+#pragma unroll
+    for (int i = 1; i < V / 4; ++i) out = (j == i) ? words[i] : out;  // selects, no local memory
+    return out;
+  } else {
+    return w.v[0];
+  }
+}
+
+// The codebook in constant memory, for tables built from a thread-dependent code.
+__constant__ float kDeviceCodebook[16] = {
+    CodeValue(0), CodeValue(1), CodeValue(2),  CodeValue(3),  CodeValue(4),  CodeValue(5),
+    CodeValue(6), CodeValue(7), CodeValue(8),  CodeValue(9),  CodeValue(10), CodeValue(11),
+    CodeValue(12), CodeValue(13), CodeValue(14), CodeValue(15)};
+
+// The codebook replicated across the 32 banks: entry `code` for lane l is at code * 32 + l.
+struct SharedCodebook {
+  float value[16 * 32];
+  __device__ __forceinline__ void Fill() {
+    for (int i = threadIdx.x; i < 16 * 32; i += blockDim.x) value[i] = kDeviceCodebook[i >> 5];
+  }
+  __device__ __forceinline__ float operator()(int code, int lane) const {
+    return value[code * 32 + lane];
+  }
+};
+
+// ---------------------------------------------------------------- fused GEMV
+
+struct GemvArgs {
+  const void* x;         // [G, m_total, K]; this launch reads rows [m0, m0 + M)
+  const uint8_t* packed; // [G, N/2, K]
+  const float* absmax;   // [G, N, K/bs]
+  void* out;             // [G, m_total, N]
+  int64_t m_total, m0;
+  int64_t pairs, cols, block_size;
+  int64_t ctas_per_group;
+  int splits;       // warps sharing one row group along K (1, 2, 4 or 8)
+  int block_shift;  // log2(block_size) when it is a power of two, else -1
+
+  // Scale block of contraction index k (a shift in the common power-of-two case).
+  __device__ __forceinline__ int64_t Block(int64_t k) const {
+    return block_shift >= 0 ? (k >> block_shift) : k / block_size;
+  }
+};
+
+int Log2IfPowerOfTwo(int64_t v) {
+  if (v <= 0 || (v & (v - 1)) != 0) return -1;
+  int shift = 0;
+  while ((int64_t(1) << shift) < v) ++shift;
+  return shift;
+}
+
+// One warp group (`splits` warps) computes R row pairs (2R outputs) for M activation rows;
+// lane l of split s reads the V-byte chunks s*32 + l, s*32 + l + 32*splits, ... along K.
+template <typename T, int M, int R, int V>
+__global__ void __launch_bounds__(kThreads, 2) GemvKernel(GemvArgs a) {
+  __shared__ SharedCodebook codebook;
+  __shared__ float partial[kWarps][2 * R * M];
+  codebook.Fill();
+  __syncthreads();
+
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  const int splits = a.splits;
+  const int64_t g = blockIdx.x / a.ctas_per_group;
+  const int64_t cta = blockIdx.x % a.ctas_per_group;
+  const int64_t pair0 = (cta * (kWarps / splits) + warp / splits) * R;
+  const int split = warp % splits;
+  const int64_t K = a.cols, N = 2 * a.pairs, blocks = K / a.block_size;
+
+  const T* x = static_cast<const T*>(a.x) + (g * a.m_total + a.m0) * K;
+  const uint8_t* packed = a.packed + g * a.pairs * K;
+  const float* absmax = a.absmax + g * N * blocks;
+
+  float acc[R][2][M];
+#pragma unroll
+  for (int r = 0; r < R; ++r)
+#pragma unroll
+    for (int m = 0; m < M; ++m) acc[r][0][m] = acc[r][1][m] = 0.0f;
+
+  const int64_t chunks = K / V;
+  for (int64_t c = int64_t(split) * 32 + lane; c < chunks; c += 32 * splits) {
+    const int64_t k0 = c * V;
+    Vec<uint8_t, V> w[R];
+    float scale[R][2];
+#pragma unroll
+    for (int r = 0; r < R; ++r) {
+      const int64_t pair = pair0 + r;
+      if (pair < a.pairs) {
+        w[r] = LoadPacked<V>(packed + pair * K + k0);
+        const int64_t b = a.Block(k0);  // V divides block_size: one scale per chunk
+        scale[r][0] = __ldg(absmax + (2 * pair) * blocks + b);
+        scale[r][1] = __ldg(absmax + (2 * pair + 1) * blocks + b);
+      } else {
+#pragma unroll
+        for (int i = 0; i < V; ++i) w[r].v[i] = 0;
+        scale[r][0] = scale[r][1] = 0.0f;
+      }
+    }
+    float part[R][2][M];
+#pragma unroll
+    for (int r = 0; r < R; ++r)
+#pragma unroll
+      for (int m = 0; m < M; ++m) part[r][0][m] = part[r][1][m] = 0.0f;
+
+    // The chunk word by word (4 bytes = 8 codes per row pair): a rolled loop keeps the
+    // compiler from hoisting every codebook read of the chunk into registers.
+    constexpr int kWordBytes = V < 4 ? V : 4;
+#pragma unroll 1
+    for (int word = 0; word < V / kWordBytes; ++word) {
+      uint32_t bytes[R];
+#pragma unroll
+      for (int r = 0; r < R; ++r) bytes[r] = WordAt(w[r], word);
+      Vec<T, kWordBytes> xv[M];
+#pragma unroll
+      for (int m = 0; m < M; ++m)
+        xv[m] = LoadVec<T, kWordBytes>(x + m * K + k0 + word * kWordBytes);
+#pragma unroll
+      for (int i = 0; i < kWordBytes; ++i) {
+        float wv[R][2];
+#pragma unroll
+        for (int r = 0; r < R; ++r) {
+          const uint32_t byte = bytes[r] >> (8 * i);
+          wv[r][0] = codebook(EvenRowCode(byte), lane);
+          wv[r][1] = codebook(OddRowCode(byte), lane);
+        }
+#pragma unroll
+        for (int m = 0; m < M; ++m) {
+          const float xf = ToFloat(xv[m].v[i]);
+#pragma unroll
+          for (int r = 0; r < R; ++r) {
+            part[r][0][m] = fmaf(wv[r][0], xf, part[r][0][m]);
+            part[r][1][m] = fmaf(wv[r][1], xf, part[r][1][m]);
+          }
+        }
+      }
+    }
+#pragma unroll
+    for (int r = 0; r < R; ++r)
+#pragma unroll
+      for (int m = 0; m < M; ++m) {
+        acc[r][0][m] = fmaf(scale[r][0], part[r][0][m], acc[r][0][m]);
+        acc[r][1][m] = fmaf(scale[r][1], part[r][1][m], acc[r][1][m]);
+      }
+  }
+
+  // Butterfly reduction across the warp (every lane ends with the warp's totals).
+#pragma unroll
+  for (int r = 0; r < R; ++r)
+#pragma unroll
+    for (int h = 0; h < 2; ++h)
+#pragma unroll
+      for (int m = 0; m < M; ++m) {
+        float v = acc[r][h][m];
+#pragma unroll
+        for (int off = 16; off > 0; off >>= 1) v += __shfl_xor_sync(0xffffffffu, v, off);
+        acc[r][h][m] = v;
+      }
+
+  // Lane j of each warp holds output j = (r * 2 + h) * M + m; splits are summed in order.
+  constexpr int kOut = 2 * R * M;
+  float mine = 0.0f;
+#pragma unroll
+  for (int r = 0; r < R; ++r)
+#pragma unroll
+    for (int h = 0; h < 2; ++h)
+#pragma unroll
+      for (int m = 0; m < M; ++m)
+        if (lane == (r * 2 + h) * M + m) mine = acc[r][h][m];
+  if (splits > 1) {
+    if (lane < kOut) partial[warp][lane] = mine;
+    __syncthreads();
+    if (split != 0) return;
+    mine = 0.0f;
+    for (int s = 0; s < splits; ++s) mine += (lane < kOut) ? partial[warp + s][lane] : 0.0f;
+  }
+  if (lane < kOut) {
+    const int r = lane / (2 * M), h = (lane / M) % 2, m = lane % M;
+    const int64_t n = 2 * (pair0 + r) + h;
+    if (pair0 + r < a.pairs) {
+      T* out = static_cast<T*>(a.out) + (g * a.m_total + a.m0 + m) * N + n;
+      *out = FromFloat<T>(mine);
+    }
+  }
+}
+
+template <typename T, int M, int V>
+cudaError_t LaunchGemvRows(GemvArgs a, int64_t groups, cudaStream_t stream) {
+  constexpr int R = M <= 2 ? 4 : 2;  // row pairs per warp group: more bytes in flight at small M
+  const int64_t row_groups = (a.pairs + R - 1) / R;
+  const int64_t chunks = a.cols / V;
+  // Split K across warps while the grid is small and each lane keeps >= 2 chunks.
+  int splits = 1;
+  while (splits < kWarps && row_groups * splits < 8192 && chunks >= int64_t(64) * splits)
+    splits *= 2;
+  a.splits = splits;
+  a.ctas_per_group = (row_groups + kWarps / splits - 1) / (kWarps / splits);
+  GemvKernel<T, M, R, V><<<dim3(unsigned(a.ctas_per_group * groups)), kThreads, 0, stream>>>(a);
+  return cudaGetLastError();
+}
+
+template <typename T, int V>
+cudaError_t LaunchGemv(GemvArgs a, int64_t groups, cudaStream_t stream) {
+  cudaError_t err = cudaSuccess;
+  for (int64_t m0 = 0; m0 < a.m_total && err == cudaSuccess; m0 += kMaxFusedRows) {
+    a.m0 = m0;
+    switch (a.m_total - m0 < kMaxFusedRows ? a.m_total - m0 : kMaxFusedRows) {
+      case 1: err = LaunchGemvRows<T, 1, V>(a, groups, stream); break;
+      case 2: err = LaunchGemvRows<T, 2, V>(a, groups, stream); break;
+      case 3: err = LaunchGemvRows<T, 3, V>(a, groups, stream); break;
+      case 4: err = LaunchGemvRows<T, 4, V>(a, groups, stream); break;
+      case 5: err = LaunchGemvRows<T, 5, V>(a, groups, stream); break;
+      case 6: err = LaunchGemvRows<T, 6, V>(a, groups, stream); break;
+      case 7: err = LaunchGemvRows<T, 7, V>(a, groups, stream); break;
+      default: err = LaunchGemvRows<T, 8, V>(a, groups, stream); break;
+    }
+  }
+  return err;
+}
+
+// ---------------------------------------------------------------- tensor-core GEMV (16-bit)
+
+// bf16 / f16 activations with block_size % 64 == 0 run on the tensor cores (mma.m16n8k16,
+// float32 accumulation) for up to 8 * NT activation rows. One warp owns 8 row pairs (16 output
+// rows); the rows of the mma tile are permuted so that mma rows g and g + 8 are weight rows 2g
+// and 2g + 1, i.e. the two nibbles of one packed byte. The contraction index is permuted too:
+// lane (g, t) of a quad loads the 16 bytes k0 + 16t .. k0 + 16t + 15 of row pair g, and its
+// mma step s covers bytes 4s .. 4s + 3, so every lane decodes only the bytes it loaded and reads
+// activations at the same k. Codes decode two at a time through a 256-entry table of 16-bit
+// value pairs (replicated once per bank). The codebook enters the product in the activation
+// dtype; the block scale multiplies the float32 partial sum of each 64-element span.
+template <typename T>
+struct MmaType;
+template <>
+struct MmaType<__nv_bfloat16> {
+  static __device__ __forceinline__ uint32_t Pack(float lo, float hi) {
+    __nv_bfloat162 v = __floats2bfloat162_rn(lo, hi);
+    return *reinterpret_cast<uint32_t*>(&v);
+  }
+  static __device__ __forceinline__ void Mma(float (&c)[4], const uint32_t (&a)[4], uint32_t b0,
+                                             uint32_t b1) {
+    asm volatile(
+        "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, "
+        "{%8,%9}, {%0,%1,%2,%3};\n"
+        : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+  }
+};
+template <>
+struct MmaType<__half> {
+  static __device__ __forceinline__ uint32_t Pack(float lo, float hi) {
+    __half2 v = __floats2half2_rn(lo, hi);
+    return *reinterpret_cast<uint32_t*>(&v);
+  }
+  static __device__ __forceinline__ void Mma(float (&c)[4], const uint32_t (&a)[4], uint32_t b0,
+                                             uint32_t b1) {
+    asm volatile(
+        "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, "
+        "{%8,%9}, {%0,%1,%2,%3};\n"
+        : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+  }
+};
+
+constexpr int kTcSpan = 64;    // contraction elements per quad per step
+constexpr int kTcUnroll = 4;   // steps whose loads are issued together
+
+template <typename T, int NT>
+__global__ void __launch_bounds__(kThreads, 2) GemvTensorCoreKernel(GemvArgs a) {
+  __shared__ uint4 pair_table[256 * 8];  // entry e for lane l: word e * 32 + l
+  __shared__ float partial[kWarps][32][4 * NT];
+  for (int e = threadIdx.x; e < 256; e += blockDim.x) {
+    const uint32_t v = MmaType<T>::Pack(kDeviceCodebook[e & 15], kDeviceCodebook[e >> 4]);
+#pragma unroll
+    for (int c = 0; c < 8; ++c) pair_table[e * 8 + c] = make_uint4(v, v, v, v);
+  }
+  __syncthreads();
+  // 32-bit shared-memory address of this lane's copy of entry 0: a lookup is shift-add + load.
+  const uint32_t lane_table =
+      static_cast<uint32_t>(__cvta_generic_to_shared(pair_table)) + 4 * (threadIdx.x % 32);
+  auto table_at = [lane_table](uint32_t entry) {
+    uint32_t v;
+    asm volatile("ld.shared.u32 %0, [%1];" : "=r"(v) : "r"(lane_table + (entry << 7)));
+    return v;
+  };
+
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, g = lane / 4, t = lane % 4;
+  const int splits = a.splits;
+  const int64_t grp = blockIdx.x / a.ctas_per_group;
+  const int64_t cta = blockIdx.x % a.ctas_per_group;
+  const int64_t pair0 = (cta * (kWarps / splits) + warp / splits) * 8;
+  const int split = warp % splits;
+  const int64_t K = a.cols, N = 2 * a.pairs, blocks = K / a.block_size;
+  const int64_t pair = pair0 + g;
+  const bool pair_ok = pair < a.pairs;
+  const int rows = int(a.m_total - a.m0 < 8 * NT ? a.m_total - a.m0 : 8 * NT);
+
+  const uint8_t* wrow = a.packed + (grp * a.pairs + (pair_ok ? pair : 0)) * K + 16 * t;
+  const float* scale_even = a.absmax + (grp * N + 2 * (pair_ok ? pair : 0)) * blocks;
+  const float* scale_odd = scale_even + blocks;
+  const T* x = static_cast<const T*>(a.x) + (grp * a.m_total + a.m0) * K + 16 * t;
+
+  float acc[NT][4];
+#pragma unroll
+  for (int j = 0; j < NT; ++j) acc[j][0] = acc[j][1] = acc[j][2] = acc[j][3] = 0.0f;
+
+  // Steps split, split + splits, ... of this warp, kTcUnroll at a time; the weights and scales
+  // of the next group load while the current group computes (register double buffering).
+  // Offsets within a row are 32-bit; the scale block of a step is a shift (power-of-two
+  // block sizes only take this path).
+  const int steps = int(K / kTcSpan);
+  const int stride = splits * kTcUnroll;
+  const int step_shift = a.block_shift - 6;
+  uint4 w[kTcUnroll], w_next[kTcUnroll];
+  float se[kTcUnroll], so[kTcUnroll], se_next[kTcUnroll], so_next[kTcUnroll];
+  auto load_group = [&](int s0, uint4 (&wg)[kTcUnroll], float (&eg)[kTcUnroll],
+                        float (&og)[kTcUnroll]) {
+#pragma unroll
+    for (int u = 0; u < kTcUnroll; ++u) {
+      const int step = s0 + u * splits;
+      const bool ok = pair_ok && step < steps;
+      wg[u] = ok ? __ldcs(reinterpret_cast<const uint4*>(wrow) + step * (kTcSpan / 16))
+                 : make_uint4(0, 0, 0, 0);
+      eg[u] = ok ? __ldg(scale_even + (step >> step_shift)) : 0.0f;
+      og[u] = ok ? __ldg(scale_odd + (step >> step_shift)) : 0.0f;
+    }
+  };
+  load_group(split, w, se, so);
+  for (int s0 = split; s0 < steps; s0 += stride) {
+    load_group(s0 + stride, w_next, se_next, so_next);
+    // Activation fragments for row m = 8j + g (rows past M read as zero). With one n-tile the
+    // whole group's activations load up front so their latency overlaps; wider tiles load per
+    // step to stay within the register budget.
+    constexpr int kAhead = NT == 1 ? kTcUnroll : 1;
+    uint4 xv[kAhead][NT][2];
+    auto load_x = [&](int u, uint4 (&dst)[NT][2]) {
+      const int step = s0 + u * splits;
+#pragma unroll
+      for (int j = 0; j < NT; ++j) {
+        const int m = 8 * j + g;
+        if (m < rows && step < steps) {
+          const uint4* src = reinterpret_cast<const uint4*>(x + m * K) + step * (kTcSpan / 8);
+          dst[j][0] = __ldg(src);
+          dst[j][1] = __ldg(src + 1);
+        } else {
+          dst[j][0] = dst[j][1] = make_uint4(0, 0, 0, 0);
+        }
+      }
+    };
+    if constexpr (kAhead > 1) {
+#pragma unroll
+      for (int u = 0; u < kTcUnroll; ++u) load_x(u, xv[u]);
+    }
+#pragma unroll
+    for (int u = 0; u < kTcUnroll; ++u) {
+      if (s0 + u * splits >= steps) break;
+      if constexpr (kAhead == 1) load_x(u, xv[0]);
+      const auto& xu = xv[kAhead > 1 ? u : 0];
+      float part[NT][4];
+#pragma unroll
+      for (int j = 0; j < NT; ++j) part[j][0] = part[j][1] = part[j][2] = part[j][3] = 0.0f;
+      const uint32_t words[4] = {w[u].x, w[u].y, w[u].z, w[u].w};
+#pragma unroll
+      for (int s = 0; s < 4; ++s) {
+        // Table indices: low nibbles of bytes (0, 1) and (2, 3) for row 2g, high nibbles for
+        // row 2g + 1, each pair merged into one byte.
+        const uint32_t v = words[s];
+        const uint32_t lo = v & 0x0f0f0f0fu, hi = (v >> 4) & 0x0f0f0f0fu;
+        const uint32_t lo_pairs = lo | (lo >> 4), hi_pairs = hi | (hi >> 4);
+        const uint32_t frag[4] = {table_at(__byte_perm(lo_pairs, 0, 0x4440)),
+                                  table_at(__byte_perm(hi_pairs, 0, 0x4440)),
+                                  table_at(__byte_perm(lo_pairs, 0, 0x4442)),
+                                  table_at(__byte_perm(hi_pairs, 0, 0x4442))};
+#pragma unroll
+        for (int j = 0; j < NT; ++j) {
+          const uint32_t* xw = reinterpret_cast<const uint32_t*>(&xu[j][0]);
+          MmaType<T>::Mma(part[j], frag, xw[2 * s], xw[2 * s + 1]);
+        }
+      }
+#pragma unroll
+      for (int j = 0; j < NT; ++j) {
+        acc[j][0] = fmaf(se[u], part[j][0], acc[j][0]);
+        acc[j][1] = fmaf(se[u], part[j][1], acc[j][1]);
+        acc[j][2] = fmaf(so[u], part[j][2], acc[j][2]);
+        acc[j][3] = fmaf(so[u], part[j][3], acc[j][3]);
+      }
+    }
+#pragma unroll
+    for (int u = 0; u < kTcUnroll; ++u) {
+      w[u] = w_next[u];
+      se[u] = se_next[u];
+      so[u] = so_next[u];
+    }
+  }
+
+  if (splits > 1) {  // fixed-order sum over the warps that split K
+#pragma unroll
+    for (int j = 0; j < NT; ++j)
+#pragma unroll
+      for (int c = 0; c < 4; ++c) partial[warp][lane][4 * j + c] = acc[j][c];
+    __syncthreads();
+    if (split != 0) return;
+#pragma unroll
+    for (int j = 0; j < NT; ++j)
+#pragma unroll
+      for (int c = 0; c < 4; ++c) {
+        float sum = 0.0f;
+        for (int sp = 0; sp < splits; ++sp) sum += partial[warp + sp][lane][4 * j + c];
+        acc[j][c] = sum;
+      }
+  }
+  if (!pair_ok) return;
+  T* out = static_cast<T*>(a.out) + (grp * a.m_total + a.m0) * N + 2 * pair;
+#pragma unroll
+  for (int j = 0; j < NT; ++j)
+#pragma unroll
+    for (int c = 0; c < 4; ++c) {
+      const int m = 8 * j + 2 * t + (c & 1);
+      if (m < rows) out[m * N + (c >> 1)] = FromFloat<T>(acc[j][c]);
+    }
+}
+
+template <typename T, int NT>
+cudaError_t LaunchGemvTensorCoreRows(GemvArgs a, int64_t groups, cudaStream_t stream) {
+  const int64_t row_groups = (a.pairs + 7) / 8;
+  const int64_t steps = a.cols / kTcSpan;
+  // Split K across warps until the grid has many waves, keeping >= 2 groups per warp.
+  int splits = 1;
+  while (splits < kWarps && row_groups * splits < 16384 &&
+         steps >= int64_t(2) * kTcUnroll * splits)
+    splits *= 2;
+  a.splits = splits;
+  a.ctas_per_group = (row_groups + kWarps / splits - 1) / (kWarps / splits);
+  GemvTensorCoreKernel<T, NT>
+      <<<dim3(unsigned(a.ctas_per_group * groups)), kThreads, 0, stream>>>(a);
+  return cudaGetLastError();
+}
+
+// Up to 32 rows per launch; larger M is tiled (the Python lowering sends large M elsewhere).
+template <typename T>
+cudaError_t LaunchGemvTensorCore(GemvArgs a, int64_t groups, cudaStream_t stream) {
+  cudaError_t err = cudaSuccess;
+  for (int64_t m0 = 0; m0 < a.m_total && err == cudaSuccess; m0 += 32) {
+    a.m0 = m0;
+    const int64_t rows = a.m_total - m0;
+    if (rows <= 8) err = LaunchGemvTensorCoreRows<T, 1>(a, groups, stream);
+    else if (rows <= 16) err = LaunchGemvTensorCoreRows<T, 2>(a, groups, stream);
+    else err = LaunchGemvTensorCoreRows<T, 4>(a, groups, stream);
+  }
+  return err;
+}
+
+// ---------------------------------------------------------------- dequantize
+
+// One thread per V-byte chunk of one row pair: 2V outputs.
+template <typename T, int V>
+__global__ void __launch_bounds__(kThreads) DequantizeKernel(const uint8_t* packed,
+                                                             const float* absmax, T* out,
+                                                             int64_t groups, int64_t pairs,
+                                                             int64_t cols, int64_t block_size) {
+  __shared__ SharedCodebook codebook;
+  codebook.Fill();
+  __syncthreads();
+  const int lane = threadIdx.x % 32;
+  const int64_t chunks = cols / V, blocks = cols / block_size;
+  const int64_t total = groups * pairs * chunks;
+  for (int64_t t = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; t < total;
+       t += int64_t(gridDim.x) * blockDim.x) {
+    const int64_t row_pair = t / chunks;  // g * pairs + pair
+    const int64_t k0 = (t % chunks) * V;
+    const Vec<uint8_t, V> w = LoadPacked<V>(packed + row_pair * cols + k0);
+    const float s0 = __ldg(absmax + (2 * row_pair) * blocks + k0 / block_size);
+    const float s1 = __ldg(absmax + (2 * row_pair + 1) * blocks + k0 / block_size);
+    Vec<T, V> even, odd;
+#pragma unroll
+    for (int i = 0; i < V; ++i) {
+      even.v[i] = FromFloat<T>(codebook(EvenRowCode(w.v[i]), lane) * s0);
+      odd.v[i] = FromFloat<T>(codebook(OddRowCode(w.v[i]), lane) * s1);
+    }
+    StoreVec<T, V>(out + (2 * row_pair) * cols + k0, even);
+    StoreVec<T, V>(out + (2 * row_pair + 1) * cols + k0, odd);
+  }
+}
+
+// ---------------------------------------------------------------- quantize
+
+// One warp per (row pair, block): NaN-propagating absmax of both rows, then codes packed
+// two rows a byte. Lanes stride the block, so stores of one warp are coalesced.
+template <typename T>
+__global__ void __launch_bounds__(kThreads) QuantizeKernel(const T* w, uint8_t* packed,
+                                                           float* absmax, int64_t groups,
+                                                           int64_t pairs, int64_t cols,
+                                                           int64_t block_size) {
+  const int lane = threadIdx.x % 32;
+  const int64_t blocks = cols / block_size;
+  const int64_t total = groups * pairs * blocks;
+  const int64_t warps = int64_t(gridDim.x) * (blockDim.x / 32);
+  for (int64_t t = (blockIdx.x * int64_t(blockDim.x) + threadIdx.x) / 32; t < total; t += warps) {
+    const int64_t row_pair = t / blocks, b = t % blocks;
+    const T* even = w + (2 * row_pair) * cols + b * block_size;
+    const T* odd = even + cols;
+    float m0 = 0.0f, m1 = 0.0f;
+    for (int64_t i = lane; i < block_size; i += 32) {
+      m0 = AbsMaxUpdate(m0, ToFloat(even[i]));
+      m1 = AbsMaxUpdate(m1, ToFloat(odd[i]));
+    }
+#pragma unroll
+    for (int off = 16; off > 0; off >>= 1) {
+      m0 = AbsMaxUpdate(m0, __shfl_xor_sync(0xffffffffu, m0, off));
+      m1 = AbsMaxUpdate(m1, __shfl_xor_sync(0xffffffffu, m1, off));
+    }
+    const float inv0 = InverseScale(m0), inv1 = InverseScale(m1);
+    uint8_t* dst = packed + row_pair * cols + b * block_size;
+    for (int64_t i = lane; i < block_size; i += 32)
+      dst[i] = PackPair(QuantizeElement(ToFloat(even[i]), m0, inv0),
+                        QuantizeElement(ToFloat(odd[i]), m1, inv1));
+    if (lane == 0) {
+      absmax[(2 * row_pair) * blocks + b] = m0;
+      absmax[(2 * row_pair + 1) * blocks + b] = m1;
+    }
+  }
+}
+
+// ---------------------------------------------------------------- handlers
+
+ffi::Error LaunchError(const char* op, cudaError_t err) {
+  return ffi::Error::Internal(std::string(op) + ": CUDA launch failed: " +
+                              cudaGetErrorString(err));
+}
+
+// Calls fn(T{}) with the CUDA storage type of an activation dtype.
+template <typename Fn>
+cudaError_t DispatchActivation(ffi::DataType dtype, Fn&& fn) {
+  switch (dtype) {
+    case ffi::DataType::BF16: return fn(__nv_bfloat16{});
+    case ffi::DataType::F16: return fn(__half{});
+    default: return fn(float{});
+  }
+}
+
+unsigned GridFor(int64_t work_items, int64_t items_per_cta) {
+  const int64_t ctas = (work_items + items_per_cta - 1) / items_per_cta;
+  return unsigned(ctas < 65536 ? ctas : 65536);  // grid-stride loops cover the rest
+}
+
+ffi::Error QuantizeCuda(cudaStream_t stream, ffi::AnyBuffer w, ffi::Result<ffi::AnyBuffer> packed,
+                        ffi::Result<ffi::AnyBuffer> absmax, int64_t block_size) {
+  Nf4Dims d;
+  if (auto e = CheckQuantizeInput(w, block_size, &d); e.failure()) return e;
+  if (auto e = CheckWeight("nf4_quantize", *packed, *absmax, block_size, &d); e.failure()) return e;
+  if (d.groups * d.rows * d.cols == 0) return ffi::Error::Success();
+  const int64_t pairs = d.rows / 2;
+  cudaError_t err = DispatchActivation(w.element_type(), [&](auto tag) {
+    using T = decltype(tag);
+    QuantizeKernel<T><<<GridFor(d.groups * pairs * d.blocks(), kWarps), kThreads, 0, stream>>>(
+        static_cast<const T*>(w.untyped_data()), static_cast<uint8_t*>(packed->untyped_data()),
+        static_cast<float*>(absmax->untyped_data()), d.groups, pairs, d.cols, d.block_size);
+    return cudaGetLastError();
+  });
+  return err == cudaSuccess ? ffi::Error::Success() : LaunchError("nf4_quantize", err);
+}
+
+ffi::Error DequantizeCuda(cudaStream_t stream, ffi::AnyBuffer packed, ffi::AnyBuffer absmax,
+                          ffi::Result<ffi::AnyBuffer> out, int64_t block_size) {
+  Nf4Dims d;
+  if (auto e = CheckWeight("nf4_dequantize", packed, absmax, block_size, &d); e.failure()) return e;
+  if (auto e = CheckDense("nf4_dequantize", "output", *out, d); e.failure()) return e;
+  if (d.groups * d.rows * d.cols == 0) return ffi::Error::Success();
+  const int64_t pairs = d.rows / 2;
+  cudaError_t err = DispatchActivation(out->element_type(), [&](auto tag) {
+    using T = decltype(tag);
+    auto launch = [&](auto kernel, int v) {
+      kernel<<<GridFor(d.groups * pairs * (d.cols / v), kThreads), kThreads, 0, stream>>>(
+          static_cast<const uint8_t*>(packed.untyped_data()),
+          static_cast<const float*>(absmax.untyped_data()), static_cast<T*>(out->untyped_data()),
+          d.groups, pairs, d.cols, d.block_size);
+      return cudaGetLastError();
+    };
+    return d.block_size % 16 == 0 ? launch(DequantizeKernel<T, 16>, 16)
+                                  : launch(DequantizeKernel<T, 1>, 1);
+  });
+  return err == cudaSuccess ? ffi::Error::Success() : LaunchError("nf4_dequantize", err);
+}
+
+ffi::Error MatmulCuda(cudaStream_t stream, ffi::AnyBuffer x, ffi::AnyBuffer packed,
+                      ffi::AnyBuffer absmax, ffi::Result<ffi::AnyBuffer> out,
+                      int64_t block_size) {
+  Nf4Dims d;
+  int64_t m_rows = 0;
+  if (auto e = CheckWeight("nf4_matmul", packed, absmax, block_size, &d); e.failure()) return e;
+  if (auto e = CheckMatmul(x, *out, d, &m_rows); e.failure()) return e;
+  if (d.groups * m_rows * d.rows == 0) return ffi::Error::Success();
+  if (d.cols == 0) {  // empty contraction: the product is zero
+    cudaError_t err = cudaMemsetAsync(out->untyped_data(), 0, out->size_bytes(), stream);
+    return err == cudaSuccess ? ffi::Error::Success() : LaunchError("nf4_matmul", err);
+  }
+  GemvArgs a{};
+  a.x = x.untyped_data();
+  a.packed = static_cast<const uint8_t*>(packed.untyped_data());
+  a.absmax = static_cast<const float*>(absmax.untyped_data());
+  a.out = out->untyped_data();
+  a.m_total = m_rows;
+  a.pairs = d.rows / 2;
+  a.cols = d.cols;
+  a.block_size = d.block_size;
+  a.block_shift = Log2IfPowerOfTwo(d.block_size);
+  cudaError_t err = DispatchActivation(x.element_type(), [&](auto tag) {
+    using T = decltype(tag);
+    if constexpr (!std::is_same_v<T, float>) {
+      if (d.block_size % kTcSpan == 0 && a.block_shift >= 0)
+        return LaunchGemvTensorCore<T>(a, d.groups, stream);
+    }
+    return d.block_size % 16 == 0 ? LaunchGemv<T, 16>(a, d.groups, stream)
+                                  : LaunchGemv<T, 1>(a, d.groups, stream);
+  });
+  return err == cudaSuccess ? ffi::Error::Success() : LaunchError("nf4_matmul", err);
+}
+
+}  // namespace
+}  // namespace jax_nf4
+
+namespace ffi = xla::ffi;
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxNf4QuantizeCuda, jax_nf4::QuantizeCuda,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::PlatformStream<cudaStream_t>>()
+                                  .Arg<ffi::AnyBuffer>()  // w
+                                  .Ret<ffi::AnyBuffer>()  // packed
+                                  .Ret<ffi::AnyBuffer>()  // absmax
+                                  .Attr<int64_t>("block_size"),
+                              {ffi::Traits::kCmdBufferCompatible});
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxNf4DequantizeCuda, jax_nf4::DequantizeCuda,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::PlatformStream<cudaStream_t>>()
+                                  .Arg<ffi::AnyBuffer>()  // packed
+                                  .Arg<ffi::AnyBuffer>()  // absmax
+                                  .Ret<ffi::AnyBuffer>()  // w
+                                  .Attr<int64_t>("block_size"),
+                              {ffi::Traits::kCmdBufferCompatible});
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxNf4MatmulCuda, jax_nf4::MatmulCuda,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::PlatformStream<cudaStream_t>>()
+                                  .Arg<ffi::AnyBuffer>()  // x
+                                  .Arg<ffi::AnyBuffer>()  // packed
+                                  .Arg<ffi::AnyBuffer>()  // absmax
+                                  .Ret<ffi::AnyBuffer>()  // out
+                                  .Attr<int64_t>("block_size"),
+                              {ffi::Traits::kCmdBufferCompatible});

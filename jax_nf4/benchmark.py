@@ -1,0 +1,217 @@
+"""Benchmark of the NF4 ops against the baselines a JAX user has, in one run.
+
+For each weight shape N x K and each M it times, on JAX's default device:
+  nf4 matmul      jax_nf4.matmul (fused dequant + GEMV; large M: dequantize + XLA dot)
+  dense bf16      jnp.dot on the unquantized bf16 weight
+  jnp nf4         NF4 written in plain jnp (codebook gather * absmax, then dot) under jit
+and per shape jax_nf4.dequantize (bf16 out). Matmuls run chained under jax.jit: each call's output is the
+next call's input (a non-square N x K weight is paired with a K x N one),
+so XLA can neither fold nor de-duplicate them, and weight copies are rotated so that more than
+``min_bytes`` of weights are touched per pass (the L2 cache cannot serve them). Times are wall
+clock over many chained calls after a warm-up, divided by the number of calls.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import math
+import time
+from typing import Callable, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax import lax
+
+from jax_nf4 import reference
+from jax_nf4._weight import NF4Weight
+from jax_nf4.ops import dequantize, matmul, quantize
+
+LLAMA_SHAPES = ((4096, 4096), (14336, 4096), (4096, 14336), (8192, 8192), (28672, 8192))
+DEFAULT_ROWS = (1, 2, 4, 8, 16, 64, 256)
+
+
+@dataclasses.dataclass
+class Row:
+    shape: tuple[int, int]
+    m: int
+    op: str
+    us: float
+    weight_bytes: int
+
+    @property
+    def gbps(self) -> float:
+        return self.weight_bytes / (self.us * 1e-6) / 1e9
+
+
+def _random_weights(key, n: int, k: int, copies: int, block_size: int):
+    """`copies` dense bf16 weights [N, K] (std 1/sqrt(K): chained products keep their scale)
+    and their NF4 versions."""
+    dense, quant = [], []
+    for i in range(copies):
+        w = (jax.random.normal(jax.random.fold_in(key, i), (n, k), jnp.float32)
+             / math.sqrt(k)).astype(jnp.bfloat16)
+        dense.append(w)
+        quant.append(quantize(w, block_size))
+    return dense, quant
+
+
+def _jnp_nf4_matmul(x, q: NF4Weight):
+    """NF4 in plain jnp: unpack nibbles, gather the codebook, scale, then a dense dot."""
+    n, k = q.shape
+    codes = jnp.stack([q.packed & 15, q.packed >> 4], axis=1).reshape(n, k)
+    scales = jnp.repeat(q.absmax, q.block_size, axis=1)
+    w = (jnp.asarray(reference.CODEBOOK)[codes] * scales).astype(x.dtype)
+    return lax.dot_general(x, w, (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32
+                           ).astype(x.dtype)
+
+
+def _dense_matmul(x, w):
+    return lax.dot_general(x, w, (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32
+                           ).astype(x.dtype)
+
+
+def _time_chain(op: Callable, weights: Sequence, x, iters: int, reps: int) -> float:
+    """Microseconds per op call: one jit call runs the chain over all weights once; `iters`
+    such calls are dispatched back to back, each taking the previous output. (A fori_loop
+    would let XLA hoist loop-invariant work such as the plain-jnp dequantization.)"""
+
+    @jax.jit
+    def chain(x, weights):
+        for w in weights:
+            x = op(x, w)
+        return x
+
+    chain(x, weights).block_until_ready()  # compile + warm up
+    best = math.inf
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        out = x
+        for _ in range(iters):
+            out = chain(out, weights)
+        out.block_until_ready()
+        best = min(best, time.perf_counter() - t0)
+    if not bool(jnp.all(jnp.isfinite(out.astype(jnp.float32)))):
+        raise RuntimeError("benchmark chain produced non-finite values")
+    return best / (iters * len(weights)) * 1e6
+
+
+def _time_calls(fn: Callable, args: Sequence, reps: int) -> float:
+    """Microseconds per call of jit(fn), dispatched back to back over the rotating args
+    (independent calls: XLA sees one op per dispatch and cannot share work between them).
+    Small ops are dispatch-bound this way; large ones are timed fairly."""
+    fn = jax.jit(fn)
+    for _ in range(2):  # compile, then warm the allocator with a full rotation
+        jax.block_until_ready([fn(a) for a in args])
+    calls = max(reps * len(args), 20)
+    t0 = time.perf_counter()
+    outs = [fn(args[i % len(args)]) for i in range(calls)]
+    jax.block_until_ready(outs)
+    return (time.perf_counter() - t0) / calls * 1e6
+
+
+def run_benchmark(shapes=LLAMA_SHAPES, rows=DEFAULT_ROWS, block_size: int = 64,
+                  min_bytes: float = 200e6, iters: int = 20, reps: int = 3,
+                  check: bool = True) -> list[Row]:
+    """Times every op on every shape and M; returns the rows of the table."""
+    key = jax.random.PRNGKey(0)
+    results: list[Row] = []
+    for n, k in shapes:
+        nf4_bytes = n * k // 2 + n * (k // block_size) * 4
+        square = n == k
+        per_copy = nf4_bytes * (1 if square else 2)
+        copies = max(1, math.ceil(min_bytes / per_copy))
+        dense_copies = max(1, math.ceil(min_bytes / (2 * n * k * (1 if square else 2))))
+        d1, q1 = _random_weights(jax.random.fold_in(key, 1), n, k, copies, block_size)
+        if square:
+            d2, q2 = d1, q1
+        else:
+            d2, q2 = _random_weights(jax.random.fold_in(key, 2), k, n, copies, block_size)
+        chain_q = [w for pair in zip(q1, q2) for w in (pair if not square else pair[:1])]
+        chain_d = [w for pair in zip(d1[:dense_copies], d2[:dense_copies])
+                   for w in (pair if not square else pair[:1])]
+        avg_nf4 = sum(w.nbytes for w in chain_q) / len(chain_q)
+        avg_dense = sum(2 * w.shape[0] * w.shape[1] for w in chain_d) / len(chain_d)
+        if check:
+            _check_against_reference(q1[0])
+        for m in rows:
+            x = (jax.random.normal(jax.random.fold_in(key, 3), (m, k), jnp.float32)
+                 ).astype(jnp.bfloat16)
+            for op_name, op, chain, nbytes in (
+                    ("nf4 matmul", matmul, chain_q, avg_nf4),
+                    ("jnp nf4", _jnp_nf4_matmul, chain_q, avg_nf4),
+                    ("dense bf16", _dense_matmul, chain_d, avg_dense)):
+                us = _time_chain(op, chain, x, iters, reps)
+                results.append(Row((n, k), m, op_name, us, int(nbytes)))
+        us = _time_calls(lambda q: dequantize(q, jnp.bfloat16), q1, reps)
+        results.append(Row((n, k), 0, "nf4 dequantize", us, nf4_bytes + 2 * n * k))
+        del d1, q1, d2, q2, chain_q, chain_d
+    return results
+
+
+def _check_against_reference(q: NF4Weight) -> None:
+    """The fused matmul agrees with a dot on the dequantized weight (bf16 rounding level)."""
+    k = q.shape[1]
+    x = jax.random.normal(jax.random.PRNGKey(7), (3, k), jnp.float32).astype(jnp.bfloat16)
+    got = np.asarray(matmul(x, q), np.float64)
+    want = reference.matmul(np.asarray(x.astype(jnp.float32)), np.asarray(q.packed),
+                            np.asarray(q.absmax), q.block_size)
+    err = np.linalg.norm(got - want) / np.linalg.norm(want)
+    if not err < 1e-2:
+        raise RuntimeError(f"nf4 matmul disagrees with the reference: relative error {err:.3g}")
+
+
+def format_table(results: list[Row]) -> str:
+    """A markdown table: one line per shape and M, times in microseconds per call."""
+    device = jax.devices()[0]
+    lines = [f"device: {device.device_kind} ({device.platform}), jax {jax.__version__}", "",
+             "| N x K | M | nf4 matmul us | GB/s | jnp nf4 us | dense bf16 us | "
+             "vs jnp nf4 | vs dense |",
+             "|---|---|---|---|---|---|---|---|"]
+    by_key = {(r.shape, r.m, r.op): r for r in results}
+    for (shape, m, op), r in by_key.items():
+        if op != "nf4 matmul":
+            continue
+        jn, de = by_key[(shape, m, "jnp nf4")], by_key[(shape, m, "dense bf16")]
+        lines.append(f"| {shape[0]}x{shape[1]} | {m} | {r.us:.1f} | {r.gbps:.0f} | {jn.us:.1f} | "
+                     f"{de.us:.1f} | {jn.us / r.us:.2f}x | {de.us / r.us:.2f}x |")
+    lines += ["", "| N x K | dequantize us | GB/s (read + written) |", "|---|---|---|"]
+    for r in results:
+        if r.op == "nf4 dequantize":
+            lines.append(f"| {r.shape[0]}x{r.shape[1]} | {r.us:.1f} | {r.gbps:.0f} |")
+    return "\n".join(lines)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="jax-nf4 bench", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--shapes", default=None,
+                        help="comma-separated NxK list (default: Llama shapes on GPU, "
+                             "a small CPU set otherwise)")
+    parser.add_argument("--rows", default=None, help="comma-separated M list")
+    parser.add_argument("--block-size", type=int, default=64)
+    parser.add_argument("--min-mb", type=float, default=None,
+                        help="weight megabytes rotated per pass (default 200 on GPU, 1 on CPU)")
+    parser.add_argument("--iters", type=int, default=None, help="chain passes per timing")
+    parser.add_argument("--json", default=None, help="also write the rows to this JSON file")
+    args = parser.parse_args(argv)
+
+    on_gpu = jax.devices()[0].platform == "gpu"
+    shapes = (tuple(tuple(int(d) for d in s.split("x")) for s in args.shapes.split(","))
+              if args.shapes else (LLAMA_SHAPES if on_gpu else ((1024, 1024), (2048, 512))))
+    rows = (tuple(int(m) for m in args.rows.split(",")) if args.rows
+            else (DEFAULT_ROWS if on_gpu else (1, 8, 64)))
+    min_mb = args.min_mb if args.min_mb is not None else (200.0 if on_gpu else 1.0)
+    iters = args.iters or (20 if on_gpu else 2)
+    results = run_benchmark(shapes, rows, args.block_size, min_mb * 1e6, iters)
+    print(format_table(results))
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump([dataclasses.asdict(r) | {"gbps": r.gbps} for r in results], f, indent=1)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,62 @@
+"""Shared fixtures: the backend each test runs on, and a per-test random generator."""
+
+from __future__ import annotations
+
+import os
+import sys
+import zlib
+from pathlib import Path
+
+import jax
+import numpy as np
+import pytest
+
+# `python -m pytest` puts the checkout first on sys.path. Its jax_nf4/ holds no compiled extension
+# unless it was built in place, so then test the installed package instead.
+_CHECKOUT = Path(__file__).resolve().parent.parent
+if not any((_CHECKOUT / "jax_nf4").glob("_nf4_cpu*")):
+    sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != _CHECKOUT]
+
+PLATFORMS = ["cpu", "gpu"]
+
+
+def _gpu_missing() -> str | None:
+    """Why the GPU variant of a test cannot run here, or None when it can."""
+    import jax_nf4  # after the sys.path fix above
+
+    if not jax_nf4.cuda_available():
+        return "jax_nf4 was built without its CUDA kernels"
+    try:
+        jax.devices("gpu")
+    except RuntimeError:
+        return "JAX has no GPU backend"
+    return None
+
+
+def pytest_make_parametrize_id(config, val, argname):
+    """Shapes read as 2x3x64 in test ids (() as "scalar")."""
+    if isinstance(val, tuple) and all(isinstance(d, int) for d in val):
+        return "x".join(map(str, val)) or "scalar"
+    return None
+
+
+@pytest.fixture(params=PLATFORMS)
+def platform(request) -> str:
+    """Backend name; "gpu" skips where unavailable, or fails when JAX_NF4_REQUIRE_GPU=1."""
+    if request.param == "gpu" and (reason := _gpu_missing()):
+        if os.environ.get("JAX_NF4_REQUIRE_GPU") == "1":
+            pytest.fail(f"JAX_NF4_REQUIRE_GPU=1 but {reason}")
+        pytest.skip(reason)
+    return request.param
+
+
+@pytest.fixture
+def device(platform: str) -> jax.Device:
+    """The first device of the test's platform; tests commit their inputs to it."""
+    return jax.devices(platform)[0]
+
+
+@pytest.fixture
+def rng(request) -> np.random.Generator:
+    """A generator seeded from the test id, so every parametrization draws its own data."""
+    return np.random.default_rng(zlib.crc32(request.node.nodeid.encode()))
