@@ -1,16 +1,22 @@
 """FFI target registration and per-platform lowerings of the NF4 primitives.
 
 The CPU module is always built; the CUDA module only where CUDA was found at build time
-(``jax_nf4.cuda_available()`` tells). On CUDA, ``nf4_matmul`` runs the fused dequant + GEMV
-kernel for M (activation rows) up to :func:`cuda_fused_max_rows` and the dequantize kernel
-followed by an XLA dot above it:
+(``jax_nf4.cuda_available()`` tells). ``nf4_matmul`` runs the fused dequant + GEMV kernel for
+M (activation rows) up to :func:`fused_max_rows` and, above it, the dequantize kernel followed
+by an XLA dot (tensor cores on GPU, XLA's threaded dot on CPU):
 
-- bfloat16 / float16 activations with a power-of-two ``block_size >= 64``: fused tensor-core GEMV
-  (mma.m16n8k16, float32 accumulation) up to M = 32;
-- other block sizes and float32 activations: fused SIMT GEMV up to M = 8.
+- CUDA, bfloat16 / float16 activations with a power-of-two ``block_size >= 64``: fused
+  tensor-core GEMV (mma.m16n8k16, float32 accumulation) up to M = 32; the weight enters the
+  product as codebook values in the activation dtype, scaled in float32 per 64 elements.
+  Above M = 32 the weight is dequantized to the activation dtype.
+- CUDA otherwise (float32 activations, other block sizes): fused SIMT GEMV up to M = 8.
+- CPU: fused loop up to M = 8; above it the weight is dequantized to float32 and multiplied
+  in float32, so CPU results follow the float32 contract for every M.
 """
 
 from __future__ import annotations
+
+from functools import partial
 
 import jax
 import jax.numpy as jnp
@@ -27,45 +33,45 @@ except ImportError:  # built without CUDA
     _nf4_cuda = None
 
 
-
-def cuda_fused_max_rows(dtype, block_size: int) -> int:
-    """Largest M (activation rows) that the CUDA lowering sends to the fused GEMV kernel."""
+def fused_max_rows(platform: str, dtype, block_size: int) -> int:
+    """Largest M (activation rows) that ``platform``'s lowering sends to the fused kernel."""
     power_of_two = block_size & (block_size - 1) == 0
     tensor_cores = np.dtype(dtype) != np.float32 and block_size % 64 == 0 and power_of_two
-    return 32 if tensor_cores else 8
-
-_TARGETS = {"nf4_quantize": nf4_quantize_p, "nf4_dequantize": nf4_dequantize_p,
-            "nf4_matmul": nf4_matmul_p}
+    return 32 if platform == "cuda" and tensor_cores else 8
 
 
-def _ffi_rule(target: str, attributes: tuple[str, ...] = ("block_size",)):
-    """An FFI lowering that passes only the named primitive params on as attributes."""
+def _ffi_rule(target: str):
+    """An FFI lowering that passes block_size on as the only attribute (dequantize's dtype
+    param is carried by its result type)."""
     rule = jax.ffi.ffi_lowering(f"jax_nf4_{target}")
 
-    def lowering(ctx, *args, **params):
-        return rule(ctx, *args, **{name: params[name] for name in attributes})
+    def lowering(ctx, *args, block_size, **_):
+        return rule(ctx, *args, block_size=block_size)
 
     return lowering
 
 
-def _dequantize_then_dot(x, packed, absmax, *, block_size):
-    """Large-M matmul: dequantize to x.dtype with the kernel, then an XLA dot (f32 accumulate)."""
-    w = nf4_dequantize_p.bind(packed, absmax, block_size=block_size, dtype=np.dtype(x.dtype))
-    precision = lax.Precision.HIGHEST if x.dtype == jnp.float32 else None
-    out = jnp.einsum("gmk,gnk->gmn", x, w, precision=precision,
+def _dequantize_then_dot(x, packed, absmax, *, block_size, weight_dtype):
+    """Large-M matmul: dequantize with the kernel, then an XLA dot (float32 accumulation)."""
+    w = nf4_dequantize_p.bind(packed, absmax, block_size=block_size, dtype=weight_dtype)
+    lhs = x.astype(weight_dtype)
+    precision = lax.Precision.HIGHEST if weight_dtype == np.float32 else None
+    out = jnp.einsum("gmk,gnk->gmn", lhs, w, precision=precision,
                      preferred_element_type=jnp.float32)
     return out.astype(x.dtype)
 
 
-def _cuda_matmul_rule():
+def _matmul_rule(platform: str):
+    """Fused kernel up to fused_max_rows, dequantize + dot above (float32 weights on CPU)."""
     fused = _ffi_rule("nf4_matmul")
-    dense = mlir.lower_fun(_dequantize_then_dot, multiple_results=False)
 
     def lowering(ctx, x, packed, absmax, *, block_size):
         x_aval = ctx.avals_in[0]
-        rows = x_aval.shape[1]
-        rule = fused if rows <= cuda_fused_max_rows(x_aval.dtype, block_size) else dense
-        return rule(ctx, x, packed, absmax, block_size=block_size)
+        if x_aval.shape[1] <= fused_max_rows(platform, x_aval.dtype, block_size):
+            return fused(ctx, x, packed, absmax, block_size=block_size)
+        weight_dtype = np.dtype(np.float32 if platform == "cpu" else x_aval.dtype)
+        dense = partial(_dequantize_then_dot, block_size=block_size, weight_dtype=weight_dtype)
+        return mlir.lower_fun(dense, multiple_results=False)(ctx, x, packed, absmax)
 
     return lowering
 
@@ -76,14 +82,15 @@ def _register(module, platform: str) -> None:
 
 
 _register(_nf4_cpu, "cpu")
-for _name, _prim in _TARGETS.items():
-    mlir.register_lowering(_prim, _ffi_rule(_name), platform="cpu")
+mlir.register_lowering(nf4_quantize_p, _ffi_rule("nf4_quantize"), platform="cpu")
+mlir.register_lowering(nf4_dequantize_p, _ffi_rule("nf4_dequantize"), platform="cpu")
+mlir.register_lowering(nf4_matmul_p, _matmul_rule("cpu"), platform="cpu")
 
 if _nf4_cuda is not None:
     _register(_nf4_cuda, "CUDA")
     mlir.register_lowering(nf4_quantize_p, _ffi_rule("nf4_quantize"), platform="cuda")
     mlir.register_lowering(nf4_dequantize_p, _ffi_rule("nf4_dequantize"), platform="cuda")
-    mlir.register_lowering(nf4_matmul_p, _cuda_matmul_rule(), platform="cuda")
+    mlir.register_lowering(nf4_matmul_p, _matmul_rule("cuda"), platform="cuda")
 
 
 def cuda_available() -> bool:

@@ -12,11 +12,11 @@ import numpy as np
 ACTIVATION_DTYPES = (np.dtype(np.float32), np.dtype(jnp.bfloat16), np.dtype(np.float16))
 
 
-def check_block_size(block_size: Any) -> int:
+def check_block_size(block_size: Any, name: str = "block_size") -> int:
     if isinstance(block_size, bool) or not isinstance(block_size, (int, np.integer)):
-        raise TypeError(f"block_size must be an int, got {type(block_size).__name__}")
+        raise TypeError(f"{name} must be an int, got {type(block_size).__name__}")
     if block_size <= 0:
-        raise ValueError(f"block_size must be positive, got {block_size}")
+        raise ValueError(f"{name} must be positive, got {block_size}")
     return int(block_size)
 
 
