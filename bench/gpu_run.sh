@@ -21,4 +21,10 @@ for tool in memcheck racecheck; do
   echo "compute-sanitizer $tool: exit $? ($(grep -c ': ok' "$OUT/sanitize_$tool.log") ok cases," \
        "$(grep -E 'ERROR SUMMARY|RACECHECK SUMMARY' "$OUT/sanitize_$tool.log" | tail -1))"
 done
+(cd /tmp && python3 -c "import flax, optax; print('flax', flax.__version__, 'optax', optax.__version__)") \
+  || echo "flax/optax missing on this machine: tests/test_flax.py skips"
+for example in inference qlora_finetune; do
+  python3 examples/$example.py > "$OUT/example_$example.log" 2>&1
+  echo "examples/$example.py: exit $? | $(tail -1 "$OUT/example_$example.log")"
+done
 python3 bench/bench_matmul.py --json "$OUT/bench.json" "$@" 2>&1 | tee "$OUT/bench.txt"

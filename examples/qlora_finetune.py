@@ -27,7 +27,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-from flax import linen as nn
 from flax import nnx
 
 import jax_nf4
@@ -39,48 +38,7 @@ from jax_nf4.flax import (
     quantize_module,
     quantize_params,
 )
-
-# ----------------------------------------------------------------------------- models
-
-
-class LinenLM(nn.Module):
-    vocab: int
-    d_model: int
-    d_ff: int
-    layers: int
-
-    @nn.compact
-    def __call__(self, tokens):
-        h = nn.Embed(self.vocab, self.d_model, name="embed")(tokens)
-        for i in range(self.layers):
-            u = nn.gelu(nn.Dense(self.d_ff, name=f"up_{i}")(nn.LayerNorm(name=f"norm_{i}")(h)))
-            h = h + nn.Dense(self.d_model, name=f"down_{i}")(u)
-        return nn.Dense(self.vocab, use_bias=False, name="head")(nn.LayerNorm(name="norm_out")(h))
-
-
-class Block(nnx.Module):
-    def __init__(self, d_model, d_ff, rngs):
-        self.norm = nnx.LayerNorm(d_model, rngs=rngs)
-        self.up = nnx.Linear(d_model, d_ff, rngs=rngs)
-        self.down = nnx.Linear(d_ff, d_model, rngs=rngs)
-
-    def __call__(self, h):
-        return h + self.down(nnx.gelu(self.up(self.norm(h))))
-
-
-class NnxLM(nnx.Module):
-    def __init__(self, vocab, d_model, d_ff, layers, rngs):
-        self.embed = nnx.Embed(vocab, d_model, rngs=rngs)
-        self.blocks = nnx.List([Block(d_model, d_ff, rngs) for _ in range(layers)])
-        self.norm_out = nnx.LayerNorm(d_model, rngs=rngs)
-        self.head = nnx.Linear(d_model, vocab, use_bias=False, rngs=rngs)
-
-    def __call__(self, tokens):
-        h = self.embed(tokens)
-        for block in self.blocks:
-            h = block(h)
-        return self.head(self.norm_out(h))
-
+from models import LinenLM, NnxLM, pick_device
 
 # ----------------------------------------------------------------------------- task
 
@@ -110,7 +68,8 @@ def big(kernel, min_dim):
 # ----------------------------------------------------------------------------- NNX
 
 def run_nnx(args):
-    base = NnxLM(args.vocab, args.d_model, args.d_ff, args.layers, nnx.Rngs(args.seed))
+    base = NnxLM(args.vocab, args.d_model, args.d_ff, args.layers, jnp.float32,
+                 nnx.Rngs(args.seed))
     teacher = nnx.clone(base)
     key = jax.random.key(args.seed + 3)
     for i, (_, m) in enumerate(nnx.iter_modules(teacher)):
@@ -232,17 +191,6 @@ def train(step_fn, args):
             losses.append(float(loss))
             print(f"step {step:5d}  loss {losses[-1]:.5f}  ({time.perf_counter() - start:.1f} s)")
     return losses
-
-
-def pick_device(choice: str):
-    gpus = [d for d in jax.devices() if d.platform == "gpu"] if choice != "cpu" else []
-    if gpus and jax_nf4.cuda_available():
-        return gpus[0]
-    if choice == "gpu":
-        sys.exit("--device gpu: no GPU visible to JAX, or jax_nf4 was built without CUDA")
-    if gpus:
-        print("note: JAX sees a GPU but jax_nf4 was built without CUDA kernels; using the CPU")
-    return jax.devices("cpu")[0]
 
 
 def main(argv=None) -> int:
