@@ -7,6 +7,7 @@
 #include "nanobind/nanobind.h"
 #include "nf4_ffi_shapes.h"
 #include "nf4_math.h"
+#include "nf4_scales.h"
 #include "xla/ffi/api/ffi.h"
 
 namespace nb = nanobind;
@@ -39,11 +40,12 @@ struct Codebook {
 };
 constexpr Codebook kCodebook;
 
-// Dequantizes one row into float32: row[k] = CodeValue(code(n, k)) * absmax[n, k / bs].
-void DequantizeRow(const uint8_t* packed_row, int nibble, const float* absmax_row,
+// Dequantizes one row into float32: row[k] = CodeValue(code(n, k)) * scale(n, k / bs).
+template <typename ScaleRow>
+void DequantizeRow(const uint8_t* packed_row, int nibble, const ScaleRow& scale_of,
                    const Nf4Dims& d, float* row) {
   for (int64_t b = 0; b < d.blocks(); ++b) {
-    const float scale = absmax_row[b];
+    const float scale = scale_of(b);
     for (int64_t k = b * d.block_size; k < (b + 1) * d.block_size; ++k) {
       const uint32_t byte = packed_row[k];
       row[k] = kCodebook.value[nibble ? OddRowCode(byte) : EvenRowCode(byte)] * scale;
@@ -84,14 +86,12 @@ ffi::Error QuantizeImpl(ffi::AnyBuffer w, ffi::Result<ffi::AnyBuffer> packed,
   });
 }
 
-ffi::Error DequantizeImpl(ffi::AnyBuffer packed, ffi::AnyBuffer absmax,
-                          ffi::Result<ffi::AnyBuffer> out, int64_t block_size) {
-  Nf4Dims d;
-  if (auto e = CheckWeight("nf4_dequantize", packed, absmax, block_size, &d); e.failure()) return e;
+template <typename Scales>
+ffi::Error Dequantize(ffi::AnyBuffer packed, const Scales& scales, const Nf4Dims& d,
+                      ffi::Result<ffi::AnyBuffer> out) {
   if (auto e = CheckDense("nf4_dequantize", "output", *out, d); e.failure()) return e;
   if (d.groups * d.rows * d.cols == 0) return ffi::Error::Success();
   const auto* src = static_cast<const uint8_t*>(packed.untyped_data());
-  const auto* scales = static_cast<const float*>(absmax.untyped_data());
   return DispatchActivation(out->element_type(), [&](auto tag) {
     using T = typename decltype(tag)::type;
     T* dst = static_cast<T*>(out->untyped_data());
@@ -99,7 +99,7 @@ ffi::Error DequantizeImpl(ffi::AnyBuffer packed, ffi::AnyBuffer absmax,
     for (int64_t g = 0; g < d.groups; ++g) {
       for (int64_t n = 0; n < d.rows; ++n) {
         DequantizeRow(src + (g * (d.rows / 2) + n / 2) * d.cols, static_cast<int>(n % 2),
-                      scales + (g * d.rows + n) * d.blocks(), d, row.data());
+                      scales.RowOf(g, n, d.rows, d.blocks()), d, row.data());
         T* drow = dst + (g * d.rows + n) * d.cols;
         for (int64_t k = 0; k < d.cols; ++k) drow[k] = FromFloat<T>(row[k]);
       }
@@ -107,15 +107,13 @@ ffi::Error DequantizeImpl(ffi::AnyBuffer packed, ffi::AnyBuffer absmax,
   });
 }
 
-ffi::Error MatmulImpl(ffi::AnyBuffer x, ffi::AnyBuffer packed, ffi::AnyBuffer absmax,
-                      ffi::Result<ffi::AnyBuffer> out, int64_t block_size) {
-  Nf4Dims d;
+template <typename Scales>
+ffi::Error Matmul(ffi::AnyBuffer x, ffi::AnyBuffer packed, const Scales& scales,
+                  const Nf4Dims& d, ffi::Result<ffi::AnyBuffer> out) {
   int64_t m_rows = 0;
-  if (auto e = CheckWeight("nf4_matmul", packed, absmax, block_size, &d); e.failure()) return e;
   if (auto e = CheckMatmul(x, *out, d, &m_rows); e.failure()) return e;
   if (d.groups * m_rows * d.rows == 0) return ffi::Error::Success();
   const auto* src = static_cast<const uint8_t*>(packed.untyped_data());
-  const auto* scales = static_cast<const float*>(absmax.untyped_data());
   return DispatchActivation(x.element_type(), [&](auto tag) {
     using T = typename decltype(tag)::type;
     const T* xs = static_cast<const T*>(x.untyped_data());
@@ -127,7 +125,7 @@ ffi::Error MatmulImpl(ffi::AnyBuffer x, ffi::AnyBuffer packed, ffi::AnyBuffer ab
       for (int64_t i = 0; i < m_rows * d.cols; ++i) xf[i] = ToFloat(xg[i]);
       for (int64_t n = 0; n < d.rows; ++n) {
         DequantizeRow(src + (g * (d.rows / 2) + n / 2) * d.cols, static_cast<int>(n % 2),
-                      scales + (g * d.rows + n) * d.blocks(), d, row.data());
+                      scales.RowOf(g, n, d.rows, d.blocks()), d, row.data());
         for (int64_t m = 0; m < m_rows; ++m) {
           const float* xm = xf.data() + m * d.cols;
           float acc = 0.0f;
@@ -137,6 +135,47 @@ ffi::Error MatmulImpl(ffi::AnyBuffer x, ffi::AnyBuffer packed, ffi::AnyBuffer ab
       }
     }
   });
+}
+
+ffi::Error DequantizeImpl(ffi::AnyBuffer packed, ffi::AnyBuffer absmax,
+                          ffi::Result<ffi::AnyBuffer> out, int64_t block_size) {
+  Nf4Dims d;
+  PlainScales scales;
+  if (auto e = CheckPacked("nf4_dequantize", packed, block_size, &d); e.failure()) return e;
+  if (auto e = MakeScales("nf4_dequantize", absmax, d, &scales); e.failure()) return e;
+  return Dequantize(packed, scales, d, out);
+}
+
+ffi::Error DequantizeDqImpl(ffi::AnyBuffer packed, ffi::AnyBuffer codes, ffi::AnyBuffer nested,
+                            ffi::AnyBuffer table, ffi::AnyBuffer offset,
+                            ffi::Result<ffi::AnyBuffer> out, int64_t block_size) {
+  Nf4Dims d;
+  DoubleQuantScales scales;
+  if (auto e = CheckPacked("nf4_dequantize", packed, block_size, &d); e.failure()) return e;
+  if (auto e = MakeScales("nf4_dequantize", codes, nested, table, offset, d, &scales);
+      e.failure())
+    return e;
+  return Dequantize(packed, scales, d, out);
+}
+
+ffi::Error MatmulImpl(ffi::AnyBuffer x, ffi::AnyBuffer packed, ffi::AnyBuffer absmax,
+                      ffi::Result<ffi::AnyBuffer> out, int64_t block_size) {
+  Nf4Dims d;
+  PlainScales scales;
+  if (auto e = CheckPacked("nf4_matmul", packed, block_size, &d); e.failure()) return e;
+  if (auto e = MakeScales("nf4_matmul", absmax, d, &scales); e.failure()) return e;
+  return Matmul(x, packed, scales, d, out);
+}
+
+ffi::Error MatmulDqImpl(ffi::AnyBuffer x, ffi::AnyBuffer packed, ffi::AnyBuffer codes,
+                        ffi::AnyBuffer nested, ffi::AnyBuffer table, ffi::AnyBuffer offset,
+                        ffi::Result<ffi::AnyBuffer> out, int64_t block_size) {
+  Nf4Dims d;
+  DoubleQuantScales scales;
+  if (auto e = CheckPacked("nf4_matmul", packed, block_size, &d); e.failure()) return e;
+  if (auto e = MakeScales("nf4_matmul", codes, nested, table, offset, d, &scales); e.failure())
+    return e;
+  return Matmul(x, packed, scales, d, out);
 }
 
 }  // namespace
@@ -155,11 +194,32 @@ XLA_FFI_DEFINE_HANDLER(kNf4DequantizeCpu, DequantizeImpl,
                            .Ret<ffi::AnyBuffer>()  // w
                            .Attr<int64_t>("block_size"));
 
+XLA_FFI_DEFINE_HANDLER(kNf4DequantizeDqCpu, DequantizeDqImpl,
+                       ffi::Ffi::Bind()
+                           .Arg<ffi::AnyBuffer>()  // packed
+                           .Arg<ffi::AnyBuffer>()  // absmax codes
+                           .Arg<ffi::AnyBuffer>()  // nested_absmax
+                           .Arg<ffi::AnyBuffer>()  // table
+                           .Arg<ffi::AnyBuffer>()  // offset
+                           .Ret<ffi::AnyBuffer>()  // w
+                           .Attr<int64_t>("block_size"));
+
 XLA_FFI_DEFINE_HANDLER(kNf4MatmulCpu, MatmulImpl,
                        ffi::Ffi::Bind()
                            .Arg<ffi::AnyBuffer>()  // x
                            .Arg<ffi::AnyBuffer>()  // packed
                            .Arg<ffi::AnyBuffer>()  // absmax
+                           .Ret<ffi::AnyBuffer>()  // out
+                           .Attr<int64_t>("block_size"));
+
+XLA_FFI_DEFINE_HANDLER(kNf4MatmulDqCpu, MatmulDqImpl,
+                       ffi::Ffi::Bind()
+                           .Arg<ffi::AnyBuffer>()  // x
+                           .Arg<ffi::AnyBuffer>()  // packed
+                           .Arg<ffi::AnyBuffer>()  // absmax codes
+                           .Arg<ffi::AnyBuffer>()  // nested_absmax
+                           .Arg<ffi::AnyBuffer>()  // table
+                           .Arg<ffi::AnyBuffer>()  // offset
                            .Ret<ffi::AnyBuffer>()  // out
                            .Attr<int64_t>("block_size"));
 
@@ -171,6 +231,9 @@ NB_MODULE(_nf4_cpu, m) {
     targets["nf4_quantize"] = nb::capsule(reinterpret_cast<void*>(jax_nf4::kNf4QuantizeCpu));
     targets["nf4_dequantize"] = nb::capsule(reinterpret_cast<void*>(jax_nf4::kNf4DequantizeCpu));
     targets["nf4_matmul"] = nb::capsule(reinterpret_cast<void*>(jax_nf4::kNf4MatmulCpu));
+    targets["nf4_dequantize_dq"] =
+        nb::capsule(reinterpret_cast<void*>(jax_nf4::kNf4DequantizeDqCpu));
+    targets["nf4_matmul_dq"] = nb::capsule(reinterpret_cast<void*>(jax_nf4::kNf4MatmulDqCpu));
     return targets;
   });
 }

@@ -7,6 +7,8 @@ namespace nb = nanobind;
 XLA_FFI_DECLARE_HANDLER_SYMBOL(JaxNf4QuantizeCuda);
 XLA_FFI_DECLARE_HANDLER_SYMBOL(JaxNf4DequantizeCuda);
 XLA_FFI_DECLARE_HANDLER_SYMBOL(JaxNf4MatmulCuda);
+XLA_FFI_DECLARE_HANDLER_SYMBOL(JaxNf4DequantizeDqCuda);
+XLA_FFI_DECLARE_HANDLER_SYMBOL(JaxNf4MatmulDqCuda);
 
 NB_MODULE(_nf4_cuda, m) {
   m.def("registrations", []() {
@@ -14,6 +16,8 @@ NB_MODULE(_nf4_cuda, m) {
     targets["nf4_quantize"] = nb::capsule(reinterpret_cast<void*>(JaxNf4QuantizeCuda));
     targets["nf4_dequantize"] = nb::capsule(reinterpret_cast<void*>(JaxNf4DequantizeCuda));
     targets["nf4_matmul"] = nb::capsule(reinterpret_cast<void*>(JaxNf4MatmulCuda));
+    targets["nf4_dequantize_dq"] = nb::capsule(reinterpret_cast<void*>(JaxNf4DequantizeDqCuda));
+    targets["nf4_matmul_dq"] = nb::capsule(reinterpret_cast<void*>(JaxNf4MatmulDqCuda));
     return targets;
   });
 }

@@ -16,6 +16,7 @@
 
 #include "nf4_ffi_shapes.h"
 #include "nf4_math.h"
+#include "nf4_scales.h"
 #include "xla/ffi/api/ffi.h"
 
 namespace jax_nf4 {
@@ -126,10 +127,11 @@ struct SharedCodebook {
 
 // ---------------------------------------------------------------- fused GEMV
 
+template <typename Scales>
 struct GemvArgs {
   const void* x;         // [G, m_total, K]; this launch reads rows [m0, m0 + M)
   const uint8_t* packed; // [G, N/2, K]
-  const float* absmax;   // [G, N, K/bs]
+  Scales scales;         // block scales (nf4_scales.h)
   void* out;             // [G, m_total, N]
   int64_t m_total, m0;
   int64_t pairs, cols, block_size;
@@ -152,8 +154,8 @@ int Log2IfPowerOfTwo(int64_t v) {
 
 // One warp group (`splits` warps) computes R row pairs (2R outputs) for M activation rows;
 // lane l of split s reads the V-byte chunks s*32 + l, s*32 + l + 32*splits, ... along K.
-template <typename T, int M, int R, int V>
-__global__ void __launch_bounds__(kThreads, 2) GemvKernel(GemvArgs a) {
+template <typename T, int M, int R, int V, typename Scales>
+__global__ void __launch_bounds__(kThreads, 2) GemvKernel(GemvArgs<Scales> a) {
   __shared__ SharedCodebook codebook;
   __shared__ float partial[kWarps][2 * R * M];
   codebook.Fill();
@@ -169,7 +171,6 @@ __global__ void __launch_bounds__(kThreads, 2) GemvKernel(GemvArgs a) {
 
   const T* x = static_cast<const T*>(a.x) + (g * a.m_total + a.m0) * K;
   const uint8_t* packed = a.packed + g * a.pairs * K;
-  const float* absmax = a.absmax + g * N * blocks;
 
   float acc[R][2][M];
 #pragma unroll
@@ -188,8 +189,8 @@ __global__ void __launch_bounds__(kThreads, 2) GemvKernel(GemvArgs a) {
       if (pair < a.pairs) {
         w[r] = LoadPacked<V>(packed + pair * K + k0);
         const int64_t b = a.Block(k0);  // V divides block_size: one scale per chunk
-        scale[r][0] = __ldg(absmax + (2 * pair) * blocks + b);
-        scale[r][1] = __ldg(absmax + (2 * pair + 1) * blocks + b);
+        scale[r][0] = a.scales.RowOf(g, 2 * pair, N, blocks)(b);
+        scale[r][1] = a.scales.RowOf(g, 2 * pair + 1, N, blocks)(b);
       } else {
 #pragma unroll
         for (int i = 0; i < V; ++i) w[r].v[i] = 0;
@@ -283,8 +284,8 @@ __global__ void __launch_bounds__(kThreads, 2) GemvKernel(GemvArgs a) {
   }
 }
 
-template <typename T, int M, int V>
-cudaError_t LaunchGemvRows(GemvArgs a, int64_t groups, cudaStream_t stream) {
+template <typename T, int M, int V, typename Scales>
+cudaError_t LaunchGemvRows(GemvArgs<Scales> a, int64_t groups, cudaStream_t stream) {
   constexpr int R = M <= 2 ? 4 : 2;  // row pairs per warp group: more bytes in flight at small M
   const int64_t row_groups = (a.pairs + R - 1) / R;
   const int64_t chunks = a.cols / V;
@@ -294,24 +295,25 @@ cudaError_t LaunchGemvRows(GemvArgs a, int64_t groups, cudaStream_t stream) {
     splits *= 2;
   a.splits = splits;
   a.ctas_per_group = (row_groups + kWarps / splits - 1) / (kWarps / splits);
-  GemvKernel<T, M, R, V><<<dim3(unsigned(a.ctas_per_group * groups)), kThreads, 0, stream>>>(a);
+  GemvKernel<T, M, R, V, Scales>
+      <<<dim3(unsigned(a.ctas_per_group * groups)), kThreads, 0, stream>>>(a);
   return cudaGetLastError();
 }
 
-template <typename T, int V>
-cudaError_t LaunchGemv(GemvArgs a, int64_t groups, cudaStream_t stream) {
+template <typename T, int V, typename Scales>
+cudaError_t LaunchGemv(GemvArgs<Scales> a, int64_t groups, cudaStream_t stream) {
   cudaError_t err = cudaSuccess;
   for (int64_t m0 = 0; m0 < a.m_total && err == cudaSuccess; m0 += kMaxFusedRows) {
     a.m0 = m0;
     switch (a.m_total - m0 < kMaxFusedRows ? a.m_total - m0 : kMaxFusedRows) {
-      case 1: err = LaunchGemvRows<T, 1, V>(a, groups, stream); break;
-      case 2: err = LaunchGemvRows<T, 2, V>(a, groups, stream); break;
-      case 3: err = LaunchGemvRows<T, 3, V>(a, groups, stream); break;
-      case 4: err = LaunchGemvRows<T, 4, V>(a, groups, stream); break;
-      case 5: err = LaunchGemvRows<T, 5, V>(a, groups, stream); break;
-      case 6: err = LaunchGemvRows<T, 6, V>(a, groups, stream); break;
-      case 7: err = LaunchGemvRows<T, 7, V>(a, groups, stream); break;
-      default: err = LaunchGemvRows<T, 8, V>(a, groups, stream); break;
+      case 1: err = LaunchGemvRows<T, 1, V, Scales>(a, groups, stream); break;
+      case 2: err = LaunchGemvRows<T, 2, V, Scales>(a, groups, stream); break;
+      case 3: err = LaunchGemvRows<T, 3, V, Scales>(a, groups, stream); break;
+      case 4: err = LaunchGemvRows<T, 4, V, Scales>(a, groups, stream); break;
+      case 5: err = LaunchGemvRows<T, 5, V, Scales>(a, groups, stream); break;
+      case 6: err = LaunchGemvRows<T, 6, V, Scales>(a, groups, stream); break;
+      case 7: err = LaunchGemvRows<T, 7, V, Scales>(a, groups, stream); break;
+      default: err = LaunchGemvRows<T, 8, V, Scales>(a, groups, stream); break;
     }
   }
   return err;
@@ -364,8 +366,8 @@ struct MmaType<__half> {
 constexpr int kTcSpan = 64;    // contraction elements per quad per step
 constexpr int kTcUnroll = 4;   // steps whose loads are issued together
 
-template <typename T, int NT>
-__global__ void __launch_bounds__(kThreads, 2) GemvTensorCoreKernel(GemvArgs a) {
+template <typename T, int NT, typename Scales>
+__global__ void __launch_bounds__(kThreads, 2) GemvTensorCoreKernel(GemvArgs<Scales> a) {
   __shared__ uint4 pair_table[256 * 8];  // entry e for lane l: word e * 32 + l
   __shared__ float partial[kWarps][32][4 * NT];
   for (int e = threadIdx.x; e < 256; e += blockDim.x) {
@@ -395,8 +397,8 @@ __global__ void __launch_bounds__(kThreads, 2) GemvTensorCoreKernel(GemvArgs a) 
   const int rows = int(a.m_total - a.m0 < 8 * NT ? a.m_total - a.m0 : 8 * NT);
 
   const uint8_t* wrow = a.packed + (grp * a.pairs + (pair_ok ? pair : 0)) * K + 16 * t;
-  const float* scale_even = a.absmax + (grp * N + 2 * (pair_ok ? pair : 0)) * blocks;
-  const float* scale_odd = scale_even + blocks;
+  const auto scale_even = a.scales.RowOf(grp, 2 * (pair_ok ? pair : 0), N, blocks);
+  const auto scale_odd = a.scales.RowOf(grp, 2 * (pair_ok ? pair : 0) + 1, N, blocks);
   const T* x = static_cast<const T*>(a.x) + (grp * a.m_total + a.m0) * K + 16 * t;
 
   float acc[NT][4];
@@ -420,8 +422,8 @@ __global__ void __launch_bounds__(kThreads, 2) GemvTensorCoreKernel(GemvArgs a) 
       const bool ok = pair_ok && step < steps;
       wg[u] = ok ? __ldcs(reinterpret_cast<const uint4*>(wrow) + step * (kTcSpan / 16))
                  : make_uint4(0, 0, 0, 0);
-      eg[u] = ok ? __ldg(scale_even + (step >> step_shift)) : 0.0f;
-      og[u] = ok ? __ldg(scale_odd + (step >> step_shift)) : 0.0f;
+      eg[u] = ok ? scale_even(step >> step_shift) : 0.0f;
+      og[u] = ok ? scale_odd(step >> step_shift) : 0.0f;
     }
   };
   load_group(split, w, se, so);
@@ -519,8 +521,8 @@ __global__ void __launch_bounds__(kThreads, 2) GemvTensorCoreKernel(GemvArgs a) 
     }
 }
 
-template <typename T, int NT>
-cudaError_t LaunchGemvTensorCoreRows(GemvArgs a, int64_t groups, cudaStream_t stream) {
+template <typename T, int NT, typename Scales>
+cudaError_t LaunchGemvTensorCoreRows(GemvArgs<Scales> a, int64_t groups, cudaStream_t stream) {
   const int64_t row_groups = (a.pairs + 7) / 8;
   const int64_t steps = a.cols / kTcSpan;
   // Split K across warps until the grid has many waves, keeping >= 2 groups per warp.
@@ -530,21 +532,21 @@ cudaError_t LaunchGemvTensorCoreRows(GemvArgs a, int64_t groups, cudaStream_t st
     splits *= 2;
   a.splits = splits;
   a.ctas_per_group = (row_groups + kWarps / splits - 1) / (kWarps / splits);
-  GemvTensorCoreKernel<T, NT>
+  GemvTensorCoreKernel<T, NT, Scales>
       <<<dim3(unsigned(a.ctas_per_group * groups)), kThreads, 0, stream>>>(a);
   return cudaGetLastError();
 }
 
 // Up to 32 rows per launch; larger M is tiled (the Python lowering sends large M elsewhere).
-template <typename T>
-cudaError_t LaunchGemvTensorCore(GemvArgs a, int64_t groups, cudaStream_t stream) {
+template <typename T, typename Scales>
+cudaError_t LaunchGemvTensorCore(GemvArgs<Scales> a, int64_t groups, cudaStream_t stream) {
   cudaError_t err = cudaSuccess;
   for (int64_t m0 = 0; m0 < a.m_total && err == cudaSuccess; m0 += 32) {
     a.m0 = m0;
     const int64_t rows = a.m_total - m0;
-    if (rows <= 8) err = LaunchGemvTensorCoreRows<T, 1>(a, groups, stream);
-    else if (rows <= 16) err = LaunchGemvTensorCoreRows<T, 2>(a, groups, stream);
-    else err = LaunchGemvTensorCoreRows<T, 4>(a, groups, stream);
+    if (rows <= 8) err = LaunchGemvTensorCoreRows<T, 1, Scales>(a, groups, stream);
+    else if (rows <= 16) err = LaunchGemvTensorCoreRows<T, 2, Scales>(a, groups, stream);
+    else err = LaunchGemvTensorCoreRows<T, 4, Scales>(a, groups, stream);
   }
   return err;
 }
@@ -552,11 +554,11 @@ cudaError_t LaunchGemvTensorCore(GemvArgs a, int64_t groups, cudaStream_t stream
 // ---------------------------------------------------------------- dequantize
 
 // One thread per V-byte chunk of one row pair: 2V outputs.
-template <typename T, int V>
-__global__ void __launch_bounds__(kThreads) DequantizeKernel(const uint8_t* packed,
-                                                             const float* absmax, T* out,
-                                                             int64_t groups, int64_t pairs,
-                                                             int64_t cols, int64_t block_size) {
+template <typename T, int V, typename Scales>
+__global__ void __launch_bounds__(kThreads) DequantizeKernel(const uint8_t* packed, Scales scales,
+                                                             T* out, int64_t groups,
+                                                             int64_t pairs, int64_t cols,
+                                                             int64_t block_size) {
   __shared__ SharedCodebook codebook;
   codebook.Fill();
   __syncthreads();
@@ -566,10 +568,11 @@ __global__ void __launch_bounds__(kThreads) DequantizeKernel(const uint8_t* pack
   for (int64_t t = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; t < total;
        t += int64_t(gridDim.x) * blockDim.x) {
     const int64_t row_pair = t / chunks;  // g * pairs + pair
+    const int64_t g = row_pair / pairs, pair = row_pair % pairs;
     const int64_t k0 = (t % chunks) * V;
     const Vec<uint8_t, V> w = LoadPacked<V>(packed + row_pair * cols + k0);
-    const float s0 = __ldg(absmax + (2 * row_pair) * blocks + k0 / block_size);
-    const float s1 = __ldg(absmax + (2 * row_pair + 1) * blocks + k0 / block_size);
+    const float s0 = scales.RowOf(g, 2 * pair, 2 * pairs, blocks)(k0 / block_size);
+    const float s1 = scales.RowOf(g, 2 * pair + 1, 2 * pairs, blocks)(k0 / block_size);
     Vec<T, V> even, odd;
 #pragma unroll
     for (int i = 0; i < V; ++i) {
@@ -659,10 +662,9 @@ ffi::Error QuantizeCuda(cudaStream_t stream, ffi::AnyBuffer w, ffi::Result<ffi::
   return err == cudaSuccess ? ffi::Error::Success() : LaunchError("nf4_quantize", err);
 }
 
-ffi::Error DequantizeCuda(cudaStream_t stream, ffi::AnyBuffer packed, ffi::AnyBuffer absmax,
-                          ffi::Result<ffi::AnyBuffer> out, int64_t block_size) {
-  Nf4Dims d;
-  if (auto e = CheckWeight("nf4_dequantize", packed, absmax, block_size, &d); e.failure()) return e;
+template <typename Scales>
+ffi::Error Dequantize(cudaStream_t stream, ffi::AnyBuffer packed, const Scales& scales,
+                      const Nf4Dims& d, ffi::Result<ffi::AnyBuffer> out) {
   if (auto e = CheckDense("nf4_dequantize", "output", *out, d); e.failure()) return e;
   if (d.groups * d.rows * d.cols == 0) return ffi::Error::Success();
   const int64_t pairs = d.rows / 2;
@@ -670,33 +672,30 @@ ffi::Error DequantizeCuda(cudaStream_t stream, ffi::AnyBuffer packed, ffi::AnyBu
     using T = decltype(tag);
     auto launch = [&](auto kernel, int v) {
       kernel<<<GridFor(d.groups * pairs * (d.cols / v), kThreads), kThreads, 0, stream>>>(
-          static_cast<const uint8_t*>(packed.untyped_data()),
-          static_cast<const float*>(absmax.untyped_data()), static_cast<T*>(out->untyped_data()),
-          d.groups, pairs, d.cols, d.block_size);
+          static_cast<const uint8_t*>(packed.untyped_data()), scales,
+          static_cast<T*>(out->untyped_data()), d.groups, pairs, d.cols, d.block_size);
       return cudaGetLastError();
     };
-    return d.block_size % 16 == 0 ? launch(DequantizeKernel<T, 16>, 16)
-                                  : launch(DequantizeKernel<T, 1>, 1);
+    return d.block_size % 16 == 0 ? launch(DequantizeKernel<T, 16, Scales>, 16)
+                                  : launch(DequantizeKernel<T, 1, Scales>, 1);
   });
   return err == cudaSuccess ? ffi::Error::Success() : LaunchError("nf4_dequantize", err);
 }
 
-ffi::Error MatmulCuda(cudaStream_t stream, ffi::AnyBuffer x, ffi::AnyBuffer packed,
-                      ffi::AnyBuffer absmax, ffi::Result<ffi::AnyBuffer> out,
-                      int64_t block_size) {
-  Nf4Dims d;
+template <typename Scales>
+ffi::Error Matmul(cudaStream_t stream, ffi::AnyBuffer x, ffi::AnyBuffer packed,
+                  const Scales& scales, const Nf4Dims& d, ffi::Result<ffi::AnyBuffer> out) {
   int64_t m_rows = 0;
-  if (auto e = CheckWeight("nf4_matmul", packed, absmax, block_size, &d); e.failure()) return e;
   if (auto e = CheckMatmul(x, *out, d, &m_rows); e.failure()) return e;
   if (d.groups * m_rows * d.rows == 0) return ffi::Error::Success();
   if (d.cols == 0) {  // empty contraction: the product is zero
     cudaError_t err = cudaMemsetAsync(out->untyped_data(), 0, out->size_bytes(), stream);
     return err == cudaSuccess ? ffi::Error::Success() : LaunchError("nf4_matmul", err);
   }
-  GemvArgs a{};
+  GemvArgs<Scales> a{};
   a.x = x.untyped_data();
   a.packed = static_cast<const uint8_t*>(packed.untyped_data());
-  a.absmax = static_cast<const float*>(absmax.untyped_data());
+  a.scales = scales;
   a.out = out->untyped_data();
   a.m_total = m_rows;
   a.pairs = d.rows / 2;
@@ -713,6 +712,49 @@ ffi::Error MatmulCuda(cudaStream_t stream, ffi::AnyBuffer x, ffi::AnyBuffer pack
                                   : LaunchGemv<T, 1>(a, d.groups, stream);
   });
   return err == cudaSuccess ? ffi::Error::Success() : LaunchError("nf4_matmul", err);
+}
+
+ffi::Error DequantizeCuda(cudaStream_t stream, ffi::AnyBuffer packed, ffi::AnyBuffer absmax,
+                          ffi::Result<ffi::AnyBuffer> out, int64_t block_size) {
+  Nf4Dims d;
+  PlainScales scales;
+  if (auto e = CheckPacked("nf4_dequantize", packed, block_size, &d); e.failure()) return e;
+  if (auto e = MakeScales("nf4_dequantize", absmax, d, &scales); e.failure()) return e;
+  return Dequantize(stream, packed, scales, d, out);
+}
+
+ffi::Error DequantizeDqCuda(cudaStream_t stream, ffi::AnyBuffer packed, ffi::AnyBuffer codes,
+                            ffi::AnyBuffer nested, ffi::AnyBuffer table, ffi::AnyBuffer offset,
+                            ffi::Result<ffi::AnyBuffer> out, int64_t block_size) {
+  Nf4Dims d;
+  DoubleQuantScales scales;
+  if (auto e = CheckPacked("nf4_dequantize", packed, block_size, &d); e.failure()) return e;
+  if (auto e = MakeScales("nf4_dequantize", codes, nested, table, offset, d, &scales);
+      e.failure())
+    return e;
+  return Dequantize(stream, packed, scales, d, out);
+}
+
+ffi::Error MatmulCuda(cudaStream_t stream, ffi::AnyBuffer x, ffi::AnyBuffer packed,
+                      ffi::AnyBuffer absmax, ffi::Result<ffi::AnyBuffer> out,
+                      int64_t block_size) {
+  Nf4Dims d;
+  PlainScales scales;
+  if (auto e = CheckPacked("nf4_matmul", packed, block_size, &d); e.failure()) return e;
+  if (auto e = MakeScales("nf4_matmul", absmax, d, &scales); e.failure()) return e;
+  return Matmul(stream, x, packed, scales, d, out);
+}
+
+ffi::Error MatmulDqCuda(cudaStream_t stream, ffi::AnyBuffer x, ffi::AnyBuffer packed,
+                        ffi::AnyBuffer codes, ffi::AnyBuffer nested, ffi::AnyBuffer table,
+                        ffi::AnyBuffer offset, ffi::Result<ffi::AnyBuffer> out,
+                        int64_t block_size) {
+  Nf4Dims d;
+  DoubleQuantScales scales;
+  if (auto e = CheckPacked("nf4_matmul", packed, block_size, &d); e.failure()) return e;
+  if (auto e = MakeScales("nf4_matmul", codes, nested, table, offset, d, &scales); e.failure())
+    return e;
+  return Matmul(stream, x, packed, scales, d, out);
 }
 
 }  // namespace
@@ -735,6 +777,31 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxNf4DequantizeCuda, jax_nf4::DequantizeCuda,
                                   .Arg<ffi::AnyBuffer>()  // packed
                                   .Arg<ffi::AnyBuffer>()  // absmax
                                   .Ret<ffi::AnyBuffer>()  // w
+                                  .Attr<int64_t>("block_size"),
+                              {ffi::Traits::kCmdBufferCompatible});
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxNf4DequantizeDqCuda, jax_nf4::DequantizeDqCuda,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::PlatformStream<cudaStream_t>>()
+                                  .Arg<ffi::AnyBuffer>()  // packed
+                                  .Arg<ffi::AnyBuffer>()  // absmax codes
+                                  .Arg<ffi::AnyBuffer>()  // nested_absmax
+                                  .Arg<ffi::AnyBuffer>()  // table
+                                  .Arg<ffi::AnyBuffer>()  // offset
+                                  .Ret<ffi::AnyBuffer>()  // w
+                                  .Attr<int64_t>("block_size"),
+                              {ffi::Traits::kCmdBufferCompatible});
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxNf4MatmulDqCuda, jax_nf4::MatmulDqCuda,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::PlatformStream<cudaStream_t>>()
+                                  .Arg<ffi::AnyBuffer>()  // x
+                                  .Arg<ffi::AnyBuffer>()  // packed
+                                  .Arg<ffi::AnyBuffer>()  // absmax codes
+                                  .Arg<ffi::AnyBuffer>()  // nested_absmax
+                                  .Arg<ffi::AnyBuffer>()  // table
+                                  .Arg<ffi::AnyBuffer>()  // offset
+                                  .Ret<ffi::AnyBuffer>()  // out
                                   .Attr<int64_t>("block_size"),
                               {ffi::Traits::kCmdBufferCompatible});
 

@@ -8,8 +8,10 @@
 #pragma once
 
 #include <cstdint>
+#include <initializer_list>
 #include <string>
 
+#include "nf4_scales.h"
 #include "xla/ffi/api/ffi.h"
 
 namespace jax_nf4 {
@@ -34,21 +36,16 @@ inline bool IsActivationType(ffi::DataType t) {
   return t == ffi::DataType::F32 || t == ffi::DataType::BF16 || t == ffi::DataType::F16;
 }
 
-// Checks packed / absmax against each other and the block size; fills dims.
-inline ffi::Error CheckWeight(const char* op, ffi::AnyBuffer packed, ffi::AnyBuffer absmax,
-                              int64_t block_size, Nf4Dims* dims) {
+// Checks packed [G, N/2, K] and the block size; fills dims.
+inline ffi::Error CheckPacked(const char* op, ffi::AnyBuffer packed, int64_t block_size,
+                              Nf4Dims* dims) {
   auto err = [op](const std::string& msg) {
     return ffi::Error::InvalidArgument(std::string(op) + ": " + msg);
   };
   if (block_size <= 0) return err("block_size must be positive, got " + std::to_string(block_size));
-  if (packed.element_type() != ffi::DataType::U8)
-    return err("packed must be uint8");
-  if (absmax.element_type() != ffi::DataType::F32)
-    return err("absmax must be float32");
+  if (packed.element_type() != ffi::DataType::U8) return err("packed must be uint8");
   auto pd = packed.dimensions();
-  auto ad = absmax.dimensions();
   if (pd.size() != 3) return err("packed must be [G, N/2, K], got " + DimsToString(pd));
-  if (ad.size() != 3) return err("absmax must be [G, N, K/block_size], got " + DimsToString(ad));
   dims->groups = pd[0];
   dims->rows = 2 * pd[1];
   dims->cols = pd[2];
@@ -56,10 +53,80 @@ inline ffi::Error CheckWeight(const char* op, ffi::AnyBuffer packed, ffi::AnyBuf
   if (dims->cols % block_size != 0)
     return err("K = " + std::to_string(dims->cols) + " is not a multiple of block_size = " +
                std::to_string(block_size));
-  if (ad[0] != dims->groups || ad[1] != dims->rows || ad[2] != dims->blocks())
-    return err("absmax must be [" + std::to_string(dims->groups) + ", " +
-               std::to_string(dims->rows) + ", " + std::to_string(dims->blocks()) + "] for packed " +
-               DimsToString(pd) + ", got " + DimsToString(ad));
+  return ffi::Error::Success();
+}
+
+// Checks plain float32 scales absmax [G, N, K/bs] against dims.
+inline ffi::Error CheckAbsmax(const char* op, ffi::AnyBuffer absmax, const Nf4Dims& d) {
+  auto ad = absmax.dimensions();
+  if (absmax.element_type() != ffi::DataType::F32 || ad.size() != 3 || ad[0] != d.groups ||
+      ad[1] != d.rows || ad[2] != d.blocks())
+    return ffi::Error::InvalidArgument(
+        std::string(op) + ": absmax must be float32[" + std::to_string(d.groups) + ", " +
+        std::to_string(d.rows) + ", " + std::to_string(d.blocks()) + "], got " +
+        DimsToString(ad));
+  return ffi::Error::Success();
+}
+
+// Checks packed and plain absmax; fills dims.
+inline ffi::Error CheckWeight(const char* op, ffi::AnyBuffer packed, ffi::AnyBuffer absmax,
+                              int64_t block_size, Nf4Dims* dims) {
+  if (auto e = CheckPacked(op, packed, block_size, dims); e.failure()) return e;
+  return CheckAbsmax(op, absmax, *dims);
+}
+
+// Checks double-quantized scales against dims (see nf4_math.h):
+//   codes uint8 [G, N, K/bs], nested_absmax float32 [G, ceil(N*K/bs / 256)],
+//   table float32 [G, 256], offset float32 [G].
+inline ffi::Error CheckDoubleQuantScales(const char* op, ffi::AnyBuffer codes,
+                                         ffi::AnyBuffer nested, ffi::AnyBuffer table,
+                                         ffi::AnyBuffer offset, const Nf4Dims& d) {
+  auto err = [op](const std::string& msg) {
+    return ffi::Error::InvalidArgument(std::string(op) + ": " + msg);
+  };
+  const int64_t nested_len = (d.rows * d.blocks() + 255) / 256;
+  auto check = [&](ffi::AnyBuffer b, const char* name, ffi::DataType type, const char* type_name,
+                   std::initializer_list<int64_t> want) -> ffi::Error {
+    auto dims = b.dimensions();
+    bool ok = b.element_type() == type && dims.size() == want.size();
+    size_t i = 0;
+    for (int64_t w : want) ok = ok && dims[i++] == w;
+    if (ok) return ffi::Error::Success();
+    std::string expected = std::string(type_name) + "[";
+    i = 0;
+    for (int64_t w : want) expected += (i++ ? ", " : "") + std::to_string(w);
+    return err(std::string(name) + " must be " + expected + "], got " + DimsToString(dims));
+  };
+  if (auto e = check(codes, "absmax codes", ffi::DataType::U8, "uint8",
+                     {d.groups, d.rows, d.blocks()});
+      e.failure())
+    return e;
+  if (auto e = check(nested, "nested_absmax", ffi::DataType::F32, "float32",
+                     {d.groups, nested_len});
+      e.failure())
+    return e;
+  if (auto e = check(table, "table", ffi::DataType::F32, "float32", {d.groups, 256}); e.failure())
+    return e;
+  return check(offset, "offset", ffi::DataType::F32, "float32", {d.groups});
+}
+
+// The scale source of a plain or double-quantized weight, checked against dims.
+inline ffi::Error MakeScales(const char* op, ffi::AnyBuffer absmax, const Nf4Dims& d,
+                      PlainScales* scales) {
+  if (auto e = CheckAbsmax(op, absmax, d); e.failure()) return e;
+  *scales = {static_cast<const float*>(absmax.untyped_data())};
+  return ffi::Error::Success();
+}
+
+inline ffi::Error MakeScales(const char* op, ffi::AnyBuffer codes, ffi::AnyBuffer nested,
+                      ffi::AnyBuffer table, ffi::AnyBuffer offset, const Nf4Dims& d,
+                      DoubleQuantScales* scales) {
+  if (auto e = CheckDoubleQuantScales(op, codes, nested, table, offset, d); e.failure()) return e;
+  *scales = {static_cast<const uint8_t*>(codes.untyped_data()),
+             static_cast<const float*>(nested.untyped_data()),
+             static_cast<const float*>(table.untyped_data()),
+             static_cast<const float*>(offset.untyped_data()),
+             nested.dimensions()[1]};
   return ffi::Error::Success();
 }
 

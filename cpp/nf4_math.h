@@ -70,6 +70,21 @@ NF4_HD uint8_t QuantizeElement(float x, float absmax, float inv_absmax) {
   return absmax == 0.0f ? kZeroCode : QuantizeNormalized(x * inv_absmax);
 }
 
+// Double-quantized block scales (bitsandbytes' compress_statistics): block i of a matrix (flat
+// row-major block order, i = n * (K / block_size) + b) has
+//   absmax[i] = table[codes[i]] * nested_absmax[i / 256] + offset,
+// a float32 product and a float32 sum, each rounded once (never fused into an FMA).
+constexpr int kNestedBlockSize = 256;
+
+NF4_HD float DecodeDoubleQuantScale(float table_value, float nested_absmax, float offset) {
+#if defined(__CUDA_ARCH__)
+  return __fadd_rn(__fmul_rn(table_value, nested_absmax), offset);
+#else
+  const float product = table_value * nested_absmax;  // the CPU module builds with
+  return product + offset;                            // -ffp-contract=off: no FMA here
+#endif
+}
+
 // Layout A packs rows 2j (low nibble) and 2j+1 (high nibble) of column k into byte (j, k).
 NF4_HD uint8_t PackPair(uint8_t even_row_code, uint8_t odd_row_code) {
   return static_cast<uint8_t>((even_row_code & 15) | (odd_row_code << 4));

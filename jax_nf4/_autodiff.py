@@ -80,51 +80,60 @@ def _frozen_error(what: str, op: str) -> TypeError:
 # ----------------------------------------------------------------------------- nf4_matmul
 
 def _matmul_jvp(primals, tangents, *, block_size):
-    x, packed, absmax = primals
-    x_dot, _packed_dot, absmax_dot = tangents  # packed is uint8: its tangent is float0 / Zero
-    if not _is_zero(absmax_dot):
+    x, packed, *scales = primals
+    x_dot, _packed_dot, *scale_dots = tangents  # packed is uint8: its tangent is float0 / Zero
+    if not all(_is_zero(t) for t in scale_dots):
         raise _frozen_error("absmax (scales)", "jax_nf4.matmul / linear")
-    y = nf4_matmul_p.bind(x, packed, absmax, block_size=block_size)
+    y = nf4_matmul_p.bind(x, packed, *scales, block_size=block_size)
     if _is_zero(x_dot):
         return y, _zero_tangent_of(y)
-    y_dot = nf4_matmul_p.bind(x_dot, packed, absmax, block_size=block_size)
+    y_dot = nf4_matmul_p.bind(x_dot, packed, *scales, block_size=block_size)
     return y, y_dot
 
 
-def _dense_backward(ct, packed, absmax, block_size, out_dtype):
+def _dense_backward(ct, packed, scales, block_size, out_dtype):
     """``dx[G, M, K] = ct[G, M, N] @ W[G, N, K]``: dequantize kernel + dot with f32 accumulation."""
     ct_dtype = np.dtype(ct.dtype)
-    w = nf4_dequantize_p.bind(packed, absmax, block_size=block_size, dtype=ct_dtype)
+    w = nf4_dequantize_p.bind(packed, *scales, block_size=block_size, dtype=ct_dtype)
     precision = lax.Precision.HIGHEST if ct_dtype == np.float32 else None
     dx = lax.dot_general(ct, w, dimension_numbers=(((2,), (1,)), ((0,), (0,))),
                          precision=precision, preferred_element_type=jnp.float32)
     return dx.astype(out_dtype)
 
 
-def _matmul_transpose(ct, x, packed, absmax, *, block_size):
-    if ad.is_undefined_primal(packed) or ad.is_undefined_primal(absmax):
+def _matmul_transpose(ct, x, packed, *scales, block_size):
+    if any(ad.is_undefined_primal(a) for a in (packed, *scales)):
         raise _frozen_error("packed codes / absmax", "the transpose of jax_nf4.matmul")
+    weight_cts = [None] * (1 + len(scales))
     if not ad.is_undefined_primal(x):
         # Not linear in anything we were asked about (cannot happen from our JVP).
-        return [None, None, None]
+        return [None, *weight_cts]
     if _is_zero(ct):
-        return [_zero_like(x.aval), None, None]
-    return [_dense_backward(ct, packed, absmax, block_size, x.aval.dtype), None, None]
+        return [_zero_like(x.aval), *weight_cts]
+    return [_dense_backward(ct, packed, scales, block_size, x.aval.dtype), *weight_cts]
 
 
 # ----------------------------------------------------------------------------- nf4_dequantize
 
 def _dequantize_jvp(primals, tangents, *, block_size, dtype):
-    packed, absmax = primals
-    _packed_dot, absmax_dot = tangents
-    w = nf4_dequantize_p.bind(packed, absmax, block_size=block_size, dtype=dtype)
+    packed, *scales = primals
+    _packed_dot, *scale_dots = tangents
+    w = nf4_dequantize_p.bind(packed, *scales, block_size=block_size, dtype=dtype)
+    if len(scales) > 1:  # double-quantized scales: codes, tables and offsets are frozen
+        if not all(_is_zero(t) for t in scale_dots):
+            raise _frozen_error("double-quantized scales", "jax_nf4.dequantize")
+        return w, _zero_tangent_of(w)
+    (absmax_dot,) = scale_dots
     if _is_zero(absmax_dot):
         return w, _zero_tangent_of(w)
     w_dot = nf4_dequantize_p.bind(packed, absmax_dot, block_size=block_size, dtype=dtype)
     return w, w_dot
 
 
-def _dequantize_transpose(ct, packed, absmax, *, block_size, dtype):
+def _dequantize_transpose(ct, packed, *scales, block_size, dtype):
+    if len(scales) > 1:
+        raise _frozen_error("double-quantized scales", "the transpose of jax_nf4.dequantize")
+    (absmax,) = scales
     if ad.is_undefined_primal(packed):
         raise TypeError("jax_nf4.dequantize: the packed NF4 codes are integer data and cannot "
                         "be differentiated or transposed (only absmax can)")

@@ -40,20 +40,23 @@ def fused_max_rows(platform: str, dtype, block_size: int) -> int:
     return 32 if platform == "cuda" and tensor_cores else 8
 
 
-def _ffi_rule(target: str):
+def _ffi_rule(target: str, plain_operands: int | None = None):
     """An FFI lowering that passes block_size on as the only attribute (dequantize's dtype
-    param is carried by its result type)."""
-    rule = jax.ffi.ffi_lowering(f"jax_nf4_{target}")
+    param is carried by its result type). With ``plain_operands`` given, a call with more
+    operands (double-quantized scales: four instead of one absmax) goes to the ``_dq`` target."""
+    plain = jax.ffi.ffi_lowering(f"jax_nf4_{target}")
+    double_quant = jax.ffi.ffi_lowering(f"jax_nf4_{target}_dq")
 
     def lowering(ctx, *args, block_size, **_):
-        return rule(ctx, *args, block_size=block_size)
+        dq = plain_operands is not None and len(args) > plain_operands
+        return (double_quant if dq else plain)(ctx, *args, block_size=block_size)
 
     return lowering
 
 
-def _dequantize_then_dot(x, packed, absmax, *, block_size, weight_dtype):
+def _dequantize_then_dot(x, packed, *scales, block_size, weight_dtype):
     """Large-M matmul: dequantize with the kernel, then an XLA dot (float32 accumulation)."""
-    w = nf4_dequantize_p.bind(packed, absmax, block_size=block_size, dtype=weight_dtype)
+    w = nf4_dequantize_p.bind(packed, *scales, block_size=block_size, dtype=weight_dtype)
     lhs = x.astype(weight_dtype)
     precision = lax.Precision.HIGHEST if weight_dtype == np.float32 else None
     out = jnp.einsum("gmk,gnk->gmn", lhs, w, precision=precision,
@@ -63,15 +66,15 @@ def _dequantize_then_dot(x, packed, absmax, *, block_size, weight_dtype):
 
 def _matmul_rule(platform: str):
     """Fused kernel up to fused_max_rows, dequantize + dot above (float32 weights on CPU)."""
-    fused = _ffi_rule("nf4_matmul")
+    fused = _ffi_rule("nf4_matmul", plain_operands=3)
 
-    def lowering(ctx, x, packed, absmax, *, block_size):
+    def lowering(ctx, x, packed, *scales, block_size):
         x_aval = ctx.avals_in[0]
         if x_aval.shape[1] <= fused_max_rows(platform, x_aval.dtype, block_size):
-            return fused(ctx, x, packed, absmax, block_size=block_size)
+            return fused(ctx, x, packed, *scales, block_size=block_size)
         weight_dtype = np.dtype(np.float32 if platform == "cpu" else x_aval.dtype)
         dense = partial(_dequantize_then_dot, block_size=block_size, weight_dtype=weight_dtype)
-        return mlir.lower_fun(dense, multiple_results=False)(ctx, x, packed, absmax)
+        return mlir.lower_fun(dense, multiple_results=False)(ctx, x, packed, *scales)
 
     return lowering
 
@@ -83,13 +86,15 @@ def _register(module, platform: str) -> None:
 
 _register(_nf4_cpu, "cpu")
 mlir.register_lowering(nf4_quantize_p, _ffi_rule("nf4_quantize"), platform="cpu")
-mlir.register_lowering(nf4_dequantize_p, _ffi_rule("nf4_dequantize"), platform="cpu")
+mlir.register_lowering(nf4_dequantize_p, _ffi_rule("nf4_dequantize", plain_operands=2),
+                       platform="cpu")
 mlir.register_lowering(nf4_matmul_p, _matmul_rule("cpu"), platform="cpu")
 
 if _nf4_cuda is not None:
     _register(_nf4_cuda, "CUDA")
     mlir.register_lowering(nf4_quantize_p, _ffi_rule("nf4_quantize"), platform="cuda")
-    mlir.register_lowering(nf4_dequantize_p, _ffi_rule("nf4_dequantize"), platform="cuda")
+    mlir.register_lowering(nf4_dequantize_p, _ffi_rule("nf4_dequantize", plain_operands=2),
+                           platform="cuda")
     mlir.register_lowering(nf4_matmul_p, _matmul_rule("cuda"), platform="cuda")
 
 

@@ -3,9 +3,13 @@
 Every primitive works on a leading group dim G, so a vmap over weights (stacked layers,
 experts) folds into G and a vmap over activations only folds into M:
 
-  nf4_quantize_p   (w[G, N, K])                         -> packed u8[G, N/2, K], absmax f32[G, N, K/bs]
-  nf4_dequantize_p (packed, absmax)                     -> w[G, N, K] in ``dtype``
-  nf4_matmul_p     (x[G, M, K], packed, absmax)         -> out[G, M, N] in x.dtype
+  nf4_quantize_p   (w[G, N, K])                    -> packed u8[G, N/2, K], absmax f32[G, N, K/bs]
+  nf4_dequantize_p (packed, *scales)               -> w[G, N, K] in ``dtype``
+  nf4_matmul_p     (x[G, M, K], packed, *scales)   -> out[G, M, N] in x.dtype
+
+``scales`` is ``(absmax,)`` or, for double-quantized scales, ``(codes u8[G, N, K/bs],
+nested_absmax f32[G, ceil(N*K/bs/256)], table f32[G, 256], offset f32[G])``; the kernels decode
+the latter on the fly.
 
 Lowerings live in ``_lowering.py``; autodiff rules in ``_autodiff.py``.
 """
@@ -44,13 +48,13 @@ def _quantize_abstract(w, *, block_size):
             ShapedArray((g, n, k // block_size), np.float32))
 
 
-def _dequantize_abstract(packed, absmax, *, block_size, dtype):
-    g, n, k = _shapes.check_weight_operands(packed, absmax, block_size, "nf4_dequantize")
+def _dequantize_abstract(packed, *scales, block_size, dtype):
+    g, n, k = _shapes.check_weight_operands(packed, scales, block_size, "nf4_dequantize")
     return ShapedArray((g, n, k), _shapes.check_activation_dtype(dtype, "dtype"))
 
 
-def _matmul_abstract(x, packed, absmax, *, block_size):
-    g, n, k = _shapes.check_weight_operands(packed, absmax, block_size, "nf4_matmul")
+def _matmul_abstract(x, packed, *scales, block_size):
+    g, n, k = _shapes.check_weight_operands(packed, scales, block_size, "nf4_matmul")
     if x.ndim != 3 or x.shape[0] != g or x.shape[2] != k:
         raise ValueError(f"nf4_matmul: x must be [{g}, M, {k}], got {tuple(x.shape)}")
     return ShapedArray((g, x.shape[1], n), _shapes.check_activation_dtype(x.dtype, "x"))
@@ -93,24 +97,24 @@ def _quantize_batch(args, dims, *, block_size):
 
 def _dequantize_batch(args, dims, *, block_size, dtype):
     size = _batch_size(args, dims)
-    packed, absmax = (_fold(_to_front(a, d, size)) for a, d in zip(args, dims))
-    out = nf4_dequantize_p.bind(packed, absmax, block_size=block_size, dtype=dtype)
+    weight = [_fold(_to_front(a, d, size)) for a, d in zip(args, dims)]
+    out = nf4_dequantize_p.bind(*weight, block_size=block_size, dtype=dtype)
     return _unfold(out, size), 0
 
 
 def _matmul_batch(args, dims, *, block_size):
-    x, packed, absmax = args
-    x_dim, packed_dim, absmax_dim = dims
+    x, *weight = args
+    x_dim, *weight_dims = dims
     size = _batch_size(args, dims)
-    if packed_dim is None and absmax_dim is None:
+    if all(d is None for d in weight_dims):
         # Only the activations are batched: fold the batch into M and read each weight once.
         xb = jnp.moveaxis(x, x_dim, 1)  # [G, B, M, K]
         g, b, m, k = xb.shape
-        out = nf4_matmul_p.bind(xb.reshape(g, b * m, k), packed, absmax, block_size=block_size)
+        out = nf4_matmul_p.bind(xb.reshape(g, b * m, k), *weight, block_size=block_size)
         return out.reshape(g, b, m, out.shape[-1]), 1
     # Batched weights fold into the group dim; activations follow (broadcast if unbatched).
-    x, packed, absmax = (_fold(_to_front(a, d, size)) for a, d in zip(args, dims))
-    out = nf4_matmul_p.bind(x, packed, absmax, block_size=block_size)
+    folded = [_fold(_to_front(a, d, size)) for a, d in zip(args, dims)]
+    out = nf4_matmul_p.bind(*folded, block_size=block_size)
     return _unfold(out, size), 0
 
 

@@ -48,9 +48,12 @@ def check_quantize(shape: tuple[int, ...], dtype: Any, block_size: int,
     return tuple(shape)
 
 
-def check_weight_operands(packed: Any, absmax: Any, block_size: int,
+def check_weight_operands(packed: Any, scales: tuple, block_size: int,
                           op: str) -> tuple[int, int, int]:
-    """Checks primitive operands ``packed[G, N/2, K]``, ``absmax[G, N, K/bs]``; returns (G, N, K)."""
+    """Checks primitive operands ``packed[G, N/2, K]`` and the block scales, either
+    ``(absmax f32[G, N, K/bs],)`` or double-quantized ``(codes u8[G, N, K/bs],
+    nested_absmax f32[G, ceil(N*K/bs/256)], table f32[G, 256], offset f32[G])``;
+    returns (G, N, K)."""
     block_size = check_block_size(block_size)
     if packed.ndim != 3 or np.dtype(packed.dtype) != np.uint8:
         raise ValueError(f"{op}: packed must be uint8[G, N/2, K], got "
@@ -59,8 +62,18 @@ def check_weight_operands(packed: Any, absmax: Any, block_size: int,
     n = 2 * half_n
     if k % block_size:
         raise ValueError(f"{op}: K = {k} must be a multiple of block_size = {block_size}")
-    want = (g, n, k // block_size)
-    if tuple(absmax.shape) != want or np.dtype(absmax.dtype) != np.float32:
-        raise ValueError(f"{op}: absmax must be float32{list(want)}, got "
-                         f"{np.dtype(absmax.dtype).name}{list(absmax.shape)}")
+    blocks = k // block_size
+    if len(scales) == 1:
+        want = {"absmax": ((g, n, blocks), np.float32)}
+    elif len(scales) == 4:
+        want = {"absmax codes": ((g, n, blocks), np.uint8),
+                "nested_absmax": ((g, -(-n * blocks // 256)), np.float32),
+                "table": ((g, 256), np.float32), "offset": ((g,), np.float32)}
+    else:
+        raise ValueError(f"{op}: expected 1 (absmax) or 4 (double-quantized) scale operands, "
+                         f"got {len(scales)}")
+    for (name, (shape, dtype)), a in zip(want.items(), scales):
+        if tuple(a.shape) != shape or np.dtype(a.dtype) != dtype:
+            raise ValueError(f"{op}: {name} must be {np.dtype(dtype).name}{list(shape)}, got "
+                             f"{np.dtype(a.dtype).name}{list(a.shape)}")
     return g, n, k

@@ -1,0 +1,64 @@
+// Where a kernel gets the float32 scale of block b of weight row n: plain absmax, or
+// double-quantized scales decoded on the fly (nf4_math.h). Shared by the CPU and CUDA code;
+// kernels are templated over the scale source, so both forms run the same loops.
+#pragma once
+
+#include <cstdint>
+
+#include "nf4_math.h"
+
+namespace jax_nf4 {
+
+// A read of data that stays constant for the whole kernel (the read-only cache on the GPU).
+template <typename T>
+NF4_HD T LoadConstant(const T* p) {
+#if defined(__CUDA_ARCH__)
+  return __ldg(p);
+#else
+  return *p;
+#endif
+}
+
+// absmax float32 [G, N, B].
+struct PlainScales {
+  const float* absmax;
+
+  struct Row {
+    const float* absmax;
+    NF4_HD float operator()(int64_t b) const { return LoadConstant(absmax + b); }
+  };
+  NF4_HD Row RowOf(int64_t g, int64_t n, int64_t rows, int64_t blocks) const {
+    return {absmax + (g * rows + n) * blocks};
+  }
+};
+
+// codes uint8 [G, N, B], nested_absmax float32 [G, nested_len], table float32 [G, 256],
+// offset float32 [G].
+struct DoubleQuantScales {
+  const uint8_t* codes;
+  const float* nested_absmax;
+  const float* table;
+  const float* offset;
+  int64_t nested_len;
+
+  struct Row {
+    const uint8_t* codes;
+    const float* nested_absmax;
+    const float* table;
+    float offset;
+    int64_t first_block;  // flat block index of (n, 0)
+    NF4_HD float operator()(int64_t b) const {
+      const int code = LoadConstant(codes + b);
+      return DecodeDoubleQuantScale(LoadConstant(table + code),
+                                    LoadConstant(nested_absmax + ((first_block + b) >> 8)),
+                                    offset);
+    }
+  };
+  NF4_HD Row RowOf(int64_t g, int64_t n, int64_t rows, int64_t blocks) const {
+    static_assert(kNestedBlockSize == 256, "Row uses >> 8");
+    return {codes + (g * rows + n) * blocks, nested_absmax + g * nested_len, table + g * 256,
+            LoadConstant(offset + g), n * blocks};
+  }
+};
+
+}  // namespace jax_nf4
