@@ -1,7 +1,8 @@
 """A small run of every CUDA kernel path, for compute-sanitizer (memcheck, racecheck).
 
 Exits non-zero if any result disagrees with the NumPy reference. Covers the 16-byte and the
-byte-wise GEMV paths, M tails, split-K, stacked groups, dequantize and quantize, each dtype.
+byte-wise GEMV paths, M tails, split-K, stacked groups, dequantize and quantize, each dtype,
+plain and double-quantized scales.
 """
 
 import jax
@@ -35,6 +36,13 @@ def main() -> int:
                              for i in range(2)])
             err = np.linalg.norm(np.asarray(y, np.float64) - want) / np.linalg.norm(want)
             ok &= err < 1e-2
+            # double-quantized scales, decoded inside the kernels
+            qd = jax_nf4.quantize(wd, bs, double_quant=True)
+            twin = jax_nf4.NF4Weight(qd.packed, qd.scales(), qd.shape, qd.block_size, qd.dtype)
+            ok &= np.array_equal(np.asarray(jax_nf4.dequantize(qd), np.float32),
+                                 np.asarray(jax_nf4.dequantize(twin), np.float32))
+            ok &= np.array_equal(np.asarray(jax.vmap(jax_nf4.matmul)(x, qd), np.float32),
+                                 np.asarray(jax.vmap(jax_nf4.matmul)(x, twin), np.float32))
             print(f"N={n} K={k} bs={bs} M={m} {np.dtype(dtype).name}: "
                   f"{'ok' if ok else 'FAIL'} (matmul rel err {err:.2e})")
             failures += not ok

@@ -2,6 +2,7 @@
 
 For each weight shape N x K and each M it times, on JAX's default device:
   nf4 matmul      jax_nf4.matmul (fused dequant + GEMV; large M: dequantize + XLA dot)
+  nf4 dq matmul   the same with double-quantized scales (decoded inside the kernel)
   dense bf16      jnp.dot on the unquantized bf16 weight
   jnp nf4         NF4 written in plain jnp (codebook gather * absmax, then dot) under jit
 and per shape jax_nf4.dequantize (bf16 out). Matmuls run chained under jax.jit: each call's output is the
@@ -48,14 +49,15 @@ class Row:
 
 def _random_weights(key, n: int, k: int, copies: int, block_size: int):
     """`copies` dense bf16 weights [N, K] (std 1/sqrt(K): chained products keep their scale)
-    and their NF4 versions."""
-    dense, quant = [], []
+    and their NF4 versions, plain and with double-quantized scales."""
+    dense, quant, quant_dq = [], [], []
     for i in range(copies):
         w = (jax.random.normal(jax.random.fold_in(key, i), (n, k), jnp.float32)
              / math.sqrt(k)).astype(jnp.bfloat16)
         dense.append(w)
         quant.append(quantize(w, block_size))
-    return dense, quant
+        quant_dq.append(quantize(w, block_size, double_quant=True))
+    return dense, quant, quant_dq
 
 
 def _jnp_nf4_matmul(x, q: NF4Weight):
@@ -124,15 +126,19 @@ def run_benchmark(shapes=LLAMA_SHAPES, rows=DEFAULT_ROWS, block_size: int = 64,
         per_copy = nf4_bytes * (1 if square else 2)
         copies = max(1, math.ceil(min_bytes / per_copy))
         dense_copies = max(1, math.ceil(min_bytes / (2 * n * k * (1 if square else 2))))
-        d1, q1 = _random_weights(jax.random.fold_in(key, 1), n, k, copies, block_size)
+        d1, q1, dq1 = _random_weights(jax.random.fold_in(key, 1), n, k, copies, block_size)
         if square:
-            d2, q2 = d1, q1
+            d2, q2, dq2 = d1, q1, dq1
         else:
-            d2, q2 = _random_weights(jax.random.fold_in(key, 2), k, n, copies, block_size)
-        chain_q = [w for pair in zip(q1, q2) for w in (pair if not square else pair[:1])]
-        chain_d = [w for pair in zip(d1[:dense_copies], d2[:dense_copies])
-                   for w in (pair if not square else pair[:1])]
+            d2, q2, dq2 = _random_weights(jax.random.fold_in(key, 2), k, n, copies, block_size)
+
+        def chain(first, second):
+            return [w for pair in zip(first, second) for w in (pair if not square else pair[:1])]
+
+        chain_q, chain_dq = chain(q1, q2), chain(dq1, dq2)
+        chain_d = chain(d1[:dense_copies], d2[:dense_copies])
         avg_nf4 = sum(w.nbytes for w in chain_q) / len(chain_q)
+        avg_dq = sum(w.nbytes for w in chain_dq) / len(chain_dq)
         avg_dense = sum(2 * w.shape[0] * w.shape[1] for w in chain_d) / len(chain_d)
         if check:
             _check_against_reference(q1[0])
@@ -141,13 +147,14 @@ def run_benchmark(shapes=LLAMA_SHAPES, rows=DEFAULT_ROWS, block_size: int = 64,
                  ).astype(jnp.bfloat16)
             for op_name, op, chain, nbytes in (
                     ("nf4 matmul", matmul, chain_q, avg_nf4),
+                    ("nf4 dq matmul", matmul, chain_dq, avg_dq),
                     ("jnp nf4", _jnp_nf4_matmul, chain_q, avg_nf4),
                     ("dense bf16", _dense_matmul, chain_d, avg_dense)):
                 us = _time_chain(op, chain, x, iters, reps)
                 results.append(Row((n, k), m, op_name, us, int(nbytes)))
         us = _time_calls(lambda q: dequantize(q, jnp.bfloat16), q1, reps)
         results.append(Row((n, k), 0, "nf4 dequantize", us, nf4_bytes + 2 * n * k))
-        del d1, q1, d2, q2, chain_q, chain_d
+        del d1, q1, dq1, d2, q2, dq2, chain_q, chain_dq, chain_d
     return results
 
 
@@ -167,16 +174,17 @@ def format_table(results: list[Row]) -> str:
     """A markdown table: one line per shape and M, times in microseconds per call."""
     device = jax.devices()[0]
     lines = [f"device: {device.device_kind} ({device.platform}), jax {jax.__version__}", "",
-             "| N x K | M | nf4 matmul us | GB/s | jnp nf4 us | dense bf16 us | "
+             "| N x K | M | nf4 matmul us | GB/s | dq matmul us | jnp nf4 us | dense bf16 us | "
              "vs jnp nf4 | vs dense |",
-             "|---|---|---|---|---|---|---|---|"]
+             "|---|---|---|---|---|---|---|---|---|"]
     by_key = {(r.shape, r.m, r.op): r for r in results}
     for (shape, m, op), r in by_key.items():
         if op != "nf4 matmul":
             continue
         jn, de = by_key[(shape, m, "jnp nf4")], by_key[(shape, m, "dense bf16")]
-        lines.append(f"| {shape[0]}x{shape[1]} | {m} | {r.us:.1f} | {r.gbps:.0f} | {jn.us:.1f} | "
-                     f"{de.us:.1f} | {jn.us / r.us:.2f}x | {de.us / r.us:.2f}x |")
+        dq = by_key[(shape, m, "nf4 dq matmul")]
+        lines.append(f"| {shape[0]}x{shape[1]} | {m} | {r.us:.1f} | {r.gbps:.0f} | {dq.us:.1f} | "
+                     f"{jn.us:.1f} | {de.us:.1f} | {jn.us / r.us:.2f}x | {de.us / r.us:.2f}x |")
     lines += ["", "| N x K | dequantize us | GB/s (read + written) |", "|---|---|---|"]
     for r in results:
         if r.op == "nf4 dequantize":

@@ -1,25 +1,207 @@
-"""The ``jax-nf4`` command line."""
+"""The ``jax-nf4`` command line: ``quantize``, ``inspect`` and ``bench``.
+
+Exit codes: 0 on success, 1 on a runtime error (a bad or unsupported checkpoint, an existing
+destination, an I/O error), 2 on a usage error; errors are one line on stderr.
+"""
 
 from __future__ import annotations
 
 import argparse
+import json
+import math
 import sys
 from typing import Sequence
 
 __all__ = ["main"]
 
+_PROG = "jax-nf4"
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse with a one-line usage error (exit code 2)."""
+
+    def error(self, message: str):  # type: ignore[override]
+        self.exit(2, f"{self.prog}: error: {message}\n")
+
+
+def _one_line(e: BaseException) -> str:
+    text = str(e) or type(e).__name__
+    if isinstance(e, OSError) and e.strerror and not isinstance(e, FileExistsError):
+        text = f"{e.filename}: {e.strerror}" if e.filename is not None else e.strerror
+    return " ".join(text.split())
+
+
+def _build_parser() -> _Parser:
+    from jax_nf4.bnb import BLOCKSIZES
+    from jax_nf4.convert import DEFAULT_SKIP
+
+    top = _Parser(prog=_PROG, description="NF4 (4-bit NormalFloat) weights for JAX.",
+                  epilog="Run `jax-nf4 COMMAND --help` for the options of a command.")
+    sub = top.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    q = sub.add_parser(
+        "quantize", help="quantize a dense safetensors checkpoint to bitsandbytes NF4",
+        description="Quantize a dense safetensors file or Hugging Face model folder (bf16, f16 "
+        "or f32 weights) to an NF4 checkpoint in the bitsandbytes / Hugging Face layout, which "
+        "transformers (with bitsandbytes) and jax_nf4.checkpoint.load_checkpoint load. Works "
+        "tensor by tensor (memory bounded by the largest tensor). 2-D *.weight matrices are "
+        "quantized; embeddings, norms, lm_head, 1-D tensors and biases stay dense (so do "
+        "matrices with an odd N or a K that is not a multiple of the block size, listed in "
+        "llm_int8_skip_modules). A folder gives a folder "
+        "(same shards, config.json with quantization_config, the other files copied); a file "
+        "gives a file when DST ends in .safetensors. DST appears only when complete.",
+        epilog=f"Default skip patterns: {' '.join(DEFAULT_SKIP)}")
+    q.add_argument("src", metavar="SRC", help="dense .safetensors file or model folder")
+    q.add_argument("dst", metavar="DST", help="destination folder (or .safetensors file)")
+    q.add_argument("--block-size", type=int, default=64, choices=BLOCKSIZES, metavar="N",
+                   help="elements sharing one scale: 32, 64 (default), 128, ... 4096")
+    q.add_argument("--double-quant", action="store_true",
+                   help="also quantize the scales to 8 bits (bnb_4bit_use_double_quant)")
+    q.add_argument("--skip", action="append", default=[], metavar="PATTERN",
+                   help="regular expression (searched in tensor names) of more weights to keep "
+                        "dense; repeat the option for several")
+    q.add_argument("--no-default-skip", action="store_true",
+                   help="quantize embeddings, norms and lm_head too when they are 2-D")
+    q.add_argument("--force", action="store_true", help="replace DST if it exists")
+    q.add_argument("-q", "--quiet", action="store_true", help="no progress lines on stderr")
+
+    i = sub.add_parser("inspect", help="show the tensors and formats of a checkpoint",
+                       description="List what a safetensors file or model folder holds: "
+                       "NF4 layers (plain or double-quantized, block size, bits per weight) and "
+                       "dense tensors, with sizes and totals. Reads headers and quant states "
+                       "only.")
+    i.add_argument("path", metavar="PATH", help=".safetensors file or model folder")
+    i.add_argument("--json", action="store_true", help="print the rows as JSON")
+
+    sub.add_parser("bench", add_help=False,
+                   help="time the NF4 ops against dense bf16 and plain-jnp NF4 "
+                        "(run `jax-nf4 bench --help`)")
+    return top
+
+
+def _fmt_bytes(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if n < 1024 or unit == "TiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n} B"
+
+
+_ST_NAMES = {"bfloat16": "BF16", "float16": "F16", "float32": "F32"}
+
+
+def _inspect_rows(path: str) -> tuple[dict, list[dict]]:
+    from jax_nf4 import bnb
+    from jax_nf4.checkpoint import Checkpoint
+
+    ck = Checkpoint(path)
+    rows = []
+    for e in ck.entries():
+        nbytes = sum(ck.info(k).nbytes for k in e.keys)
+        if e.kind == "dense":
+            info = ck.info(e.name)
+            rows.append({"name": e.name, "format": "dense", "shape": list(info.shape),
+                         "dtype": info.dtype_name, "block_size": None,
+                         "bits_per_weight": 8.0 * info.dtype.itemsize, "bytes": nbytes,
+                         "params": info.size})
+            continue
+        if e.kind == "fp4":
+            rows.append({"name": e.name, "format": "fp4 (unsupported)", "shape": None,
+                         "dtype": None, "block_size": None, "bits_per_weight": None,
+                         "bytes": nbytes, "params": None})
+            continue
+        qs_key = f"{e.name}.{bnb.QUANT_STATE_SUFFIX}"
+        state = bnb.parse_quant_state(ck[qs_key], source=ck.source_of(qs_key), key=qs_key)
+        params = math.prod(state["shape"])
+        storage = ck.info(e.name).dtype_name if e.name in ck else "?"
+        rows.append({"name": e.name,
+                     "format": "nf4+dq" if "nested_offset" in state else "nf4",
+                     "shape": state["shape"], "dtype": _ST_NAMES[state["dtype"]],
+                     "storage": storage, "block_size": state["blocksize"],
+                     "bits_per_weight": 8.0 * nbytes / params if params else 0.0,
+                     "bytes": nbytes, "params": params})
+    summary = {"path": str(ck.path), "files": len(ck.files), "tensors": len(ck),
+               "quantization_config": ck.quantization_config}
+    return summary, rows
+
+
+def _inspect(args) -> int:
+    summary, rows = _inspect_rows(args.path)
+    if args.json:
+        print(json.dumps({**summary, "entries": rows}, indent=1))
+        return 0
+    qc = summary["quantization_config"]
+    head = f"{summary['path']}: {summary['tensors']} tensors in {summary['files']} file(s)"
+    if qc:
+        head += (f"; quantization_config: bitsandbytes {qc.get('bnb_4bit_quant_type')}, "
+                 f"double_quant={qc.get('bnb_4bit_use_double_quant')}, compute dtype "
+                 f"{qc.get('bnb_4bit_compute_dtype')}")
+    print(head)
+    width = max([len(r["name"]) for r in rows] + [4])
+    print(f"{'name':<{width}}  {'format':<7} {'shape':<14} {'dtype':<9} {'block':>5} "
+          f"{'bits/w':>6} {'size':>10}")
+    for r in rows:
+        shape = "x".join(map(str, r["shape"])) if r["shape"] is not None else "?"
+        block = str(r["block_size"]) if r["block_size"] else "-"
+        bits = f"{r['bits_per_weight']:.3f}" if r["bits_per_weight"] is not None else "?"
+        print(f"{r['name']:<{width}}  {r['format']:<7} {shape:<14} {r['dtype'] or '?':<9} "
+              f"{block:>5} {bits:>6} {_fmt_bytes(r['bytes']):>10}")
+    nf4 = [r for r in rows if r["format"].startswith("nf4")]
+    dense = [r for r in rows if r["format"] == "dense"]
+    q_params = sum(r["params"] for r in nf4)
+    q_bytes = sum(r["bytes"] for r in nf4)
+    total = sum(r["bytes"] for r in rows)
+    line = (f"total: {len(nf4)} NF4 layers ({q_params} weights, {_fmt_bytes(q_bytes)}"
+            + (f", {8.0 * q_bytes / q_params:.3f} bits/weight" if q_params else "")
+            + f"), {len(dense)} dense tensors ({sum(r['params'] for r in dense)} values, "
+            f"{_fmt_bytes(sum(r['bytes'] for r in dense))}), {_fmt_bytes(total)} in all")
+    fp4 = len(rows) - len(nf4) - len(dense)
+    if fp4:
+        line += f"; {fp4} FP4 layers (not supported by jax_nf4)"
+    print(line)
+    return 0
+
+
+def _quantize(args) -> int:
+    from jax_nf4.convert import quantize_checkpoint
+
+    def progress(line: str) -> None:
+        if not args.quiet:
+            print(f"{_PROG} quantize: {line}", file=sys.stderr, flush=True)
+
+    report = quantize_checkpoint(args.src, args.dst, block_size=args.block_size,
+                                 double_quant=args.double_quant, skip=args.skip,
+                                 default_skip=not args.no_default_skip, force=args.force,
+                                 progress=progress)
+    progress(f"done: {len(report.quantized)} weights quantized, {len(report.dense)} tensors "
+             f"copied; {_fmt_bytes(report.bytes_in)} -> {_fmt_bytes(report.bytes_out)} "
+             f"in {args.dst}")
+    return 0
+
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``jax-nf4`` console script; returns the exit code."""
     argv = list(sys.argv[1:] if argv is None else argv)
-    parser = argparse.ArgumentParser(prog="jax-nf4", description="NF4 weights for JAX.")
-    parser.add_argument("command", choices=["bench"], help="bench: time the NF4 ops against "
-                        "dense bf16 and plain-jnp NF4 (run `jax-nf4 bench --help`)")
-    args, rest = parser.parse_known_args(argv[:1])
-    if args.command == "bench":
+    if argv[:1] == ["bench"]:
         from jax_nf4 import benchmark
-        return benchmark.main(rest + argv[1:])
-    return 2
+        try:
+            return benchmark.main(argv[1:])
+        except SystemExit as e:
+            return e.code if isinstance(e.code, int) else (0 if e.code is None else 2)
+    parser = _build_parser()
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as e:
+        return e.code if isinstance(e.code, int) else (0 if e.code is None else 2)
+    from jax_nf4.safetensors_io import CheckpointError
+
+    try:
+        return _quantize(args) if args.command == "quantize" else _inspect(args)
+    except (CheckpointError, OSError, ValueError, KeyError) as e:
+        print(f"{_PROG} {args.command}: error: {_one_line(e)}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print(f"{_PROG} {args.command}: interrupted", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

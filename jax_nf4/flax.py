@@ -79,6 +79,7 @@ from flax import nnx, serialization, traverse_util
 
 from jax_nf4 import _shapes
 from jax_nf4._weight import NF4Weight
+from jax_nf4.double_quant import DoubleQuantScales
 from jax_nf4.ops import linear, quantize
 
 __all__ = ["NF4_COLLECTION", "NF4Dense", "NF4Linear", "NF4State", "intercept_dense",
@@ -516,19 +517,33 @@ def quantize_module(module: nnx.Module, predicate: Predicate | None = None, *,
 
 # ----------------------------------------------------------------------------- serialization
 
+_DQ_FIELDS = ("codes", "nested_absmax", "table", "offset")
+
+
 def _nf4_to_state_dict(q: NF4Weight) -> dict:
-    return {"packed": serialization.to_state_dict(q.packed),
-            "absmax": serialization.to_state_dict(q.absmax)}
+    if isinstance(q.absmax, DoubleQuantScales):
+        absmax = {f: serialization.to_state_dict(getattr(q.absmax, f)) for f in _DQ_FIELDS}
+    else:
+        absmax = serialization.to_state_dict(q.absmax)
+    return {"packed": serialization.to_state_dict(q.packed), "absmax": absmax}
 
 
 def _nf4_from_state_dict(target: NF4Weight, state: dict) -> NF4Weight:
     missing = {"packed", "absmax"} - set(state)
     if missing:
         raise ValueError(f"cannot restore an NF4Weight: the state dict lacks {sorted(missing)}")
-    packed = serialization.from_state_dict(target.packed, state["packed"])
-    absmax = serialization.from_state_dict(target.absmax, state["absmax"])
-    restored = NF4Weight(jnp.asarray(packed), jnp.asarray(absmax), target.shape,
-                         target.block_size, target.dtype)
+    packed = jnp.asarray(serialization.from_state_dict(target.packed, state["packed"]))
+    if isinstance(target.absmax, DoubleQuantScales):
+        stored = state["absmax"]
+        if not isinstance(stored, dict) or set(stored) != set(_DQ_FIELDS):
+            raise ValueError(f"cannot restore {target!r}: its double-quantized scales need the "
+                             f"keys {list(_DQ_FIELDS)}")
+        absmax = DoubleQuantScales(
+            *(jnp.asarray(serialization.from_state_dict(getattr(target.absmax, f), stored[f]))
+              for f in _DQ_FIELDS), target.absmax.nested_block_size)
+    else:
+        absmax = jnp.asarray(serialization.from_state_dict(target.absmax, state["absmax"]))
+    restored = NF4Weight(packed, absmax, target.shape, target.block_size, target.dtype)
     if restored.stack_shape != target.stack_shape:
         raise ValueError(f"cannot restore {target!r}: stored stack dims {restored.stack_shape}")
     return restored

@@ -14,6 +14,7 @@ from jax_nf4 import _lowering  # noqa: F401  (registers the lowerings)
 from jax_nf4 import _shapes
 from jax_nf4._primitives import nf4_dequantize_p, nf4_matmul_p, nf4_quantize_p
 from jax_nf4._weight import NF4Weight
+from jax_nf4.double_quant import NESTED_BLOCK_SIZE, DoubleQuantScales, quantize_scales
 
 __all__ = ["quantize", "dequantize", "matmul", "linear"]
 
@@ -25,17 +26,35 @@ def _check_weight(q: Any, name: str = "q") -> NF4Weight:
     return q
 
 
-def quantize(w: ArrayLike, block_size: int = 64) -> NF4Weight:
+def _scale_operands(q: NF4Weight, groups: int) -> tuple[jax.Array, ...]:
+    """The primitives' scale operands with the stack folded into one group dim: ``(absmax,)``,
+    or the four double-quantized arrays, which the kernels decode on the fly (scales with a
+    nested block size other than bitsandbytes' 256 are decoded here first)."""
+    def fold(a: jax.Array, inner: int) -> jax.Array:  # keep the inner dims for the checks
+        return a.reshape((groups,) + tuple(a.shape[a.ndim - inner:]))
+
+    dq = q.absmax
+    if not isinstance(dq, DoubleQuantScales) or dq.nested_block_size != NESTED_BLOCK_SIZE:
+        return (fold(q.scales(), 2),)
+    return (fold(dq.codes, 2), fold(dq.nested_absmax, 1), fold(dq.table, 1), fold(dq.offset, 0))
+
+
+def quantize(w: ArrayLike, block_size: int = 64, double_quant: bool = False) -> NF4Weight:
     """Quantizes a dense weight to NF4 (as a custom call; bit-identical to ``reference``).
 
     Args:
       w: ``[..., N, K]`` float32, bfloat16 or float16 (float64 is cast to float32), N even,
         K a multiple of ``block_size``. Leading dims give a stacked weight.
       block_size: elements of one row sharing a scale (64 is QLoRA's default).
+      double_quant: also quantize the block scales to 8 bits, as bitsandbytes'
+        ``compress_statistics`` / ``bnb_4bit_use_double_quant`` does (see
+        :mod:`jax_nf4.double_quant`): the NF4 codes are the same, the scales shrink from 32 to
+        about 8 bits per block. Each matrix of a stack gets its own offset.
 
     Returns:
       An :class:`NF4Weight` with ``packed uint8[..., N/2, K]`` and
-      ``absmax float32[..., N, K/block_size]``; its ``dtype`` is ``w``'s dtype.
+      ``absmax float32[..., N, K/block_size]`` (a :class:`~jax_nf4.double_quant.DoubleQuantScales`
+      with ``double_quant=True``); its ``dtype`` is ``w``'s dtype.
     """
     w = jnp.asarray(w)
     if w.dtype == np.float64:
@@ -44,20 +63,22 @@ def quantize(w: ArrayLike, block_size: int = 64) -> NF4Weight:
     *lead, n, k = shape
     g = math.prod(lead)
     packed, absmax = nf4_quantize_p.bind(w.reshape(g, n, k), block_size=int(block_size))
-    return NF4Weight(packed.reshape(*lead, n // 2, k), absmax.reshape(*lead, n, k // block_size),
-                     (n, k), block_size, w.dtype)
+    absmax = absmax.reshape(*lead, n, k // block_size)
+    if double_quant:
+        absmax = quantize_scales(absmax, NESTED_BLOCK_SIZE)
+    return NF4Weight(packed.reshape(*lead, n // 2, k), absmax, (n, k), block_size, w.dtype)
 
 
 def dequantize(q: NF4Weight, dtype: DTypeLike | None = None) -> jax.Array:
     """Dense ``[..., N, K]`` weight: ``CODEBOOK[code] * absmax`` in float32, rounded once to
-    ``dtype`` (float32, bfloat16 or float16; default: the dtype the weight was quantized from)."""
+    ``dtype`` (float32, bfloat16 or float16; default: the dtype the weight was quantized from).
+    Double-quantized scales are decoded inside the kernel."""
     q = _check_weight(q)
     dtype = _shapes.check_activation_dtype(q.dtype if dtype is None else dtype, "dtype")
     n, k = q.shape
     lead = q.stack_shape
     g = math.prod(lead)
-    out = nf4_dequantize_p.bind(q.packed.reshape(g, n // 2, k),
-                                q.absmax.reshape(g, n, k // q.block_size),
+    out = nf4_dequantize_p.bind(q.packed.reshape(g, n // 2, k), *_scale_operands(q, g),
                                 block_size=q.block_size, dtype=dtype)
     return out.reshape(*lead, n, k)
 
@@ -68,7 +89,7 @@ def matmul(x: ArrayLike, q: NF4Weight) -> jax.Array:
     Args:
       x: ``[..., K]`` float32, bfloat16 or float16 activations.
       q: an unstacked :class:`NF4Weight` of shape ``(N, K)`` (map stacked weights with
-        ``jax.vmap`` or ``lax.scan``).
+        ``jax.vmap`` or ``lax.scan``); double-quantized scales are decoded inside the kernel.
 
     Returns:
       ``[..., N]`` in ``x``'s dtype, accumulated in float32.
@@ -86,8 +107,8 @@ def matmul(x: ArrayLike, q: NF4Weight) -> jax.Array:
         raise ValueError(f"x has {x.shape[-1]} features (shape {tuple(x.shape)}) but the weight "
                          f"of shape (N, K) = {q.shape} needs K = {k}")
     lead = x.shape[:-1]
-    out = nf4_matmul_p.bind(x.reshape(1, math.prod(lead), k), q.packed[None], q.absmax[None],
-                            block_size=q.block_size)
+    out = nf4_matmul_p.bind(x.reshape(1, math.prod(lead), k), q.packed[None],
+                            *_scale_operands(q, 1), block_size=q.block_size)
     return out.reshape(*lead, n)
 
 

@@ -263,6 +263,19 @@ def test_linen_serialization_round_trip():
     assert _leaves_equal(pickle.loads(pickle.dumps(variables)), variables)
 
 
+def test_serialization_round_trip_of_double_quant_weights():
+    """A double-quantized NF4Weight survives flax.serialization bytes and restores bit-exact."""
+    w = _np((16, 128), 9)
+    tree = {"kernel": nf4.quantize(w, 64, double_quant=True)}
+    template = {"kernel": nf4.quantize(_np((16, 128), 10), 64, double_quant=True)}
+    restored = serialization.from_bytes(template, serialization.to_bytes(tree))
+    assert restored["kernel"].double_quant
+    assert _leaves_equal(restored, tree)
+    with pytest.raises(ValueError, match="double-quantized scales need the keys"):
+        serialization.from_state_dict(template, {"kernel": {"packed": np.zeros((8, 128), np.uint8),
+                                                            "absmax": np.ones((16, 2), np.float32)}})
+
+
 def test_linen_scan_over_stacked_layers():
     class Block(nn.Module):
         @nn.compact
