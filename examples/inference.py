@@ -150,7 +150,9 @@ def main(argv=None) -> int:
           f"{jax_nf4.cuda_available()}); model: vocab {args.vocab}, d_model {args.d_model}, "
           f"d_ff {args.d_ff}, {args.layers} layers, {args.dtype}; tokens {args.batch}x{args.seq}")
     ok = True
-    with jax.default_device(device):
+    # Float32 dots at full precision: GPUs default to TF32, which would blur the check against
+    # the dense model by ~1e-3.
+    with jax.default_device(device), jax.default_matmul_precision("highest"):
         tokens = jax.random.randint(jax.random.key(args.seed + 1), (args.batch, args.seq), 0,
                                     args.vocab)
         if args.api in ("linen", "both"):

@@ -37,8 +37,10 @@ TOL = {F32: 2e-5, BF16: 2e-2}
 @pytest.fixture(autouse=True)
 def _on_platform(device):
     """Runs every test on each backend of conftest's ``platform`` fixture (CPU, and the GPU
-    where jax_nf4 has its CUDA kernels): arrays and jitted calls go to ``device``."""
-    with jax.default_device(device):
+    where jax_nf4 has its CUDA kernels): arrays and jitted calls go to ``device``. Float32 dots
+    run at full precision (GPUs would otherwise use TF32, 1e-3 off, in the dense references and
+    the LoRA products)."""
+    with jax.default_device(device), jax.default_matmul_precision("highest"):
         yield
 
 
