@@ -57,7 +57,8 @@ ffi::Error QuantizeImpl(ffi::AnyBuffer w, ffi::Result<ffi::AnyBuffer> packed,
                         ffi::Result<ffi::AnyBuffer> absmax, int64_t block_size) {
   Nf4Dims d;
   if (auto e = CheckQuantizeInput(w, block_size, &d); e.failure()) return e;
-  if (auto e = CheckWeight("nf4_quantize", *packed, *absmax, block_size, &d); e.failure()) return e;
+  if (auto e = CheckPacked("nf4_quantize", *packed, block_size, &d); e.failure()) return e;
+  if (auto e = CheckAbsmax("nf4_quantize", *absmax, d); e.failure()) return e;
   if (d.groups * d.rows * d.cols == 0) return ffi::Error::Success();
   auto* out_packed = static_cast<uint8_t*>(packed->untyped_data());
   auto* out_absmax = static_cast<float*>(absmax->untyped_data());
@@ -141,8 +142,8 @@ ffi::Error DequantizeImpl(ffi::AnyBuffer packed, ffi::AnyBuffer absmax,
                           ffi::Result<ffi::AnyBuffer> out, int64_t block_size) {
   Nf4Dims d;
   PlainScales scales;
-  if (auto e = CheckPacked("nf4_dequantize", packed, block_size, &d); e.failure()) return e;
-  if (auto e = MakeScales("nf4_dequantize", absmax, d, &scales); e.failure()) return e;
+  if (auto e = CheckWeight("nf4_dequantize", packed, block_size, absmax, &d, &scales); e.failure())
+    return e;
   return Dequantize(packed, scales, d, out);
 }
 
@@ -151,8 +152,8 @@ ffi::Error DequantizeDqImpl(ffi::AnyBuffer packed, ffi::AnyBuffer codes, ffi::An
                             ffi::Result<ffi::AnyBuffer> out, int64_t block_size) {
   Nf4Dims d;
   DoubleQuantScales scales;
-  if (auto e = CheckPacked("nf4_dequantize", packed, block_size, &d); e.failure()) return e;
-  if (auto e = MakeScales("nf4_dequantize", codes, nested, table, offset, d, &scales);
+  if (auto e = CheckWeight("nf4_dequantize", packed, block_size, codes, nested, table, offset, &d,
+                           &scales);
       e.failure())
     return e;
   return Dequantize(packed, scales, d, out);
@@ -162,8 +163,8 @@ ffi::Error MatmulImpl(ffi::AnyBuffer x, ffi::AnyBuffer packed, ffi::AnyBuffer ab
                       ffi::Result<ffi::AnyBuffer> out, int64_t block_size) {
   Nf4Dims d;
   PlainScales scales;
-  if (auto e = CheckPacked("nf4_matmul", packed, block_size, &d); e.failure()) return e;
-  if (auto e = MakeScales("nf4_matmul", absmax, d, &scales); e.failure()) return e;
+  if (auto e = CheckWeight("nf4_matmul", packed, block_size, absmax, &d, &scales); e.failure())
+    return e;
   return Matmul(x, packed, scales, d, out);
 }
 
@@ -172,8 +173,9 @@ ffi::Error MatmulDqImpl(ffi::AnyBuffer x, ffi::AnyBuffer packed, ffi::AnyBuffer 
                         ffi::Result<ffi::AnyBuffer> out, int64_t block_size) {
   Nf4Dims d;
   DoubleQuantScales scales;
-  if (auto e = CheckPacked("nf4_matmul", packed, block_size, &d); e.failure()) return e;
-  if (auto e = MakeScales("nf4_matmul", codes, nested, table, offset, d, &scales); e.failure())
+  if (auto e = CheckWeight("nf4_matmul", packed, block_size, codes, nested, table, offset, &d,
+                           &scales);
+      e.failure())
     return e;
   return Matmul(x, packed, scales, d, out);
 }

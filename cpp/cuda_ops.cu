@@ -649,7 +649,8 @@ ffi::Error QuantizeCuda(cudaStream_t stream, ffi::AnyBuffer w, ffi::Result<ffi::
                         ffi::Result<ffi::AnyBuffer> absmax, int64_t block_size) {
   Nf4Dims d;
   if (auto e = CheckQuantizeInput(w, block_size, &d); e.failure()) return e;
-  if (auto e = CheckWeight("nf4_quantize", *packed, *absmax, block_size, &d); e.failure()) return e;
+  if (auto e = CheckPacked("nf4_quantize", *packed, block_size, &d); e.failure()) return e;
+  if (auto e = CheckAbsmax("nf4_quantize", *absmax, d); e.failure()) return e;
   if (d.groups * d.rows * d.cols == 0) return ffi::Error::Success();
   const int64_t pairs = d.rows / 2;
   cudaError_t err = DispatchActivation(w.element_type(), [&](auto tag) {
@@ -718,8 +719,8 @@ ffi::Error DequantizeCuda(cudaStream_t stream, ffi::AnyBuffer packed, ffi::AnyBu
                           ffi::Result<ffi::AnyBuffer> out, int64_t block_size) {
   Nf4Dims d;
   PlainScales scales;
-  if (auto e = CheckPacked("nf4_dequantize", packed, block_size, &d); e.failure()) return e;
-  if (auto e = MakeScales("nf4_dequantize", absmax, d, &scales); e.failure()) return e;
+  if (auto e = CheckWeight("nf4_dequantize", packed, block_size, absmax, &d, &scales); e.failure())
+    return e;
   return Dequantize(stream, packed, scales, d, out);
 }
 
@@ -728,8 +729,8 @@ ffi::Error DequantizeDqCuda(cudaStream_t stream, ffi::AnyBuffer packed, ffi::Any
                             ffi::Result<ffi::AnyBuffer> out, int64_t block_size) {
   Nf4Dims d;
   DoubleQuantScales scales;
-  if (auto e = CheckPacked("nf4_dequantize", packed, block_size, &d); e.failure()) return e;
-  if (auto e = MakeScales("nf4_dequantize", codes, nested, table, offset, d, &scales);
+  if (auto e = CheckWeight("nf4_dequantize", packed, block_size, codes, nested, table, offset, &d,
+                           &scales);
       e.failure())
     return e;
   return Dequantize(stream, packed, scales, d, out);
@@ -740,8 +741,8 @@ ffi::Error MatmulCuda(cudaStream_t stream, ffi::AnyBuffer x, ffi::AnyBuffer pack
                       int64_t block_size) {
   Nf4Dims d;
   PlainScales scales;
-  if (auto e = CheckPacked("nf4_matmul", packed, block_size, &d); e.failure()) return e;
-  if (auto e = MakeScales("nf4_matmul", absmax, d, &scales); e.failure()) return e;
+  if (auto e = CheckWeight("nf4_matmul", packed, block_size, absmax, &d, &scales); e.failure())
+    return e;
   return Matmul(stream, x, packed, scales, d, out);
 }
 
@@ -751,8 +752,9 @@ ffi::Error MatmulDqCuda(cudaStream_t stream, ffi::AnyBuffer x, ffi::AnyBuffer pa
                         int64_t block_size) {
   Nf4Dims d;
   DoubleQuantScales scales;
-  if (auto e = CheckPacked("nf4_matmul", packed, block_size, &d); e.failure()) return e;
-  if (auto e = MakeScales("nf4_matmul", codes, nested, table, offset, d, &scales); e.failure())
+  if (auto e = CheckWeight("nf4_matmul", packed, block_size, codes, nested, table, offset, &d,
+                           &scales);
+      e.failure())
     return e;
   return Matmul(stream, x, packed, scales, d, out);
 }

@@ -68,13 +68,6 @@ inline ffi::Error CheckAbsmax(const char* op, ffi::AnyBuffer absmax, const Nf4Di
   return ffi::Error::Success();
 }
 
-// Checks packed and plain absmax; fills dims.
-inline ffi::Error CheckWeight(const char* op, ffi::AnyBuffer packed, ffi::AnyBuffer absmax,
-                              int64_t block_size, Nf4Dims* dims) {
-  if (auto e = CheckPacked(op, packed, block_size, dims); e.failure()) return e;
-  return CheckAbsmax(op, absmax, *dims);
-}
-
 // Checks double-quantized scales against dims (see nf4_math.h):
 //   codes uint8 [G, N, K/bs], nested_absmax float32 [G, ceil(N*K/bs / 256)],
 //   table float32 [G, 256], offset float32 [G].
@@ -128,6 +121,20 @@ inline ffi::Error MakeScales(const char* op, ffi::AnyBuffer codes, ffi::AnyBuffe
              static_cast<const float*>(offset.untyped_data()),
              nested.dimensions()[1]};
   return ffi::Error::Success();
+}
+
+// Checks packed and the scale operands of a weight; fills dims and the scale source.
+inline ffi::Error CheckWeight(const char* op, ffi::AnyBuffer packed, int64_t block_size,
+                              ffi::AnyBuffer absmax, Nf4Dims* d, PlainScales* scales) {
+  if (auto e = CheckPacked(op, packed, block_size, d); e.failure()) return e;
+  return MakeScales(op, absmax, *d, scales);
+}
+
+inline ffi::Error CheckWeight(const char* op, ffi::AnyBuffer packed, int64_t block_size,
+                              ffi::AnyBuffer codes, ffi::AnyBuffer nested, ffi::AnyBuffer table,
+                              ffi::AnyBuffer offset, Nf4Dims* d, DoubleQuantScales* scales) {
+  if (auto e = CheckPacked(op, packed, block_size, d); e.failure()) return e;
+  return MakeScales(op, codes, nested, table, offset, *d, scales);
 }
 
 // Checks a dense [G, N, K] tensor (quantize input or dequantize output) against dims.
