@@ -1,4 +1,4 @@
-"""The ``jax-nf4`` command line: ``quantize``, ``inspect`` and ``bench``.
+"""The ``jax-nf4`` command line: ``quantize``, ``inspect``, ``generate`` and ``bench``.
 
 Exit codes: 0 on success, 1 on a runtime error (a bad or unsupported checkpoint, an existing
 destination, an I/O error), 2 on a usage error; errors are one line on stderr.
@@ -29,6 +29,10 @@ def _one_line(e: BaseException) -> str:
     if isinstance(e, OSError) and e.strerror and not isinstance(e, FileExistsError):
         text = f"{e.filename}: {e.strerror}" if e.filename is not None else e.strerror
     return " ".join(text.split())
+
+
+#: The presets of jax_nf4.models.llama.CONFIGS (listed here so that --help imports no flax).
+_MODEL_CONFIGS = ("tiny", "llama3-8b", "llama3-70b")
 
 
 def _build_parser() -> _Parser:
@@ -71,6 +75,30 @@ def _build_parser() -> _Parser:
                        "only.")
     i.add_argument("path", metavar="PATH", help=".safetensors file or model folder")
     i.add_argument("--json", action="store_true", help="print the rows as JSON")
+
+    g = sub.add_parser(
+        "generate", help="greedy decoding with a small Llama-style model (random weights)",
+        description="Build a Llama-style decoder (jax_nf4.models.llama) with random weights, "
+        "NF4 projections (or dense ones with --dense), and decode greedily from a random "
+        "prompt with a static KV cache, in one jitted program. Prints the generated token ids "
+        "and tokens/s (prefill included, compile excluded). --bench prints an NF4-vs-dense "
+        "table instead. The llama3-* presets are meant for a GPU.")
+    g.add_argument("--config", default="tiny", choices=_MODEL_CONFIGS,
+                   help="model preset (default tiny)")
+    g.add_argument("--batch", type=int, default=1, metavar="B", help="sequences (default 1)")
+    g.add_argument("--new-tokens", type=int, default=16, metavar="N",
+                   help="tokens to generate per sequence (default 16)")
+    g.add_argument("--prompt-len", type=int, default=8, metavar="P",
+                   help="random prompt tokens per sequence (default 8)")
+    g.add_argument("--dense", action="store_true",
+                   help="dense projections (nnx.Linear in --dtype) instead of NF4")
+    g.add_argument("--dtype", default="bfloat16", choices=("bfloat16", "float32"),
+                   help="activation and dense weight dtype (default bfloat16)")
+    g.add_argument("--seed", type=int, default=0, help="seed of the weights and the prompt")
+    g.add_argument("--iters", type=int, default=3, metavar="N",
+                   help="timed runs after the compiling one; the best is reported (default 3)")
+    g.add_argument("--bench", action="store_true",
+                   help="time NF4 and dense weights and print a table (tokens/s, weights)")
 
     sub.add_parser("bench", add_help=False,
                    help="time the NF4 ops against dense bf16 and plain-jnp NF4 "
@@ -178,6 +206,44 @@ def _quantize(args) -> int:
     return 0
 
 
+def _generate(args) -> int:
+    import jax.numpy as jnp
+
+    try:
+        from jax_nf4.models import llama
+    except ImportError as e:
+        raise ValueError(f"generate needs flax (pip install flax): {e}") from None
+
+    config = llama.get_config(args.config)
+    for name in ("batch", "new_tokens", "prompt_len"):
+        if getattr(args, name) < 1:
+            raise ValueError(f"--{name.replace('_', '-')} must be >= 1")
+    dtype = jnp.dtype(args.dtype)
+    kw = {"prompt_len": args.prompt_len, "dtype": dtype, "iters": args.iters, "seed": args.seed}
+    if args.bench:
+        rows = llama.compare_decode(args.config, args.batch, args.new_tokens, **kw)
+        print(f"{args.config}: {config.n_layers} layers, d_model {config.d_model}, batch "
+              f"{args.batch}, prompt {args.prompt_len}, {args.new_tokens} new tokens")
+        print(f"{'weights':<9} {'tokens/s':>10} {'ms/token':>9} {'compile s':>9} "
+              f"{'weights':>10} {'projections':>11}")
+        for r in rows:
+            ms = 1e3 * r["seconds"] / r["new_tokens"]
+            print(f"{r['weights']:<9} {r['tokens_per_s']:>10.1f} {ms:>9.2f} "
+                  f"{r['compile_s']:>9.1f} {_fmt_bytes(r['weight_bytes']):>10} "
+                  f"{_fmt_bytes(r['linear_bytes']):>11}")
+        nf4, dense = rows
+        print(f"nf4 / {dense['weights']}: {nf4['tokens_per_s'] / dense['tokens_per_s']:.2f}x "
+              f"tokens/s, {nf4['weight_bytes'] / dense['weight_bytes']:.2f}x weight memory")
+        return 0
+    r = llama.benchmark_decode(args.config, args.batch, args.new_tokens, not args.dense, **kw)
+    for row in r["tokens"].tolist():
+        print(" ".join(map(str, row)))
+    print(f"{args.config} ({r['weights']} weights, {_fmt_bytes(r['weight_bytes'])}): "
+          f"{args.batch} x {args.new_tokens} tokens in {r['seconds'] * 1e3:.1f} ms, "
+          f"{r['tokens_per_s']:.1f} tokens/s (compile {r['compile_s']:.1f} s)")
+    return 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``jax-nf4`` console script; returns the exit code."""
     argv = list(sys.argv[1:] if argv is None else argv)
@@ -195,7 +261,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     from jax_nf4.safetensors_io import CheckpointError
 
     try:
-        return _quantize(args) if args.command == "quantize" else _inspect(args)
+        run = {"quantize": _quantize, "inspect": _inspect, "generate": _generate}
+        return run[args.command](args)
     except (CheckpointError, OSError, ValueError, KeyError) as e:
         print(f"{_PROG} {args.command}: error: {_one_line(e)}", file=sys.stderr)
         return 1

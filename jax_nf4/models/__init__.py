@@ -1,0 +1,7 @@
+"""Small reference models built on :mod:`jax_nf4.flax` (needs ``flax``)."""
+
+from jax_nf4.models.llama import (CONFIGS, KVCache, Llama, LlamaConfig, benchmark_decode,
+                                  compare_decode, dequantized_copy, generate, get_config)
+
+__all__ = ["CONFIGS", "KVCache", "Llama", "LlamaConfig", "benchmark_decode", "compare_decode",
+           "dequantized_copy", "generate", "get_config"]

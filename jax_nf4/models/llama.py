@@ -1,0 +1,368 @@
+"""A small, readable Llama-style decoder in Flax NNX with NF4 (or dense) linear layers.
+
+RMSNorm, rotary attention with grouped-query heads (``n_heads`` query heads sharing
+``n_kv_heads`` key/value heads) and a static KV cache, a SwiGLU MLP. Every projection is a
+:class:`jax_nf4.flax.NF4Linear` (``nf4=True``) or an ``nnx.Linear`` (``nf4=False``, the dense
+baseline); the rest of the code is shared. The embedding, the norms and (by default) ``lm_head``
+stay dense, as in bitsandbytes / ``jax-nf4 quantize`` checkpoints. Weights are random (no
+downloads): with the same ``rngs`` seed the NF4 model's kernels are the quantization of the
+dense model's.
+
+Decoding (:func:`generate`) is greedy and jitted as one program: the prompt fills the cache in
+one forward pass (prefill), then ``lax.scan`` runs one token per step against the static cache
+(``max_len`` slots per layer; a step attends to all slots with a position mask). The model goes
+through ``jax.jit`` as ``nnx.split`` state, so NF4 weights are ordinary pytree arguments.
+
+Presets (:data:`CONFIGS`): ``"tiny"`` (CPU, tests), ``"llama3-8b"`` and ``"llama3-70b"`` (Llama 3
+shapes; build them only on a GPU: the 8B model holds about 5.6 GiB of weights in NF4 and 15 GiB
+in bf16, the 70B one about 40 GiB in NF4, and its bf16 weights do not fit one 80 GiB card).
+:func:`benchmark_decode` / :func:`compare_decode` time greedy decoding with NF4 and bf16 weights;
+``jax-nf4 generate`` is the command-line front end.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+import time
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from jax_nf4.flax import NF4Linear
+from jax_nf4.ops import dequantize
+
+__all__ = ["CONFIGS", "KVCache", "Llama", "LlamaConfig", "benchmark_decode", "compare_decode",
+           "dequantized_copy", "generate", "get_config"]
+
+Array = jax.Array
+
+
+# ----------------------------------------------------------------------------- configs
+
+@dataclasses.dataclass(frozen=True)
+class LlamaConfig:
+    """Shapes of a Llama-style decoder.
+
+    ``d_model`` must be a multiple of ``n_heads``, ``n_heads`` of ``n_kv_heads``, and the
+    inputs of the NF4 layers (``d_model``, ``n_heads * head_dim``, ``d_ff``) multiples of
+    ``block_size``. ``max_len`` is the number of KV cache slots (prompt + generated tokens).
+    """
+
+    vocab_size: int
+    d_model: int
+    n_layers: int
+    n_heads: int
+    n_kv_heads: int
+    d_ff: int
+    max_len: int
+    rope_theta: float = 500_000.0
+    norm_eps: float = 1e-5
+    block_size: int = 64
+    nf4_lm_head: bool = False  # quantize lm_head too (bitsandbytes keeps it dense)
+
+    def __post_init__(self):
+        if self.d_model % self.n_heads or self.n_heads % self.n_kv_heads:
+            raise ValueError(f"LlamaConfig: need d_model % n_heads == 0 and n_heads % n_kv_heads "
+                             f"== 0, got {self.d_model}, {self.n_heads}, {self.n_kv_heads}")
+        if self.head_dim % 2:
+            raise ValueError(f"LlamaConfig: rotary embeddings need an even head_dim, got "
+                             f"{self.head_dim}")
+
+    @property
+    def head_dim(self) -> int:
+        return self.d_model // self.n_heads
+
+
+CONFIGS: dict[str, LlamaConfig] = {
+    "tiny": LlamaConfig(vocab_size=256, d_model=128, n_layers=2, n_heads=4, n_kv_heads=2,
+                        d_ff=256, max_len=64, rope_theta=10_000.0),
+    "llama3-8b": LlamaConfig(vocab_size=128_256, d_model=4096, n_layers=32, n_heads=32,
+                             n_kv_heads=8, d_ff=14_336, max_len=8192),
+    "llama3-70b": LlamaConfig(vocab_size=128_256, d_model=8192, n_layers=80, n_heads=64,
+                              n_kv_heads=8, d_ff=28_672, max_len=8192),
+}
+
+
+def get_config(name: str, **overrides: Any) -> LlamaConfig:
+    """A preset of :data:`CONFIGS` with some fields replaced (e.g. ``max_len=``)."""
+    if name not in CONFIGS:
+        raise ValueError(f"unknown config {name!r}; choose one of {', '.join(CONFIGS)}")
+    return dataclasses.replace(CONFIGS[name], **overrides)
+
+
+# ----------------------------------------------------------------------------- layers
+
+def _linear(config: LlamaConfig, nf4: bool, in_features: int, out_features: int, *,
+            dtype: Any, param_dtype: Any, rngs: nnx.Rngs) -> nnx.Module:
+    """The one switch between NF4 and dense weights (no bias, as in Llama)."""
+    if nf4:
+        return NF4Linear(in_features, out_features, use_bias=False, dtype=dtype,
+                         param_dtype=param_dtype, block_size=config.block_size, rngs=rngs)
+    return nnx.Linear(in_features, out_features, use_bias=False, dtype=dtype,
+                      param_dtype=param_dtype, rngs=rngs)
+
+
+class RMSNorm(nnx.Module):
+    """``x / rms(x) * scale``, computed in float32, returned in ``dtype``."""
+
+    def __init__(self, dim: int, *, eps: float, dtype: Any, param_dtype: Any):
+        self.eps = eps
+        self.dtype = dtype
+        self.scale = nnx.Param(jnp.ones((dim,), param_dtype))
+
+    def __call__(self, x: Array) -> Array:
+        x32 = x.astype(jnp.float32)
+        y = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
+        return (y * self.scale.get_value().astype(jnp.float32)).astype(self.dtype)
+
+
+def rope(x: Array, positions: Array, theta: float) -> Array:
+    """Rotary embedding of ``x [B, S, heads, D]`` at ``positions [S]`` (Llama's half-split
+    layout: dims ``i`` and ``i + D/2`` form a pair), in float32, returned in ``x``'s dtype."""
+    d = x.shape[-1]
+    inv_freq = theta ** (-jnp.arange(0, d, 2, dtype=jnp.float32) / d)      # [D/2]
+    angles = positions.astype(jnp.float32)[:, None] * inv_freq[None, :]  # [S, D/2]
+    cos = jnp.cos(angles)[None, :, None, :]
+    sin = jnp.sin(angles)[None, :, None, :]
+    x1, x2 = jnp.split(x.astype(jnp.float32), 2, axis=-1)
+    return jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1).astype(x.dtype)
+
+
+class KVCache(NamedTuple):
+    """Static KV cache: ``k`` and ``v`` are ``[n_layers, batch, max_len, n_kv_heads, head_dim]``;
+    slot ``t`` holds the keys / values of position ``t``."""
+
+    k: Array
+    v: Array
+
+    @classmethod
+    def zeros(cls, config: LlamaConfig, batch: int, dtype: Any) -> KVCache:
+        shape = (config.n_layers, batch, config.max_len, config.n_kv_heads, config.head_dim)
+        return cls(jnp.zeros(shape, dtype), jnp.zeros(shape, dtype))
+
+
+class Attention(nnx.Module):
+    """Grouped-query self-attention with rotary embeddings."""
+
+    def __init__(self, config: LlamaConfig, nf4: bool, *, dtype: Any, param_dtype: Any,
+                 rngs: nnx.Rngs):
+        c = config
+        self.config = c
+        kw = {"dtype": dtype, "param_dtype": param_dtype, "rngs": rngs}
+        self.q_proj = _linear(c, nf4, c.d_model, c.n_heads * c.head_dim, **kw)
+        self.k_proj = _linear(c, nf4, c.d_model, c.n_kv_heads * c.head_dim, **kw)
+        self.v_proj = _linear(c, nf4, c.d_model, c.n_kv_heads * c.head_dim, **kw)
+        self.o_proj = _linear(c, nf4, c.n_heads * c.head_dim, c.d_model, **kw)
+
+    def __call__(self, x: Array, positions: Array, kv: tuple[Array, Array] | None
+                 ) -> tuple[Array, tuple[Array, Array]]:
+        """``x [B, S, d_model]`` at ``positions [S]`` (consecutive). Without a cache, attends
+        causally within ``x``; with this layer's cache ``(k, v)`` ``[B, max_len, kv, D]``, puts
+        the new keys / values at ``positions`` and attends to every slot ``<=`` the query's.
+        Returns the output and the new (rotated) keys and values ``[B, S, kv, D]``."""
+        c = self.config
+        b, s, _ = x.shape
+        q = rope(self.q_proj(x).reshape(b, s, c.n_heads, c.head_dim), positions, c.rope_theta)
+        k = rope(self.k_proj(x).reshape(b, s, c.n_kv_heads, c.head_dim), positions,
+                 c.rope_theta)
+        v = self.v_proj(x).reshape(b, s, c.n_kv_heads, c.head_dim)
+        if kv is None:
+            keys, values, key_pos = k, v, positions
+        else:
+            start = (0, positions[0], 0, 0)
+            keys = jax.lax.dynamic_update_slice(kv[0], k.astype(kv[0].dtype), start)
+            values = jax.lax.dynamic_update_slice(kv[1], v.astype(kv[1].dtype), start)
+            key_pos = jnp.arange(keys.shape[1])
+        groups = c.n_heads // c.n_kv_heads
+        q = q.reshape(b, s, c.n_kv_heads, groups, c.head_dim)
+        scores = jnp.einsum("bskgd,btkd->bkgst", q, keys.astype(q.dtype),
+                            preferred_element_type=jnp.float32) / math.sqrt(c.head_dim)
+        mask = key_pos[None, :] <= positions[:, None]                       # [S, T]
+        scores = jnp.where(mask, scores, jnp.finfo(jnp.float32).min)
+        probs = jax.nn.softmax(scores, axis=-1).astype(q.dtype)
+        out = jnp.einsum("bkgst,btkd->bskgd", probs, values.astype(q.dtype))
+        return self.o_proj(out.reshape(b, s, c.n_heads * c.head_dim)), (k, v)
+
+
+class MLP(nnx.Module):
+    """SwiGLU: ``down(silu(gate(x)) * up(x))``."""
+
+    def __init__(self, config: LlamaConfig, nf4: bool, *, dtype: Any, param_dtype: Any,
+                 rngs: nnx.Rngs):
+        c = config
+        kw = {"dtype": dtype, "param_dtype": param_dtype, "rngs": rngs}
+        self.gate_proj = _linear(c, nf4, c.d_model, c.d_ff, **kw)
+        self.up_proj = _linear(c, nf4, c.d_model, c.d_ff, **kw)
+        self.down_proj = _linear(c, nf4, c.d_ff, c.d_model, **kw)
+
+    def __call__(self, x: Array) -> Array:
+        return self.down_proj(jax.nn.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class Block(nnx.Module):
+    """Pre-norm decoder block: ``x + attn(norm(x))``, then ``x + mlp(norm(x))``."""
+
+    def __init__(self, config: LlamaConfig, nf4: bool, *, dtype: Any, param_dtype: Any,
+                 rngs: nnx.Rngs):
+        norm = {"eps": config.norm_eps, "dtype": dtype, "param_dtype": param_dtype}
+        self.attn_norm = RMSNorm(config.d_model, **norm)
+        self.attn = Attention(config, nf4, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+        self.mlp_norm = RMSNorm(config.d_model, **norm)
+        self.mlp = MLP(config, nf4, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+
+    def __call__(self, x, positions, kv):
+        h, kv = self.attn(self.attn_norm(x), positions, kv)
+        x = x + h
+        return x + self.mlp(self.mlp_norm(x)), kv
+
+
+class Llama(nnx.Module):
+    """The decoder. ``nf4=True``: NF4 projections (``NF4Linear``); ``False``: ``nnx.Linear``.
+
+    ``dtype`` is the activation / computation dtype, ``param_dtype`` the dtype of the dense
+    weights (and of the NF4 weights before quantization; default ``dtype``).
+    """
+
+    def __init__(self, config: LlamaConfig, *, nf4: bool = True, dtype: Any = jnp.bfloat16,
+                 param_dtype: Any = None, rngs: nnx.Rngs):
+        param_dtype = dtype if param_dtype is None else param_dtype
+        self.config = config
+        self.nf4 = nf4
+        self.dtype = dtype
+        self.embed = nnx.Embed(config.vocab_size, config.d_model, dtype=dtype,
+                               param_dtype=param_dtype, rngs=rngs)
+        self.layers = nnx.List([Block(config, nf4, dtype=dtype, param_dtype=param_dtype,
+                                      rngs=rngs) for _ in range(config.n_layers)])
+        self.norm = RMSNorm(config.d_model, eps=config.norm_eps, dtype=dtype,
+                            param_dtype=param_dtype)
+        self.lm_head = _linear(config, nf4 and config.nf4_lm_head, config.d_model,
+                               config.vocab_size, dtype=dtype, param_dtype=param_dtype,
+                               rngs=rngs)
+
+    def init_cache(self, batch: int, dtype: Any = None) -> KVCache:
+        return KVCache.zeros(self.config, batch, self.dtype if dtype is None else dtype)
+
+    def __call__(self, tokens: Array, cache: KVCache | None = None, pos: Any = 0
+                 ) -> tuple[Array, KVCache | None]:
+        """Logits ``[B, S, vocab]`` (float32) of ``tokens [B, S]`` placed at positions
+        ``pos .. pos + S - 1``, and the updated cache. Without a cache: a plain causal forward
+        pass over ``tokens`` (``pos`` still shifts the rotary positions)."""
+        positions = pos + jnp.arange(tokens.shape[1], dtype=jnp.int32)
+        x = self.embed(tokens)
+        for i, layer in enumerate(self.layers):
+            x, (k, v) = layer(x, positions,
+                              None if cache is None else (cache.k[i], cache.v[i]))
+            if cache is not None:  # write only the new slots (in place under jit)
+                start = (i, 0, positions[0], 0, 0)
+                cache = KVCache(
+                    jax.lax.dynamic_update_slice(cache.k, k[None].astype(cache.k.dtype), start),
+                    jax.lax.dynamic_update_slice(cache.v, v[None].astype(cache.v.dtype), start))
+        logits = self.lm_head(self.norm(x)).astype(jnp.float32)
+        return logits, cache
+
+
+# ----------------------------------------------------------------------------- decoding
+
+@functools.partial(jax.jit, static_argnums=(0, 3))
+def _generate(graphdef, state, prompt: Array, new_tokens: int) -> Array:
+    model = nnx.merge(graphdef, state)
+    batch, prompt_len = prompt.shape
+    logits, cache = model(prompt, model.init_cache(batch), 0)      # prefill
+    first = jnp.argmax(logits[:, -1], axis=-1).astype(jnp.int32)
+
+    def step(carry, _):
+        token, cache, pos = carry
+        logits, cache = model(token[:, None], cache, pos)
+        nxt = jnp.argmax(logits[:, -1], axis=-1).astype(jnp.int32)
+        return (nxt, cache, pos + 1), nxt
+
+    init = (first, cache, jnp.asarray(prompt_len, jnp.int32))
+    _, rest = jax.lax.scan(step, init, None, length=new_tokens - 1)
+    return jnp.concatenate([first[:, None], rest.T], axis=1)
+
+
+def generate(model: Llama, prompt: Array, new_tokens: int) -> Array:
+    """Greedy decoding: ``new_tokens`` token ids ``[B, new_tokens]`` (int32) following
+    ``prompt [B, P]``. One jitted program (recompiled per model structure, prompt shape and
+    ``new_tokens``); needs ``P + new_tokens - 1 <= config.max_len``."""
+    prompt = jnp.asarray(prompt, jnp.int32)
+    if prompt.ndim != 2 or prompt.shape[1] < 1:
+        raise ValueError(f"prompt must be [batch, length >= 1] token ids, got {prompt.shape}")
+    if new_tokens < 1:
+        return jnp.zeros((prompt.shape[0], 0), jnp.int32)
+    needed = prompt.shape[1] + new_tokens - 1
+    if needed > model.config.max_len:
+        raise ValueError(f"prompt length {prompt.shape[1]} + {new_tokens} new tokens need "
+                         f"{needed} cache slots, config.max_len is {model.config.max_len}")
+    graphdef, state = nnx.split(model)
+    return _generate(graphdef, state, prompt, int(new_tokens))
+
+
+def dequantized_copy(model: Llama) -> Llama:
+    """A dense (``nf4=False``) copy of an NF4 model whose kernels are the dequantized NF4
+    weights (in the model's param dtype) and whose other weights are the same arrays."""
+    c = model.config
+    norm_scale = model.norm.scale.get_value()
+    dense = Llama(c, nf4=False, dtype=model.dtype, param_dtype=norm_scale.dtype,
+                  rngs=nnx.Rngs(0))
+    nnx.update(dense, nnx.state(model, nnx.Param))   # embedding, norms, a dense lm_head
+    modules = dict(nnx.iter_modules(dense))
+    for path, m in nnx.iter_modules(model):
+        if isinstance(m, NF4Linear):
+            w = dequantize(m.kernel.get_value(), norm_scale.dtype)          # (out, in)
+            modules[path].kernel.set_value(w.T)
+    return dense
+
+
+# ----------------------------------------------------------------------------- benchmark
+
+def _weight_bytes(model: nnx.Module) -> int:
+    return sum(x.nbytes for x in jax.tree.leaves(nnx.state(model)))
+
+
+def benchmark_decode(config_name: str, batch: int = 1, new_tokens: int = 64, nf4: bool = True,
+                     *, prompt_len: int = 16, dtype: Any = jnp.bfloat16, iters: int = 3,
+                     seed: int = 0, config: LlamaConfig | None = None) -> dict:
+    """Times greedy decoding of one preset with NF4 (``nf4=True``) or dense ``dtype`` weights.
+
+    The cache gets ``max_len = prompt_len + new_tokens``. One call compiles (timed as
+    ``compile_s``), then ``iters`` calls are timed; ``seconds`` is the best of them (prefill
+    included) and ``tokens_per_s = batch * new_tokens / seconds``. ``weight_bytes`` counts all
+    weights (NF4 packed codes and scales, dense embedding / norms / lm_head),
+    ``linear_bytes`` only the projections that NF4 replaces.
+    """
+    base = config if config is not None else get_config(config_name)
+    cfg = dataclasses.replace(base, max_len=prompt_len + new_tokens)
+    model = Llama(cfg, nf4=nf4, dtype=dtype, rngs=nnx.Rngs(seed))
+    linear_types = (NF4Linear, nnx.Linear)
+    linear_bytes = sum(_weight_bytes(m) for path, m in nnx.iter_modules(model)
+                       if isinstance(m, linear_types) and path[-1] != "lm_head")
+    prompt = jax.random.randint(jax.random.PRNGKey(seed), (batch, prompt_len), 0,
+                                cfg.vocab_size, jnp.int32)
+    t0 = time.perf_counter()
+    tokens = jax.block_until_ready(generate(model, prompt, new_tokens))
+    compile_s = time.perf_counter() - t0
+    times = []
+    for _ in range(max(1, iters)):
+        t0 = time.perf_counter()
+        jax.block_until_ready(generate(model, prompt, new_tokens))
+        times.append(time.perf_counter() - t0)
+    seconds = min(times)
+    return {"config": config_name, "weights": "nf4" if nf4 else jnp.dtype(dtype).name,
+            "batch": batch, "prompt_len": prompt_len, "new_tokens": new_tokens,
+            "seconds": seconds, "tokens_per_s": batch * new_tokens / seconds,
+            "compile_s": compile_s, "weight_bytes": _weight_bytes(model),
+            "linear_bytes": linear_bytes, "tokens": tokens}
+
+
+def compare_decode(config_name: str, batch: int = 1, new_tokens: int = 64, **kwargs: Any
+                   ) -> list[dict]:
+    """:func:`benchmark_decode` with NF4 then dense weights (same shapes and prompt)."""
+    rows = []
+    for nf4 in (True, False):
+        rows.append(benchmark_decode(config_name, batch, new_tokens, nf4, **kwargs))
+    return rows

@@ -1,0 +1,203 @@
+"""The Llama-style decoder of jax_nf4.models.llama on the tiny preset (CPU): NF4 vs dequantized
+dense logits, KV-cache decoding vs recomputing the whole sequence, jit and determinism, cache
+shapes, the benchmark helper and `jax-nf4 generate`."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+pytest.importorskip("flax")
+from flax import nnx  # noqa: E402
+
+from jax_nf4 import NF4Weight, cli  # noqa: E402
+from jax_nf4.cli import main  # noqa: E402
+from jax_nf4.flax import NF4Linear  # noqa: E402
+from jax_nf4.models import llama  # noqa: E402
+
+TINY = llama.get_config("tiny")
+PROMPT_LEN, NEW = 5, 8
+
+
+@nnx.jit(static_argnums=3)
+def forward(model, tokens, cache=None, pos=0):
+    """``model(tokens, cache, pos)`` as one compiled program (eager NNX is slow to dispatch)."""
+    return model(tokens, cache, pos)
+
+
+@pytest.fixture(scope="module")
+def models():
+    """A float32 NF4 model and its dense copy with the dequantized kernels."""
+    model = llama.Llama(TINY, nf4=True, dtype=jnp.float32, rngs=nnx.Rngs(0))
+    return model, llama.dequantized_copy(model)
+
+
+@pytest.fixture(scope="module")
+def prompt():
+    return jax.random.randint(jax.random.PRNGKey(1), (2, PROMPT_LEN), 0, TINY.vocab_size,
+                              jnp.int32)
+
+
+@pytest.fixture(scope="module")
+def decoded(models, prompt):
+    with jax.default_matmul_precision("highest"):
+        return np.asarray(llama.generate(models[0], prompt, NEW))
+
+
+def test_presets():
+    assert set(llama.CONFIGS) >= {"tiny", "llama3-8b", "llama3-70b"}
+    assert (TINY.vocab_size, TINY.d_model, TINY.n_layers, TINY.n_heads, TINY.n_kv_heads,
+            TINY.d_ff, TINY.max_len) == (256, 128, 2, 4, 2, 256, 64)
+    c8, c70 = llama.CONFIGS["llama3-8b"], llama.CONFIGS["llama3-70b"]
+    assert (c8.d_model, c8.n_layers, c8.n_heads, c8.n_kv_heads, c8.d_ff, c8.head_dim) == (
+        4096, 32, 32, 8, 14336, 128)
+    assert (c70.d_model, c70.n_layers, c70.n_heads, c70.n_kv_heads, c70.d_ff) == (
+        8192, 80, 64, 8, 28672)
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        TINY.d_model = 64
+    assert llama.get_config("tiny", max_len=16).max_len == 16
+    with pytest.raises(ValueError, match="unknown config"):
+        llama.get_config("llama2")
+    with pytest.raises(ValueError, match="n_kv_heads"):
+        llama.LlamaConfig(256, 128, 1, 4, 3, 256, 8)
+
+
+def test_linear_layers_follow_the_flag(models):
+    model, dense = models
+    per_model = 7 * TINY.n_layers  # q k v o gate up down
+    nf4_layers = [m for _, m in nnx.iter_modules(model) if isinstance(m, NF4Linear)]
+    assert len(nf4_layers) == per_model
+    assert all(isinstance(m.kernel.get_value(), NF4Weight) for m in nf4_layers)
+    assert isinstance(model.lm_head, nnx.Linear)  # lm_head stays dense by default
+    assert not any(isinstance(m, NF4Linear) for _, m in nnx.iter_modules(dense))
+    assert sum(isinstance(m, nnx.Linear) for _, m in nnx.iter_modules(dense)) == per_model + 1
+    q = model.layers[0].attn.k_proj.kernel.get_value()
+    assert q.shape == (TINY.n_kv_heads * TINY.head_dim, TINY.d_model)
+
+
+def test_nf4_logits_match_dequantized_dense(models, prompt):
+    model, dense = models
+    with jax.default_matmul_precision("highest"):
+        for tokens in (prompt, prompt[:, :1]):  # M > 8 (dequantize + dot) and M <= 8 (fused)
+            got, _ = forward(model, tokens)
+            want, _ = forward(dense, tokens)
+            assert got.shape == (2, tokens.shape[1], TINY.vocab_size)
+            assert got.dtype == jnp.float32
+            np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+        # the cached path too
+        got, _ = forward(model, prompt, model.init_cache(2), 0)
+        want, _ = forward(dense, prompt, dense.init_cache(2), 0)
+        np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+
+
+def test_cache_shapes_and_prefill(models, prompt):
+    model, _ = models
+    cache = model.init_cache(2)
+    shape = (TINY.n_layers, 2, TINY.max_len, TINY.n_kv_heads, TINY.head_dim)
+    assert cache.k.shape == cache.v.shape == shape
+    assert cache.k.dtype == jnp.float32
+    assert model.init_cache(3, jnp.bfloat16).k.shape == (TINY.n_layers, 3) + shape[2:]
+    with jax.default_matmul_precision("highest"):
+        logits, filled = forward(model, prompt, cache, 0)
+        full, none = forward(model, prompt)
+    assert none is None
+    assert filled.k.shape == filled.v.shape == shape
+    k = np.asarray(filled.k)
+    assert (np.abs(k[:, :, :PROMPT_LEN]).sum(axis=(-1, -2)) > 0).all()
+    assert not np.asarray(filled.k[:, :, PROMPT_LEN:]).any()
+    assert not np.asarray(filled.v[:, :, PROMPT_LEN:]).any()
+    np.testing.assert_allclose(logits, full, rtol=1e-5, atol=1e-5)
+    # one more token through the cache = the last row of a full pass over prompt + token
+    nxt = jnp.argmax(logits[:, -1], -1).astype(jnp.int32)[:, None]
+    with jax.default_matmul_precision("highest"):
+        step, after = forward(model, nxt, filled, PROMPT_LEN)
+        ref, _ = forward(model, jnp.concatenate([prompt, nxt], 1))
+    assert step.shape == (2, 1, TINY.vocab_size)
+    assert (np.abs(np.asarray(after.k[:, :, PROMPT_LEN])).sum(axis=(-1, -2)) > 0).all()
+    np.testing.assert_allclose(step[:, 0], ref[:, -1], rtol=1e-4, atol=1e-4)
+
+
+def _greedy_without_cache(model, prompt, new_tokens):
+    """Recomputes the full sequence (no cache) for every new token. The buffer has a fixed
+    length so one compile serves every step; causality makes the padding irrelevant."""
+    graphdef, state = nnx.split(model)
+
+    @jax.jit
+    def last_logits(state, tokens, n):
+        logits, _ = nnx.merge(graphdef, state)(tokens)
+        return jax.lax.dynamic_index_in_dim(logits, n - 1, axis=1, keepdims=False)
+
+    b, p = prompt.shape
+    seq = jnp.zeros((b, p + new_tokens), jnp.int32).at[:, :p].set(prompt)
+    for n in range(p, p + new_tokens):
+        nxt = jnp.argmax(last_logits(state, seq, n), -1).astype(jnp.int32)
+        seq = seq.at[:, n].set(nxt)
+    return np.asarray(seq[:, p:])
+
+
+def test_cached_decode_matches_recompute(models, prompt, decoded):
+    assert decoded.shape == (2, NEW) and decoded.dtype == np.int32
+    assert ((decoded >= 0) & (decoded < TINY.vocab_size)).all()
+    with jax.default_matmul_precision("highest"):
+        want = _greedy_without_cache(models[0], prompt, NEW)
+        dense = np.asarray(llama.generate(models[1], prompt, NEW))
+    np.testing.assert_array_equal(decoded, want)
+    np.testing.assert_array_equal(dense, decoded)  # same weights, dense kernels
+
+
+def test_decode_jittable_and_deterministic(models, prompt, decoded):
+    model = models[0]
+    with jax.default_matmul_precision("highest"):
+        again = np.asarray(llama.generate(model, prompt, NEW))
+
+        @nnx.jit
+        def outer(model, prompt):
+            return llama.generate(model, prompt, NEW)
+
+        inside = np.asarray(outer(model, prompt))
+        graphdef, state = nnx.split(model)
+        jaxpr = jax.make_jaxpr(lambda s, p: llama._generate(graphdef, s, p, NEW))(state, prompt)
+    np.testing.assert_array_equal(again, decoded)
+    np.testing.assert_array_equal(inside, decoded)
+    assert "scan" in str(jaxpr)
+    assert llama.generate(model, prompt, 0).shape == (2, 0)
+    with pytest.raises(ValueError, match="max_len"):
+        llama.generate(model, prompt, TINY.max_len)
+
+
+def test_bf16_model_and_benchmark():
+    small = dataclasses.replace(TINY, n_layers=1)
+    r = llama.benchmark_decode("tiny", 1, 4, True, prompt_len=3, iters=1, config=small)
+    d = llama.benchmark_decode("tiny", 1, 4, False, prompt_len=3, iters=1, config=small)
+    assert r["weights"] == "nf4" and d["weights"] == "bfloat16"
+    assert r["tokens"].shape == (1, 4) and r["tokens_per_s"] > 0 and d["tokens_per_s"] > 0
+    # 7 projections of one layer: bf16 is 2 bytes/weight, NF4 0.5 + 4/64 (float32 scale)
+    weights = 2 * 128 * 128 + 2 * 64 * 128 + 3 * 256 * 128  # q, o; k, v; gate, up, down
+    assert d["linear_bytes"] == 2 * weights
+    assert r["linear_bytes"] == weights // 2 + weights // 64 * 4
+    assert r["weight_bytes"] < d["weight_bytes"]
+
+
+def test_cli_generate(capsys):
+    assert main(["generate", "--batch", "2", "--new-tokens", "4", "--prompt-len", "3",
+                 "--iters", "1"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert len(lines) == 3
+    rows = [list(map(int, line.split())) for line in lines[:2]]
+    assert all(len(r) == 4 and all(0 <= t < 256 for t in r) for r in rows)
+    assert "tokens/s" in lines[2] and "nf4" in lines[2]
+
+    assert main(["generate", "--bench", "--new-tokens", "2", "--prompt-len", "2",
+                 "--iters", "1"]) == 0
+    out = capsys.readouterr().out
+    assert "tokens/s" in out and "\nnf4 " in out and "\nbfloat16 " in out
+
+    assert main(["generate", "--config", "nope"]) == 2  # usage error
+    assert "invalid choice" in capsys.readouterr().err
+    assert cli._MODEL_CONFIGS == tuple(llama.CONFIGS)
+    assert main(["generate", "--batch", "0"]) == 1
+    assert main(["generate", "--new-tokens", "x"]) == 2
