@@ -20,6 +20,7 @@ import numpy as np
 from jax.extend.core import Primitive
 from jax.interpreters import batching
 from jax.interpreters.xla import apply_primitive
+import jax
 import jax.numpy as jnp
 from jax.core import ShapedArray
 
@@ -28,8 +29,37 @@ from jax_nf4 import _shapes
 __all__ = ["nf4_quantize_p", "nf4_dequantize_p", "nf4_matmul_p"]
 
 
+def _varying_axes(x) -> frozenset:
+    """The manual mesh axes a value (or abstract value) varies over inside ``jax.shard_map``."""
+    aval = x if isinstance(x, ShapedArray) else jax.typeof(x)
+    mat = getattr(aval, "mat", None)  # jax 0.10: the manual-axis type; later: aval.vma
+    return frozenset(mat.varying) if mat is not None else frozenset(getattr(aval, "vma", ()))
+
+
+class _Nf4Primitive(Primitive):
+    """Inside ``jax.shard_map`` (with ``check_vma``), operands that vary over fewer manual axes
+    than the others are cast to vary over all of them before binding, as JAX's own primitives
+    do; abstract evaluation then gives the outputs that type, so transposes insert the right
+    ``psum``s."""
+
+    def bind(self, *args, **params):
+        axes = frozenset().union(*(_varying_axes(a) for a in args))
+        if axes:
+            args = [a if _varying_axes(a) == axes else
+                    jax.lax.pcast(a, tuple(sorted(axes - _varying_axes(a))), to="varying")
+                    for a in args]
+        return super().bind(*args, **params)
+
+
+def _out_aval(ref, shape, dtype) -> ShapedArray:
+    """An output of ``shape`` / ``dtype`` varying over the same manual axes as operand ``ref``."""
+    if _varying_axes(ref):
+        return ref.update(shape=shape, dtype=np.dtype(dtype), weak_type=False)
+    return ShapedArray(shape, dtype)
+
+
 def _make(name: str, multiple_results: bool = False) -> Primitive:
-    p = Primitive(name)
+    p = _Nf4Primitive(name)
     p.multiple_results = multiple_results
     p.def_impl(lambda *args, **params: apply_primitive(p, *args, **params))
     return p
@@ -44,20 +74,20 @@ nf4_matmul_p = _make("nf4_matmul")
 
 def _quantize_abstract(w, *, block_size):
     g, n, k = _shapes.check_quantize(w.shape, w.dtype, block_size)
-    return (ShapedArray((g, n // 2, k), np.uint8),
-            ShapedArray((g, n, k // block_size), np.float32))
+    return (_out_aval(w, (g, n // 2, k), np.uint8),
+            _out_aval(w, (g, n, k // block_size), np.float32))
 
 
 def _dequantize_abstract(packed, *scales, block_size, dtype):
     g, n, k = _shapes.check_weight_operands(packed, scales, block_size, "nf4_dequantize")
-    return ShapedArray((g, n, k), _shapes.check_activation_dtype(dtype, "dtype"))
+    return _out_aval(packed, (g, n, k), _shapes.check_activation_dtype(dtype, "dtype"))
 
 
 def _matmul_abstract(x, packed, *scales, block_size):
     g, n, k = _shapes.check_weight_operands(packed, scales, block_size, "nf4_matmul")
     if x.ndim != 3 or x.shape[0] != g or x.shape[2] != k:
         raise ValueError(f"nf4_matmul: x must be [{g}, M, {k}], got {tuple(x.shape)}")
-    return ShapedArray((g, x.shape[1], n), _shapes.check_activation_dtype(x.dtype, "x"))
+    return _out_aval(x, (g, x.shape[1], n), _shapes.check_activation_dtype(x.dtype, "x"))
 
 
 nf4_quantize_p.def_abstract_eval(_quantize_abstract)

@@ -65,9 +65,8 @@ decode them.
 Limitations: unstacked weights only (``q.stack_shape == ()``; map stacks with ``lax.scan``);
 these variants have no autodiff or ``vmap`` rules (``custom_partitioning`` defines none; ``grad``
 raises ``NotImplementedError``). For gradients of a sharded NF4 layer, call :mod:`jax_nf4.ops`
-inside ``jax.shard_map`` with ``check_vma=False``: the primitives' abstract evaluation does not
-yet carry the varying-manual-axes (``vma``) type, and with ``check_vma=True`` the cotangent of a
-replicated activation then misses its ``psum`` (wrong gradients, seen with jax 0.10.2).
+inside ``jax.shard_map``: the primitives carry the varying-manual-axes type, so gradients are
+right with ``check_vma=True`` (the default) as well as ``False``.
 """
 
 from __future__ import annotations
