@@ -26,6 +26,25 @@ def _check_weight(q: Any, name: str = "q") -> NF4Weight:
     return q
 
 
+def _check_matmul_args(x: ArrayLike, q: Any, op: str,
+                       map_with: str = "jax.vmap or lax.scan") -> tuple[jax.Array, NF4Weight]:
+    """Checks the arguments of a matmul ``op``: activations ``[..., K]`` of an activation dtype
+    and one (unstacked) NF4Weight of shape ``(N, K)``; ``map_with`` says how to map stacks."""
+    q = _check_weight(q)
+    x = jnp.asarray(x)
+    k = q.shape[1]
+    if q.stack_shape:
+        raise ValueError(f"q is a stack of weights (stack dims {q.stack_shape}, shape {q.shape}); "
+                         f"{op} takes one weight: map over the stack with {map_with}")
+    if x.ndim < 1:
+        raise ValueError(f"x must have shape [..., K] with K = {k}, got a scalar")
+    _shapes.check_activation_dtype(x.dtype, "x")
+    if x.shape[-1] != k:
+        raise ValueError(f"x has {x.shape[-1]} features (shape {tuple(x.shape)}) but the weight "
+                         f"of shape (N, K) = {q.shape} needs K = {k}")
+    return x, q
+
+
 def _scale_operands(q: NF4Weight, groups: int) -> tuple[jax.Array, ...]:
     """The primitives' scale operands with the stack folded into one group dim: ``(absmax,)``,
     or the four double-quantized arrays, which the kernels decode on the fly (scales with a
@@ -94,18 +113,8 @@ def matmul(x: ArrayLike, q: NF4Weight) -> jax.Array:
     Returns:
       ``[..., N]`` in ``x``'s dtype, accumulated in float32.
     """
-    q = _check_weight(q)
-    x = jnp.asarray(x)
+    x, q = _check_matmul_args(x, q, "matmul")
     n, k = q.shape
-    if q.stack_shape:
-        raise ValueError(f"q is a stack of weights (stack dims {q.stack_shape}, shape {q.shape}); "
-                         "matmul takes one weight: map over the stack with jax.vmap or lax.scan")
-    if x.ndim < 1:
-        raise ValueError(f"x must have shape [..., K] with K = {k}, got a scalar")
-    _shapes.check_activation_dtype(x.dtype, "x")
-    if x.shape[-1] != k:
-        raise ValueError(f"x has {x.shape[-1]} features (shape {tuple(x.shape)}) but the weight "
-                         f"of shape (N, K) = {q.shape} needs K = {k}")
     lead = x.shape[:-1]
     out = nf4_matmul_p.bind(x.reshape(1, math.prod(lead), k), q.packed[None],
                             *_scale_operands(q, 1), block_size=q.block_size)

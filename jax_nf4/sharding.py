@@ -297,19 +297,8 @@ def matmul(x: ArrayLike, q: NF4Weight) -> jax.Array:
       ValueError: a sharding of ``x``, ``q.packed`` or ``q.absmax`` splits a scale block (K shard
         not a multiple of ``block_size``) or a packed row pair (odd N shard).
     """
-    q = ops._check_weight(q)
-    x = jnp.asarray(x)
+    x, q = ops._check_matmul_args(x, q, "jax_nf4.sharding.matmul", map_with="lax.scan")
     n, k = q.shape
-    if q.stack_shape:
-        raise ValueError(f"q is a stack of weights (stack dims {q.stack_shape}, shape {q.shape}); "
-                         "jax_nf4.sharding.matmul takes one weight: map over the stack with "
-                         "lax.scan")
-    if x.ndim < 1:
-        raise ValueError(f"x must have shape [..., K] with K = {k}, got a scalar")
-    _shapes.check_activation_dtype(x.dtype, "x")
-    if x.shape[-1] != k:
-        raise ValueError(f"x has {x.shape[-1]} features (shape {tuple(x.shape)}) but the weight "
-                         f"of shape (N, K) = {q.shape} needs K = {k}")
     lead = x.shape[:-1]
     mrows = math.prod(lead)
     if mrows == 0 or n == 0 or k == 0:
