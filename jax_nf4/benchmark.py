@@ -5,7 +5,7 @@ For each weight shape N x K and each M it times, on JAX's default device:
   nf4 dq matmul   the same with double-quantized scales (decoded inside the kernel)
   dense bf16      jnp.dot on the unquantized bf16 weight
   jnp nf4         NF4 written in plain jnp (codebook gather * absmax, then dot) under jit
-and per shape jax_nf4.dequantize (bf16 out). Matmuls run chained under jax.jit: each call's output is the
+and per shape jax_nf4.dequantize (bf16 out) and jax_nf4.quantize (bf16 in). Matmuls run chained under jax.jit: each call's output is the
 next call's input (a non-square N x K weight is paired with a K x N one),
 so XLA can neither fold nor de-duplicate them, and weight copies are rotated so that more than
 ``min_bytes`` of weights are touched per pass (the L2 cache cannot serve them). Times are wall
@@ -154,6 +154,8 @@ def run_benchmark(shapes=LLAMA_SHAPES, rows=DEFAULT_ROWS, block_size: int = 64,
                 results.append(Row((n, k), m, op_name, us, int(nbytes)))
         us = _time_calls(lambda q: dequantize(q, jnp.bfloat16), q1, reps)
         results.append(Row((n, k), 0, "nf4 dequantize", us, nf4_bytes + 2 * n * k))
+        us = _time_calls(lambda w: quantize(w, block_size), d1, reps)
+        results.append(Row((n, k), 0, "nf4 quantize", us, nf4_bytes + 2 * n * k))
         del d1, q1, dq1, d2, q2, dq2, chain_q, chain_dq, chain_d
     return results
 
@@ -185,10 +187,13 @@ def format_table(results: list[Row]) -> str:
         dq = by_key[(shape, m, "nf4 dq matmul")]
         lines.append(f"| {shape[0]}x{shape[1]} | {m} | {r.us:.1f} | {r.gbps:.0f} | {dq.us:.1f} | "
                      f"{jn.us:.1f} | {de.us:.1f} | {jn.us / r.us:.2f}x | {de.us / r.us:.2f}x |")
-    lines += ["", "| N x K | dequantize us | GB/s (read + written) |", "|---|---|---|"]
-    for r in results:
-        if r.op == "nf4 dequantize":
-            lines.append(f"| {r.shape[0]}x{r.shape[1]} | {r.us:.1f} | {r.gbps:.0f} |")
+    lines += ["", "| N x K | dequantize us | GB/s | quantize us | GB/s |", "|---|---|---|---|---|"]
+    for (shape, m, op), r in by_key.items():
+        if op == "nf4 dequantize":
+            qr = by_key[(shape, m, "nf4 quantize")]
+            lines.append(f"| {shape[0]}x{shape[1]} | {r.us:.1f} | {r.gbps:.0f} | {qr.us:.1f} | "
+                         f"{qr.gbps:.0f} |")
+    lines.append("(GB/s of bytes read plus written)")
     return "\n".join(lines)
 
 
