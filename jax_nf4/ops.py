@@ -126,7 +126,11 @@ def linear(x: ArrayLike, q: NF4Weight, bias: ArrayLike | None = None) -> jax.Arr
 
     ``bias`` is ``[N]``; it is added in float32 and the result cast to ``x``'s dtype.
     """
-    y = matmul(x, q)
+    return _add_bias(matmul(x, q), q, bias)
+
+
+def _add_bias(y: jax.Array, q: NF4Weight, bias: ArrayLike | None) -> jax.Array:
+    """``y + bias`` for a ``[N]`` bias of weight ``q``, added in float32, in ``y``'s dtype."""
     if bias is None:
         return y
     bias = jnp.asarray(bias)

@@ -313,14 +313,7 @@ def matmul(x: ArrayLike, q: NF4Weight) -> jax.Array:
 def linear(x: ArrayLike, q: NF4Weight, bias: ArrayLike | None = None) -> jax.Array:
     """:func:`jax_nf4.linear` on top of the partitioned :func:`matmul` (``bias [N]`` is added
     in float32; shard it like the output's last dim)."""
-    y = matmul(x, q)
-    if bias is None:
-        return y
-    bias = jnp.asarray(bias)
-    if bias.shape != (q.shape[0],):
-        raise ValueError(f"bias must have shape ({q.shape[0]},) for a weight of shape (N, K) = "
-                         f"{q.shape}, got {tuple(bias.shape)}")
-    return (y.astype(jnp.float32) + bias.astype(jnp.float32)).astype(y.dtype)
+    return ops._add_bias(matmul(x, q), q, bias)
 
 
 # ----------------------------------------------------------------------------- dequantize
