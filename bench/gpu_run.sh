@@ -3,6 +3,7 @@
 #   bash bench/gpu_run.sh check          build (default CUDA architectures), the test suite with
 #                                        GPU skips turned into failures, compute-sanitizer
 #                                        memcheck + racecheck over every kernel path, examples
+#   bash bench/gpu_run.sh quick          build, then the GPU cases of the kernel tests only
 #   bash bench/gpu_run.sh bench [args]   the benchmark table (args go to bench/bench_matmul.py)
 #   bash bench/gpu_run.sh all [args]     both
 # Logs go to $OUT (the device tool's output folder) or /tmp/jax_nf4_out.
@@ -14,11 +15,22 @@ mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1
 REPO=$PWD
 
-check() {
+build() {
   nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
   local start=$(date +%s)
   python3 -m pip install --no-build-isolation --no-deps . 2>&1 | tail -1
   echo "build: $(( $(date +%s) - start )) s"
+}
+
+quick() {
+  build
+  (cd /tmp && JAX_NF4_REQUIRE_GPU=1 python3 -m pytest -q -x -p no:cacheprovider --rootdir="$REPO" \
+    -c "$REPO/pyproject.toml" "$REPO/tests/test_ops.py" "$REPO/tests/test_double_quant.py" \
+    -k gpu 2>&1) | tee "$OUT/pytest_quick.log" | tail -8
+}
+
+check() {
+  build
   # From outside the checkout, so that the installed package (with its compiled modules) is used.
   (cd /tmp && python3 -c "import jax, jax_nf4; print(jax.__version__, jax.devices(), 'cuda:', jax_nf4.cuda_available())")
   (cd /tmp && python3 -c "import flax, optax; print('flax', flax.__version__, 'optax', optax.__version__)") \
@@ -45,7 +57,8 @@ bench() {
 
 case $stage in
   check) check ;;
+  quick) quick ;;
   bench) bench "$@" ;;
   all) check && bench "$@" ;;
-  *) echo "usage: bash bench/gpu_run.sh [check|bench|all] [bench args]" >&2; exit 2 ;;
+  *) echo "usage: bash bench/gpu_run.sh [check|quick|bench|all] [bench args]" >&2; exit 2 ;;
 esac

@@ -136,7 +136,8 @@ struct GemvArgs {
   int64_t m_total, m0;
   int64_t pairs, cols, block_size;
   int64_t ctas_per_group;
-  int splits;       // warps sharing one row group along K (1, 2, 4 or 8)
+  int splits;           // warps sharing one row group along K
+  int steps_per_split;  // byte-pair kernel: 64-element spans per split (a multiple of its unroll)
   int block_shift;  // log2(block_size) when it is a power of two, else -1
 
   // Scale block of contraction index k (a shift in the common power-of-two case).
@@ -537,15 +538,261 @@ cudaError_t LaunchGemvTensorCoreRows(GemvArgs<Scales> a, int64_t groups, cudaStr
   return cudaGetLastError();
 }
 
-// Up to 32 rows per launch; larger M is tiled (the Python lowering sends large M elsewhere).
+// ---------------------------------------------------------------- byte-pair tensor-core GEMV
+
+// Fused GEMV for bf16 / f16 activations, power-of-two block_size >= 64, up to 4 * NT rows:
+// the decode path (M <= 16). The mma contraction index k' = 2j + h runs over (k, which row of
+// the pair), so a packed byte (even-row code, odd-row code at one k) decodes with ONE table
+// lookup into exactly the A register (even value, odd value) of mma row `pair`; the activation
+// operand B[(h, k)][(h', m)] = [h == h'] x[m][k] routes each half to its own output column
+// n = 2m + h', and C[pair][2m + h] = out[m][2 pair + h]. A warp owns 16 row pairs (mma rows g and
+// g + 8 are pairs p0 + g and p0 + g + 8). Lane (g, t) loads the 16 bytes k0 + 16t .. k0 + 16t + 15
+// of both its pairs, and its mma step s (8 per 64-element span) uses bytes 2s (j = t) and
+// 2s + 1 (j = t + 4), so each lane decodes only what it loaded. The lookup address comes from
+// one byte_perm: the code byte is the entry index (bits 8-15) and the lane picks its bank (bits
+// 2-6) in a table of 256 entries x 32 lanes at a 256-byte stride placed at a 64 KB-aligned
+// shared address, so the byte_perm's result IS the address (one PRMT and one LDS per byte).
+// The table is 64 KB of a 128 KB dynamic allocation (aligned inside it at run time); one
+// 16-warp CTA per SM.
+constexpr int kBpSpan = 64;                   // contraction elements per quad per step
+constexpr int kBpUnroll = 2;                  // spans whose loads are issued together
+constexpr int kBpWarps = 16;                  // warps per CTA
+constexpr int kBpSharedBytes = 2 * 65536;     // holds a 64 KB-aligned 64 KB table
+
+// Double-quantized scales decode through their 256-entry table; kernels copy it to shared
+// memory once per CTA (one group per CTA). Plain scales need nothing.
+template <typename Scales>
+__device__ __forceinline__ void StageScaleTable(const Scales& s, float* staged, int64_t g) {
+  if constexpr (std::is_same_v<Scales, DoubleQuantScales>) {
+    for (int i = threadIdx.x; i < 256; i += blockDim.x) staged[i] = __ldg(s.table + g * 256 + i);
+  }
+}
+template <typename Scales>
+__device__ __forceinline__ auto StagedRow(const Scales& s, const float* staged, int64_t g,
+                                          int64_t n, int64_t rows, int64_t blocks) {
+  auto row = s.RowOf(g, n, rows, blocks);
+  if constexpr (std::is_same_v<Scales, DoubleQuantScales>) row.table = staged;
+  return row;
+}
+
+template <typename T, int NT, typename Scales>
+__global__ void __launch_bounds__(32 * kBpWarps, 1) GemvBytePairKernel(GemvArgs<Scales> a) {
+  constexpr int W = kBpWarps;
+  extern __shared__ __align__(16) unsigned char dynamic_shared[];
+  __shared__ float scale_table[256];
+  const uint32_t dynamic_base = static_cast<uint32_t>(__cvta_generic_to_shared(dynamic_shared));
+  const uint32_t table_base = (dynamic_base + 0xffffu) & ~0xffffu;  // entry e, lane l: +256e + 4l
+  unsigned char* table = dynamic_shared + (table_base - dynamic_base);
+  for (int i = threadIdx.x; i < 256 * 8; i += 32 * W) {
+    const int e = i / 8;
+    const uint32_t v = MmaType<T>::Pack(kDeviceCodebook[e & 15], kDeviceCodebook[e >> 4]);
+    reinterpret_cast<uint4*>(table)[e * 16 + i % 8] = make_uint4(v, v, v, v);
+  }
+  const int64_t grp = blockIdx.x / a.ctas_per_group;
+  StageScaleTable(a.scales, scale_table, grp);
+  __syncthreads();
+  const uint32_t lane_address = table_base | (4 * (threadIdx.x % 32));
+  auto lookup = [lane_address](uint32_t word, int byte) {  // table entry of one code byte
+    uint32_t v;
+    asm volatile("ld.shared.u32 %0, [%1];"
+                 : "=r"(v)
+                 : "r"(__byte_perm(word, lane_address, 0x7604 | (byte << 4))));
+    return v;
+  };
+
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, g = lane / 4, t = lane % 4;
+  const int splits = a.splits;
+  const int64_t cta = blockIdx.x % a.ctas_per_group;
+  const int64_t pair0 = (cta * (W / splits) + warp / splits) * 16;
+  const int split = warp % splits;
+  const int64_t K = a.cols, N = 2 * a.pairs, blocks = K / a.block_size;
+  const int64_t pa = pair0 + g, pb = pa + 8;
+  const bool ok_a = pa < a.pairs, ok_b = pb < a.pairs;
+  const int rows = int(a.m_total - a.m0 < 4 * NT ? a.m_total - a.m0 : 4 * NT);
+
+  // This warp's contiguous slice of 64-element spans, in groups of U spans whose loads are
+  // issued together, double-buffered (ping-pong, no register copies). Loads use immediate
+  // offsets from pointers that advance per group. Rows past N and activation rows past M
+  // read clamped, valid addresses: they only feed mma rows / columns that are never stored.
+  const int steps = int(K / kBpSpan);
+  const int begin = split * a.steps_per_split;
+  const int end = begin + a.steps_per_split < steps ? begin + a.steps_per_split : steps;
+  const uint4* wa = reinterpret_cast<const uint4*>(
+                        a.packed + (grp * a.pairs + (ok_a ? pa : 0)) * K + 16 * t) + 4 * begin;
+  const uint4* wb = reinterpret_cast<const uint4*>(
+                        a.packed + (grp * a.pairs + (ok_b ? pb : 0)) * K + 16 * t) + 4 * begin;
+  // B operand: column g is (m = g / 2, h' = g % 2); the x pair of step s goes to the half h'.
+  const T* x_rows = static_cast<const T*>(a.x) + (grp * a.m_total + a.m0) * K + 16 * t;
+  const uint4* x[NT];
+#pragma unroll
+  for (int j = 0; j < NT; ++j) {
+    const int m = 4 * j + g / 2;
+    x[j] = reinterpret_cast<const uint4*>(x_rows + (m < rows ? m : 0) * K) + 8 * begin;
+  }
+  const uint32_t sel_lo = (g & 1) ? 0x1054 : 0x5410, sel_hi = (g & 1) ? 0x3254 : 0x5432;
+  // Lane (g, t) loads the scale of C column c = t of its quad (rows 2pa, 2pa + 1, 2pb, 2pb + 1)
+  // and the quad shares them by shuffles.
+  const int64_t scale_row = t < 2 ? 2 * (ok_a ? pa : 0) + t : 2 * (ok_b ? pb : 0) + t - 2;
+  const auto scale = StagedRow(a.scales, scale_table, grp, scale_row, N, blocks);
+  const int step_shift = a.block_shift - 6;
+
+  float acc[NT][4];
+#pragma unroll
+  for (int j = 0; j < NT; ++j) acc[j][0] = acc[j][1] = acc[j][2] = acc[j][3] = 0.0f;
+
+  constexpr int U = kBpUnroll;
+  // With one n-tile the activations load with the group; wider tiles load theirs per span
+  // (registers).
+  constexpr int XG = NT == 1 ? 1 : 0;
+  struct Group {
+    uint4 w[U][2];
+    uint4 x[U][XG][2];
+    float scale[U];
+  };
+  auto load_x = [&](uint4 (&dst)[NT][2], int o) {
+#pragma unroll
+    for (int j = 0; j < NT; ++j) {
+      dst[j][0] = __ldg(x[j] + 8 * o);
+      dst[j][1] = __ldg(x[j] + 8 * o + 1);
+    }
+  };
+  // Loads the group at span s (offset o spans from the pointers).
+  auto load = [&](Group& gr, int s, int o) {
+#pragma unroll
+    for (int u = 0; u < U; ++u) {
+      if (s + u >= end) break;
+      gr.w[u][0] = __ldcs(wa + 4 * (o + u));
+      gr.w[u][1] = __ldcs(wb + 4 * (o + u));
+      gr.scale[u] = scale((s + u) >> step_shift);
+      if constexpr (XG == 1) load_x(gr.x[u], o + u);
+    }
+  };
+  auto compute = [&](const Group& gr, int s, int o) {
+#pragma unroll
+    for (int u = 0; u < U; ++u) {
+      if (s + u >= end) break;
+      uint4 xs[NT][2];
+      if constexpr (XG == 1) xs[0][0] = gr.x[u][0][0], xs[0][1] = gr.x[u][0][1];
+      else load_x(xs, o + u);
+      float part[NT][4];
+#pragma unroll
+      for (int j = 0; j < NT; ++j) part[j][0] = part[j][1] = part[j][2] = part[j][3] = 0.0f;
+      const uint32_t wa_words[4] = {gr.w[u][0].x, gr.w[u][0].y, gr.w[u][0].z, gr.w[u][0].w};
+      const uint32_t wb_words[4] = {gr.w[u][1].x, gr.w[u][1].y, gr.w[u][1].z, gr.w[u][1].w};
+#pragma unroll
+      for (int st = 0; st < 8; ++st) {
+        const int byte = 2 * (st % 2);
+        const uint32_t frag[4] = {lookup(wa_words[st / 2], byte), lookup(wb_words[st / 2], byte),
+                                  lookup(wa_words[st / 2], byte + 1),
+                                  lookup(wb_words[st / 2], byte + 1)};
+#pragma unroll
+        for (int j = 0; j < NT; ++j) {
+          const uint32_t xw = reinterpret_cast<const uint32_t*>(&xs[j][0])[st];
+          MmaType<T>::Mma(part[j], frag, __byte_perm(xw, 0, sel_lo), __byte_perm(xw, 0, sel_hi));
+        }
+      }
+#pragma unroll
+      for (int c = 0; c < 4; ++c) {
+        const float sc = __shfl_sync(0xffffffffu, gr.scale[u], (lane & ~3) | c);
+#pragma unroll
+        for (int j = 0; j < NT; ++j) acc[j][c] = fmaf(sc, part[j][c], acc[j][c]);
+      }
+    }
+  };
+  auto advance = [&]() {  // pointers move two groups on
+    wa += 8 * U;
+    wb += 8 * U;
+#pragma unroll
+    for (int j = 0; j < NT; ++j) x[j] += 16 * U;
+  };
+
+  Group ping, pong;
+  load(ping, begin, 0);
+  for (int s0 = begin; s0 < end; s0 += 2 * U) {
+    load(pong, s0 + U, U);
+    compute(ping, s0, 0);
+    if (s0 + U >= end) break;
+    load(ping, s0 + 2 * U, 2 * U);
+    compute(pong, s0 + U, U);
+    advance();
+  }
+
+  if (splits > 1) {  // fixed-order sum over the warps that split K (the table is done with)
+    float(*partial)[32][4 * NT] = reinterpret_cast<float(*)[32][4 * NT]>(table);
+    __syncthreads();
+#pragma unroll
+    for (int j = 0; j < NT; ++j)
+#pragma unroll
+      for (int c = 0; c < 4; ++c) partial[warp][lane][4 * j + c] = acc[j][c];
+    __syncthreads();
+    if (split != 0) return;
+#pragma unroll
+    for (int j = 0; j < NT; ++j)
+#pragma unroll
+      for (int c = 0; c < 4; ++c) {
+        float sum = 0.0f;
+        for (int sp = 0; sp < splits; ++sp) sum += partial[warp + sp][lane][4 * j + c];
+        acc[j][c] = sum;
+      }
+  }
+  T* out = static_cast<T*>(a.out) + (grp * a.m_total + a.m0) * N;
+#pragma unroll
+  for (int j = 0; j < NT; ++j) {
+    const int m = 4 * j + t;
+    if (m >= rows) continue;
+    if (ok_a) *reinterpret_cast<uint32_t*>(out + m * N + 2 * pa) = MmaType<T>::Pack(acc[j][0], acc[j][1]);
+    if (ok_b) *reinterpret_cast<uint32_t*>(out + m * N + 2 * pb) = MmaType<T>::Pack(acc[j][2], acc[j][3]);
+  }
+}
+
+// Splits of K and grid of the byte-pair kernel: split K until about four waves of CTAs (one
+// per SM) are queued, keeping >= 2 load groups per warp.
+template <typename T, int NT, typename Scales>
+cudaError_t LaunchGemvBytePairRows(GemvArgs<Scales> a, int64_t groups, cudaStream_t stream) {
+  int device = 0, sms = 0;
+  cudaGetDevice(&device);
+  cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device);
+  const int64_t tiles = (a.pairs + 15) / 16;
+  const int64_t steps = a.cols / kBpSpan;
+  int splits = 1;
+  while (splits < kBpWarps && tiles * groups * splits < int64_t(4) * kBpWarps * sms &&
+         steps >= int64_t(2) * kBpUnroll * splits)
+    splits *= 2;
+  a.splits = splits;
+  a.steps_per_split = int((steps + splits * kBpUnroll - 1) / (splits * kBpUnroll) * kBpUnroll);
+  a.ctas_per_group = (tiles + kBpWarps / splits - 1) / (kBpWarps / splits);
+  auto kernel = GemvBytePairKernel<T, NT, Scales>;
+  cudaError_t err =
+      cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, kBpSharedBytes);
+  if (err != cudaSuccess) return err;
+  kernel<<<dim3(unsigned(a.ctas_per_group * groups)), 32 * kBpWarps, kBpSharedBytes, stream>>>(a);
+  return cudaGetLastError();
+}
+
+// Whether the current device gives a CTA the byte-pair kernel's shared memory (sm_80, sm_90:
+// yes; sm_86, sm_89: no, they take the 16-row-tile kernel).
+bool BytePairFits() {
+  int device = 0, optin = 0;
+  cudaGetDevice(&device);
+  cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, device);
+  return optin >= kBpSharedBytes + 1024;
+}
+
+// Up to 32 rows per launch (larger M is tiled; the Python lowering sends large M elsewhere):
+// the byte-pair kernel for up to 16 rows, the 16-row-tile kernel above that.
 template <typename T, typename Scales>
 cudaError_t LaunchGemvTensorCore(GemvArgs<Scales> a, int64_t groups, cudaStream_t stream) {
   cudaError_t err = cudaSuccess;
+  const bool byte_pair = BytePairFits();
   for (int64_t m0 = 0; m0 < a.m_total && err == cudaSuccess; m0 += 32) {
     a.m0 = m0;
     const int64_t rows = a.m_total - m0;
-    if (rows <= 8) err = LaunchGemvTensorCoreRows<T, 1, Scales>(a, groups, stream);
-    else if (rows <= 16) err = LaunchGemvTensorCoreRows<T, 2, Scales>(a, groups, stream);
+    if (!byte_pair) err = rows <= 8    ? LaunchGemvTensorCoreRows<T, 1, Scales>(a, groups, stream)
+                          : rows <= 16 ? LaunchGemvTensorCoreRows<T, 2, Scales>(a, groups, stream)
+                                       : LaunchGemvTensorCoreRows<T, 4, Scales>(a, groups, stream);
+    else if (rows <= 4) err = LaunchGemvBytePairRows<T, 1, Scales>(a, groups, stream);
+    else if (rows <= 8) err = LaunchGemvBytePairRows<T, 2, Scales>(a, groups, stream);
+    else if (rows <= 16) err = LaunchGemvBytePairRows<T, 4, Scales>(a, groups, stream);
     else err = LaunchGemvTensorCoreRows<T, 4, Scales>(a, groups, stream);
   }
   return err;

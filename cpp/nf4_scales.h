@@ -49,7 +49,8 @@ struct DoubleQuantScales {
     int64_t first_block;  // flat block index of (n, 0)
     NF4_HD float operator()(int64_t b) const {
       const int code = LoadConstant(codes + b);
-      return DecodeDoubleQuantScale(LoadConstant(table + code),
+      // A plain load: kernels may point `table` at a copy in shared memory.
+      return DecodeDoubleQuantScale(table[code],
                                     LoadConstant(nested_absmax + ((first_block + b) >> 8)),
                                     offset);
     }

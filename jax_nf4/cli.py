@@ -1,4 +1,5 @@
-"""The ``jax-nf4`` command line: ``quantize``, ``inspect``, ``generate`` and ``bench``.
+"""The ``jax-nf4`` command line: ``quantize``, ``inspect``, ``generate`` and ``bench``
+(the kernel table of :mod:`jax_nf4.benchmark`, or with ``--model`` NF4-vs-bf16 decoding).
 
 Exit codes: 0 on success, 1 on a runtime error (a bad or unsupported checkpoint, an existing
 destination, an I/O error), 2 on a usage error; errors are one line on stderr.
@@ -33,6 +34,36 @@ def _one_line(e: BaseException) -> str:
 
 #: The presets of jax_nf4.models.llama.CONFIGS (listed here so that --help imports no flax).
 _MODEL_CONFIGS = ("tiny", "llama3-8b", "llama3-70b")
+
+
+def _add_decode_options(p: argparse.ArgumentParser, *, new_tokens: int, prompt_len: int
+                        ) -> None:
+    """The decoding options of ``generate`` and ``bench --model``."""
+    p.add_argument("--batch", type=int, default=1, metavar="B", help="sequences (default 1)")
+    p.add_argument("--new-tokens", type=int, default=new_tokens, metavar="N",
+                   help=f"tokens to generate per sequence (default {new_tokens})")
+    p.add_argument("--prompt-len", type=int, default=prompt_len, metavar="P",
+                   help=f"random prompt tokens per sequence (default {prompt_len})")
+    p.add_argument("--dtype", default="bfloat16", choices=("bfloat16", "float32"),
+                   help="activation and dense weight dtype (default bfloat16)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the weights and the prompt")
+    p.add_argument("--iters", type=int, default=3, metavar="N",
+                   help="timed runs after the compiling one; the best is reported (default 3)")
+
+
+def _bench_model_parser() -> _Parser:
+    """The options of ``jax-nf4 bench --model`` (without ``--model``, ``bench`` is
+    :func:`jax_nf4.benchmark.main`, which parses its own)."""
+    b = _Parser(
+        prog=f"{_PROG} bench", add_help=False,
+        description="With --model: build a Llama-style decoder (jax_nf4.models.llama, random "
+        "weights) with NF4 projections, then with dense ones, decode greedily from the same "
+        "random prompt and print tokens/s, weight memory and the device's peak memory of each "
+        "(a progress bar on stderr). The llama3-* presets are meant for a GPU.")
+    b.add_argument("--model", dest="config", required=True, choices=_MODEL_CONFIGS,
+                   metavar="CONFIG", help=f"model preset: {', '.join(_MODEL_CONFIGS)}")
+    _add_decode_options(b, new_tokens=64, prompt_len=16)
+    return b
 
 
 def _build_parser() -> _Parser:
@@ -81,28 +112,20 @@ def _build_parser() -> _Parser:
         description="Build a Llama-style decoder (jax_nf4.models.llama) with random weights, "
         "NF4 projections (or dense ones with --dense), and decode greedily from a random "
         "prompt with a static KV cache, in one jitted program. Prints the generated token ids "
-        "and tokens/s (prefill included, compile excluded). --bench prints an NF4-vs-dense "
-        "table instead. The llama3-* presets are meant for a GPU.")
+        "and tokens/s (prefill included, compile excluded). --bench prints the NF4-vs-dense "
+        "table of `jax-nf4 bench --model` instead. The llama3-* presets are meant for a GPU.")
     g.add_argument("--config", default="tiny", choices=_MODEL_CONFIGS,
                    help="model preset (default tiny)")
-    g.add_argument("--batch", type=int, default=1, metavar="B", help="sequences (default 1)")
-    g.add_argument("--new-tokens", type=int, default=16, metavar="N",
-                   help="tokens to generate per sequence (default 16)")
-    g.add_argument("--prompt-len", type=int, default=8, metavar="P",
-                   help="random prompt tokens per sequence (default 8)")
+    _add_decode_options(g, new_tokens=16, prompt_len=8)
     g.add_argument("--dense", action="store_true",
                    help="dense projections (nnx.Linear in --dtype) instead of NF4")
-    g.add_argument("--dtype", default="bfloat16", choices=("bfloat16", "float32"),
-                   help="activation and dense weight dtype (default bfloat16)")
-    g.add_argument("--seed", type=int, default=0, help="seed of the weights and the prompt")
-    g.add_argument("--iters", type=int, default=3, metavar="N",
-                   help="timed runs after the compiling one; the best is reported (default 3)")
     g.add_argument("--bench", action="store_true",
-                   help="time NF4 and dense weights and print a table (tokens/s, weights)")
+                   help="time NF4 and dense weights and print a table (tokens/s, memory)")
 
-    sub.add_parser("bench", add_help=False,
-                   help="time the NF4 ops against dense bf16 and plain-jnp NF4 "
-                        "(run `jax-nf4 bench --help`)")
+    sub.add_parser(
+        "bench", add_help=False, parents=[_bench_model_parser()],
+        help="time the NF4 ops against dense bf16 and plain-jnp NF4; with --model, decode "
+             "tokens/s of a Llama-style model, NF4 vs bf16 (run `jax-nf4 bench --help`)")
     return top
 
 
@@ -206,35 +229,69 @@ def _quantize(args) -> int:
     return 0
 
 
-def _generate(args) -> int:
+class _ProgressBar:
+    """``progress(done, total, stage)`` of ``benchmark_decode`` drawn on stderr: one redrawn
+    line on a terminal, a line per stage otherwise."""
+
+    def __init__(self, label: str, width: int = 20):
+        self.label = label
+        self.width = width
+        self.tty = sys.stderr.isatty()
+
+    def __call__(self, done: int, total: int, stage: str) -> None:
+        filled = self.width * done // total
+        line = f"{self.label} [{'#' * filled}{'.' * (self.width - filled)}] {stage}"
+        if self.tty:  # redraw in place, clearing the rest of the line
+            line = f"\r{line}\x1b[K" + ("\n" if done == total else "")
+        else:
+            line += "\n"
+        sys.stderr.write(line)
+        sys.stderr.flush()
+
+
+def _decode_setup(args) -> tuple:
+    """The llama module and ``benchmark_decode`` keywords of ``generate`` / ``bench --model``."""
     import jax.numpy as jnp
 
     try:
         from jax_nf4.models import llama
     except ImportError as e:
-        raise ValueError(f"generate needs flax (pip install flax): {e}") from None
-
-    config = llama.get_config(args.config)
-    for name in ("batch", "new_tokens", "prompt_len"):
+        raise ValueError(f"{args.command} needs flax (pip install flax): {e}") from None
+    for name in ("batch", "new_tokens", "prompt_len", "iters"):
         if getattr(args, name) < 1:
             raise ValueError(f"--{name.replace('_', '-')} must be >= 1")
-    dtype = jnp.dtype(args.dtype)
-    kw = {"prompt_len": args.prompt_len, "dtype": dtype, "iters": args.iters, "seed": args.seed}
+    kw = {"prompt_len": args.prompt_len, "dtype": jnp.dtype(args.dtype), "iters": args.iters,
+          "seed": args.seed}
+    return llama, kw
+
+
+def _compare_decode(args) -> int:
+    """``bench --model`` and ``generate --bench``: NF4 vs dense decoding, tokens/s and memory."""
+    llama, kw = _decode_setup(args)
+    config = llama.get_config(args.config)
+    rows = [llama.benchmark_decode(args.config, args.batch, args.new_tokens, nf4,
+                                   progress=_ProgressBar(f"{args.config} {weights}"), **kw)
+            for nf4, weights in ((True, "nf4"), (False, args.dtype))]
+    print(f"{args.config}: {config.n_layers} layers, d_model {config.d_model}, batch "
+          f"{args.batch}, prompt {args.prompt_len}, {args.new_tokens} new tokens")
+    print(f"{'weights':<9} {'tokens/s':>10} {'ms/token':>9} {'compile s':>9} "
+          f"{'weights':>10} {'projections':>11} {'peak mem':>10}")
+    for r in rows:
+        ms = 1e3 * r["seconds"] / r["new_tokens"]
+        peak = "-" if r["peak_bytes"] is None else _fmt_bytes(r["peak_bytes"])
+        print(f"{r['weights']:<9} {r['tokens_per_s']:>10.1f} {ms:>9.2f} "
+              f"{r['compile_s']:>9.1f} {_fmt_bytes(r['weight_bytes']):>10} "
+              f"{_fmt_bytes(r['linear_bytes']):>11} {peak:>10}")
+    nf4, dense = rows
+    print(f"nf4 / {dense['weights']}: {nf4['tokens_per_s'] / dense['tokens_per_s']:.2f}x "
+          f"tokens/s, {nf4['weight_bytes'] / dense['weight_bytes']:.2f}x weight memory")
+    return 0
+
+
+def _generate(args) -> int:
     if args.bench:
-        rows = llama.compare_decode(args.config, args.batch, args.new_tokens, **kw)
-        print(f"{args.config}: {config.n_layers} layers, d_model {config.d_model}, batch "
-              f"{args.batch}, prompt {args.prompt_len}, {args.new_tokens} new tokens")
-        print(f"{'weights':<9} {'tokens/s':>10} {'ms/token':>9} {'compile s':>9} "
-              f"{'weights':>10} {'projections':>11}")
-        for r in rows:
-            ms = 1e3 * r["seconds"] / r["new_tokens"]
-            print(f"{r['weights']:<9} {r['tokens_per_s']:>10.1f} {ms:>9.2f} "
-                  f"{r['compile_s']:>9.1f} {_fmt_bytes(r['weight_bytes']):>10} "
-                  f"{_fmt_bytes(r['linear_bytes']):>11}")
-        nf4, dense = rows
-        print(f"nf4 / {dense['weights']}: {nf4['tokens_per_s'] / dense['tokens_per_s']:.2f}x "
-              f"tokens/s, {nf4['weight_bytes'] / dense['weight_bytes']:.2f}x weight memory")
-        return 0
+        return _compare_decode(args)
+    llama, kw = _decode_setup(args)
     r = llama.benchmark_decode(args.config, args.batch, args.new_tokens, not args.dense, **kw)
     for row in r["tokens"].tolist():
         print(" ".join(map(str, row)))
@@ -244,15 +301,25 @@ def _generate(args) -> int:
     return 0
 
 
+def _kernel_bench(argv: list[str]) -> int:
+    """``jax-nf4 bench`` without ``--model``: :func:`jax_nf4.benchmark.main`; its ``--help``
+    is followed by the ``--model`` options."""
+    from jax_nf4 import benchmark
+    try:
+        code = benchmark.main(argv)
+    except SystemExit as e:
+        code = e.code if isinstance(e.code, int) else (0 if e.code is None else 2)
+    if code == 0 and ("-h" in argv or "--help" in argv):
+        print(f"\n{_bench_model_parser().format_help()}")
+    return code
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``jax-nf4`` console script; returns the exit code."""
     argv = list(sys.argv[1:] if argv is None else argv)
-    if argv[:1] == ["bench"]:
-        from jax_nf4 import benchmark
-        try:
-            return benchmark.main(argv[1:])
-        except SystemExit as e:
-            return e.code if isinstance(e.code, int) else (0 if e.code is None else 2)
+    if argv[:1] == ["bench"] and ("-h" in argv or "--help" in argv or not any(
+            a == "--model" or a.startswith("--model=") for a in argv)):
+        return _kernel_bench(argv[1:])
     parser = _build_parser()
     try:
         args = parser.parse_args(argv)
@@ -261,7 +328,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     from jax_nf4.safetensors_io import CheckpointError
 
     try:
-        run = {"quantize": _quantize, "inspect": _inspect, "generate": _generate}
+        run = {"quantize": _quantize, "inspect": _inspect, "generate": _generate,
+               "bench": _compare_decode}
         return run[args.command](args)
     except (CheckpointError, OSError, ValueError, KeyError) as e:
         print(f"{_PROG} {args.command}: error: {_one_line(e)}", file=sys.stderr)

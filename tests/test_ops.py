@@ -273,6 +273,20 @@ def test_matmul_shapes(rng, platform, device, mode, dtype, x_shape, n, block_siz
     assert_matmul_close(y, x, packed, absmax, block_size, platform)
 
 
+@pytest.mark.parametrize("dtype", DTYPES[1:])
+@pytest.mark.parametrize("m", [1, 4, 5, 8, 11, 16])
+@pytest.mark.parametrize("n, k, block_size", [(34, 448, 64), (1030, 4160, 64), (4096, 1024, 128)],
+                         ids=["2-tiles-odd-spans", "tail-tile-65-spans", "256-tiles-block128"])
+def test_matmul_gemv_grid(rng, platform, device, dtype, m, n, k, block_size):
+    """GEMV grids: a last tile of 16 row pairs only partly filled, an odd number of 64-element
+    spans (the K slices of the split warps end mid-group), and many tiles."""
+    w = random_weight(rng, (n, k), np.float32)
+    x = random_activations(rng, (m, k), dtype)
+    y = jax.jit(jax_nf4.matmul)(jax.device_put(x, device), quantize_on(device, w, block_size))
+    packed, absmax = reference.quantize(w, block_size)
+    assert_matmul_close(y, x, packed, absmax, block_size, platform)
+
+
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("m", [3, 40])
 def test_matmul_is_deterministic(rng, device, dtype, m):

@@ -1,7 +1,8 @@
 """Small reference models built on :mod:`jax_nf4.flax` (needs ``flax``)."""
 
 from jax_nf4.models.llama import (CONFIGS, KVCache, Llama, LlamaConfig, benchmark_decode,
-                                  compare_decode, dequantized_copy, generate, get_config)
+                                  compare_decode, dequantized_copy, generate, get_config,
+                                  peak_device_bytes)
 
 __all__ = ["CONFIGS", "KVCache", "Llama", "LlamaConfig", "benchmark_decode", "compare_decode",
-           "dequantized_copy", "generate", "get_config"]
+           "dequantized_copy", "generate", "get_config", "peak_device_bytes"]

@@ -16,8 +16,10 @@ through ``jax.jit`` as ``nnx.split`` state, so NF4 weights are ordinary pytree a
 Presets (:data:`CONFIGS`): ``"tiny"`` (CPU, tests), ``"llama3-8b"`` and ``"llama3-70b"`` (Llama 3
 shapes; build them only on a GPU: the 8B model holds about 5.6 GiB of weights in NF4 and 15 GiB
 in bf16, the 70B one about 40 GiB in NF4, and its bf16 weights do not fit one 80 GiB card).
+Construction draws each projection's random weight on the device and quantizes it right away,
+one projection at a time, so the dense weights never exist all at once.
 :func:`benchmark_decode` / :func:`compare_decode` time greedy decoding with NF4 and bf16 weights;
-``jax-nf4 generate`` is the command-line front end.
+``jax-nf4 generate`` and ``jax-nf4 bench --model`` are the command-line front ends.
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ import dataclasses
 import functools
 import math
 import time
+from collections.abc import Callable
 from typing import Any, NamedTuple
 
 import jax
@@ -36,7 +39,7 @@ from jax_nf4.flax import NF4Linear
 from jax_nf4.ops import dequantize
 
 __all__ = ["CONFIGS", "KVCache", "Llama", "LlamaConfig", "benchmark_decode", "compare_decode",
-           "dequantized_copy", "generate", "get_config"]
+           "dequantized_copy", "generate", "get_config", "peak_device_bytes"]
 
 Array = jax.Array
 
@@ -47,9 +50,13 @@ Array = jax.Array
 class LlamaConfig:
     """Shapes of a Llama-style decoder.
 
-    ``d_model`` must be a multiple of ``n_heads``, ``n_heads`` of ``n_kv_heads``, and the
-    inputs of the NF4 layers (``d_model``, ``n_heads * head_dim``, ``d_ff``) multiples of
-    ``block_size``. ``max_len`` is the number of KV cache slots (prompt + generated tokens).
+    ``n_heads`` must be a multiple of ``n_kv_heads``, and the inputs of the NF4 layers
+    (``d_model``, ``n_heads * head_dim``, ``d_ff``) multiples of ``block_size``. ``head_dim``
+    defaults to ``d_model // n_heads`` (then ``d_model`` must be a multiple of ``n_heads``);
+    the resolved value is stored, so ``dataclasses.replace`` keeps it. Setting it explicitly
+    describes, e.g., the shard of a layer that one GPU holds under tensor parallelism
+    (``n_heads``, ``n_kv_heads`` and ``d_ff`` divided, ``d_model`` and ``head_dim`` kept).
+    ``max_len`` is the number of KV cache slots (prompt + generated tokens).
     """
 
     vocab_size: int
@@ -63,18 +70,20 @@ class LlamaConfig:
     norm_eps: float = 1e-5
     block_size: int = 64
     nf4_lm_head: bool = False  # quantize lm_head too (bitsandbytes keeps it dense)
+    head_dim: int | None = None  # None: d_model // n_heads
 
     def __post_init__(self):
-        if self.d_model % self.n_heads or self.n_heads % self.n_kv_heads:
-            raise ValueError(f"LlamaConfig: need d_model % n_heads == 0 and n_heads % n_kv_heads "
-                             f"== 0, got {self.d_model}, {self.n_heads}, {self.n_kv_heads}")
+        if self.n_heads % self.n_kv_heads:
+            raise ValueError(f"LlamaConfig: need n_heads % n_kv_heads == 0, got {self.n_heads}, "
+                             f"{self.n_kv_heads}")
+        if self.head_dim is None:
+            if self.d_model % self.n_heads:
+                raise ValueError(f"LlamaConfig: without head_dim, need d_model % n_heads == 0, "
+                                 f"got {self.d_model}, {self.n_heads}")
+            object.__setattr__(self, "head_dim", self.d_model // self.n_heads)
         if self.head_dim % 2:
             raise ValueError(f"LlamaConfig: rotary embeddings need an even head_dim, got "
                              f"{self.head_dim}")
-
-    @property
-    def head_dim(self) -> int:
-        return self.d_model // self.n_heads
 
 
 CONFIGS: dict[str, LlamaConfig] = {
@@ -324,45 +333,70 @@ def _weight_bytes(model: nnx.Module) -> int:
     return sum(x.nbytes for x in jax.tree.leaves(nnx.state(model)))
 
 
+def peak_device_bytes() -> int | None:
+    """The first local device's peak memory in use so far in this process (its allocator's
+    ``peak_bytes_in_use``), or None where the backend does not report it (the CPU)."""
+    stats = jax.local_devices()[0].memory_stats()
+    return None if not stats or "peak_bytes_in_use" not in stats else int(
+        stats["peak_bytes_in_use"])
+
+
+#: ``progress(done, total, stage)`` of :func:`benchmark_decode`.
+Progress = Callable[[int, int, str], None]
+
+
 def benchmark_decode(config_name: str, batch: int = 1, new_tokens: int = 64, nf4: bool = True,
                      *, prompt_len: int = 16, dtype: Any = jnp.bfloat16, iters: int = 3,
-                     seed: int = 0, config: LlamaConfig | None = None) -> dict:
+                     seed: int = 0, config: LlamaConfig | None = None,
+                     progress: Progress | None = None) -> dict:
     """Times greedy decoding of one preset with NF4 (``nf4=True``) or dense ``dtype`` weights.
 
-    The cache gets ``max_len = prompt_len + new_tokens``. One call compiles (timed as
-    ``compile_s``), then ``iters`` calls are timed; ``seconds`` is the best of them (prefill
-    included) and ``tokens_per_s = batch * new_tokens / seconds``. ``weight_bytes`` counts all
-    weights (NF4 packed codes and scales, dense embedding / norms / lm_head),
-    ``linear_bytes`` only the projections that NF4 replaces.
+    The cache gets ``max_len = prompt_len + new_tokens``. Building the model is timed as
+    ``build_s``, the first call (compiling) as ``compile_s``, then ``iters`` calls are timed;
+    ``seconds`` is the best of them (prefill included) and ``tokens_per_s = batch * new_tokens
+    / seconds``. ``weight_bytes`` counts all weights (NF4 packed codes and scales, dense
+    embedding / norms / lm_head), ``linear_bytes`` only the projections that NF4 replaces;
+    ``peak_bytes`` is :func:`peak_device_bytes` after the runs (a process-wide peak: it
+    describes this call when earlier calls in the process used less memory). ``progress``, if
+    given, is called as each stage (build, compile, each timed run) starts and once at the end
+    (``done == total``).
     """
+    total = 2 + max(1, iters)
+    report = progress or (lambda done, total, stage: None)
     base = config if config is not None else get_config(config_name)
     cfg = dataclasses.replace(base, max_len=prompt_len + new_tokens)
+    report(0, total, "build")
+    t0 = time.perf_counter()
     model = Llama(cfg, nf4=nf4, dtype=dtype, rngs=nnx.Rngs(seed))
+    jax.block_until_ready(nnx.state(model))
+    build_s = time.perf_counter() - t0
     linear_types = (NF4Linear, nnx.Linear)
     linear_bytes = sum(_weight_bytes(m) for path, m in nnx.iter_modules(model)
                        if isinstance(m, linear_types) and path[-1] != "lm_head")
     prompt = jax.random.randint(jax.random.PRNGKey(seed), (batch, prompt_len), 0,
                                 cfg.vocab_size, jnp.int32)
+    report(1, total, "compile")
     t0 = time.perf_counter()
     tokens = jax.block_until_ready(generate(model, prompt, new_tokens))
     compile_s = time.perf_counter() - t0
     times = []
-    for _ in range(max(1, iters)):
+    for i in range(total - 2):
+        report(2 + i, total, f"run {i + 1}/{total - 2}")
         t0 = time.perf_counter()
         jax.block_until_ready(generate(model, prompt, new_tokens))
         times.append(time.perf_counter() - t0)
+    report(total, total, "done")
     seconds = min(times)
     return {"config": config_name, "weights": "nf4" if nf4 else jnp.dtype(dtype).name,
             "batch": batch, "prompt_len": prompt_len, "new_tokens": new_tokens,
             "seconds": seconds, "tokens_per_s": batch * new_tokens / seconds,
-            "compile_s": compile_s, "weight_bytes": _weight_bytes(model),
-            "linear_bytes": linear_bytes, "tokens": tokens}
+            "build_s": build_s, "compile_s": compile_s, "weight_bytes": _weight_bytes(model),
+            "linear_bytes": linear_bytes, "peak_bytes": peak_device_bytes(), "tokens": tokens}
 
 
 def compare_decode(config_name: str, batch: int = 1, new_tokens: int = 64, **kwargs: Any
                    ) -> list[dict]:
-    """:func:`benchmark_decode` with NF4 then dense weights (same shapes and prompt)."""
-    rows = []
-    for nf4 in (True, False):
-        rows.append(benchmark_decode(config_name, batch, new_tokens, nf4, **kwargs))
-    return rows
+    """:func:`benchmark_decode` with NF4 then dense weights (same shapes and prompt; the NF4
+    model, the smaller one, first, so that each ``peak_bytes`` describes its own run)."""
+    return [benchmark_decode(config_name, batch, new_tokens, nf4, **kwargs)
+            for nf4 in (True, False)]

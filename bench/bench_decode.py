@@ -1,0 +1,232 @@
+"""Decode benchmark of the Llama-style model (jax_nf4.models.llama), for one GPU.
+
+(a) llama3-8b greedy decoding at batch 1 and 8 with NF4 and with bf16 weights (same shapes,
+    same prompt): tokens/s (prefill of 16 tokens included, compile excluded), the ratio,
+    weight bytes and the device's peak memory. The runs go from the smallest memory use to
+    the largest (NF4 b1, NF4 b8, bf16 b1, bf16 b8) because the peak is process-wide.
+(b) llama3-70b shapes: the decode time of one decoder layer (batch 1, one token, a KV cache of
+    512 slots, attention over all of them) at full width and at the 1/2 and 1/4 shard a GPU
+    holds under tensor parallelism tp: q/k/v/gate/up column-parallel (N / tp), o_proj / down
+    row-parallel (K / tp), query and KV heads / tp, d_model and head_dim kept. NF4 weights,
+    ``steps`` tokens chained through ``copies`` layers under one jit (``lax.scan``), copies
+    chosen so that a step reads >= 400 MB of weights (more than the L2 cache).
+(c) Tensor parallelism without the communication, then with a model of it. Each row-parallel
+    layer (o_proj, down_proj) ends in an all-reduce of its partial sums, ``batch * d_model``
+    bf16 values: 2 all-reduces of ``2 * batch * d_model`` bytes per layer per token. A ring
+    all-reduce sends (and receives) ``2 * (tp - 1) / tp`` of the buffer per GPU, so
+
+        t_allreduce = latency + 2 * (tp - 1) / tp * 2 * batch * d_model / bandwidth
+        scaling (no communication) = t(full) / (tp * t(1/tp))
+        scaling (with it)          = t(full) / (tp * (t(1/tp) + 2 * t_allreduce))
+
+    with the bandwidth of H100 SXM NVLink, 450 GB/s per direction per GPU, and an ASSUMED
+    latency of 10 us per all-reduce (--nvlink-gbps, --allreduce-latency-us). Per model: times
+    n_layers (embedding and lm_head left out).
+
+Every result is printed (flushed) as soon as it is known and the JSON file (--json) is
+rewritten, so a timeout keeps what was done. Stages go to stderr. --quick runs the tiny
+preset (one layer in (a)) in place of both models (seconds on a CPU; a test runs it).
+
+    python bench/bench_decode.py --json decode.json [--skip-8b] [--skip-70b] [--quick]
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import functools
+import json
+import math
+import sys
+import time
+from typing import Any, Sequence
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from jax_nf4.models import llama
+
+BF16 = jnp.bfloat16
+
+
+def shard_config(config: llama.LlamaConfig, tp: int) -> llama.LlamaConfig:
+    """The per-GPU shard of ``config``'s layers under tensor parallelism ``tp``: ``n_heads``,
+    ``n_kv_heads`` and ``d_ff`` divided by ``tp``; ``d_model`` and ``head_dim`` kept."""
+    c = config
+    if tp < 1 or c.n_kv_heads % tp or c.d_ff % tp:
+        raise ValueError(f"tp={tp} must divide n_kv_heads ({c.n_kv_heads}) and d_ff ({c.d_ff})")
+    n_heads, d_ff = c.n_heads // tp, c.d_ff // tp
+    for name, k in (("n_heads * head_dim / tp", n_heads * c.head_dim), ("d_ff / tp", d_ff)):
+        if k % c.block_size:
+            raise ValueError(f"tp={tp}: the row-parallel input {name} = {k} is not a multiple "
+                             f"of block_size {c.block_size}")
+    return dataclasses.replace(c, n_heads=n_heads, n_kv_heads=c.n_kv_heads // tp, d_ff=d_ff,
+                               head_dim=c.head_dim)
+
+
+@functools.partial(jax.jit, static_argnums=(0, 5))
+def _chained_decode(graphdef, state, x, k, v, steps: int):
+    """``steps`` decode steps of one token through every block of ``state`` in turn, each
+    writing its keys / values into its cache slot ``pos`` (the last ``steps`` slots)."""
+    blocks = nnx.merge(graphdef, state)
+    slots = k.shape[2]
+
+    def step(carry, pos):
+        x, k, v = carry
+        for i, block in enumerate(blocks):
+            x, (nk, nv) = block(x, pos[None], (k[i], v[i]))
+            k = jax.lax.dynamic_update_slice(k, nk[None].astype(k.dtype), (i, 0, pos, 0, 0))
+            v = jax.lax.dynamic_update_slice(v, nv[None].astype(v.dtype), (i, 0, pos, 0, 0))
+        return (x, k, v), None
+
+    (x, _, _), _ = jax.lax.scan(step, (x, k, v), jnp.arange(slots - steps, slots))
+    return x
+
+
+def time_layer(config: llama.LlamaConfig, *, batch: int = 1, cache_len: int = 512,
+               min_bytes: float = 4e8, steps: int = 16, reps: int = 5, seed: int = 0) -> dict:
+    """Seconds per decoder layer per token (best of ``reps``) of an NF4 ``llama.Block`` of
+    ``config``, with a KV cache of ``cache_len`` slots; ``layer_bytes`` are its weights."""
+    blocks = [llama.Block(config, True, dtype=BF16, param_dtype=BF16, rngs=nnx.Rngs(seed))]
+    layer_bytes = sum(a.nbytes for a in jax.tree.leaves(nnx.state(blocks[0])))
+    copies = max(1, math.ceil(min_bytes / layer_bytes))
+    blocks += [llama.Block(config, True, dtype=BF16, param_dtype=BF16,
+                           rngs=nnx.Rngs(seed + i)) for i in range(1, copies)]
+    graphdef, state = nnx.split(nnx.List(blocks))
+    cache = jnp.zeros((copies, batch, cache_len, config.n_kv_heads, config.head_dim), BF16)
+    x = jax.random.normal(jax.random.PRNGKey(seed), (batch, 1, config.d_model), BF16)
+    jax.block_until_ready(_chained_decode(graphdef, state, x, cache, cache, steps))  # compile
+    times = []
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        jax.block_until_ready(_chained_decode(graphdef, state, x, cache, cache, steps))
+        times.append(time.perf_counter() - t0)
+    return {"seconds": min(times) / (steps * copies), "layer_bytes": layer_bytes,
+            "copies": copies, "steps": steps, "cache_len": cache_len, "batch": batch}
+
+
+def tensor_parallel_estimate(t_full: float, t_shard: float, tp: int, *, batch: int,
+                             d_model: int, n_layers: int, gbps: float, latency_us: float
+                             ) -> dict:
+    """Scaling of one layer under tensor parallelism ``tp`` from the measured full-width and
+    1/tp layer times, without and with 2 ring all-reduces of ``batch * d_model`` bf16 values
+    per layer (see the module docstring for the formulas)."""
+    buffer = 2 * batch * d_model  # bytes of one all-reduce (bf16)
+    allreduce_s = latency_us * 1e-6 + 2 * (tp - 1) / tp * buffer / (gbps * 1e9)
+    layer_s = t_shard + 2 * allreduce_s
+    return {"tp": tp, "allreduce_bytes": buffer, "allreduce_bytes_per_layer": 2 * buffer,
+            "allreduce_bytes_per_model": 2 * buffer * n_layers,
+            "ring_bytes_sent_per_gpu_per_layer": 2 * 2 * (tp - 1) / tp * buffer,
+            "scaling_no_comm": t_full / (tp * t_shard), "speedup_no_comm": t_full / t_shard,
+            "allreduce_s": allreduce_s, "layer_s_with_comm": layer_s,
+            "scaling_with_comm": t_full / (tp * layer_s), "speedup_with_comm": t_full / layer_s,
+            "model_ms_per_token_with_comm": 1e3 * n_layers * layer_s}
+
+
+def main(argv: Sequence[str] | None = None) -> dict:
+    """Runs the benchmark; returns the results (also written to --json)."""
+    p = argparse.ArgumentParser(prog="bench_decode.py", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--json", default=None, metavar="PATH", help="write the results here")
+    p.add_argument("--quick", action="store_true", help="the tiny preset only (CPU, seconds)")
+    p.add_argument("--skip-8b", action="store_true", help="skip (a), the 8B decoding")
+    p.add_argument("--skip-70b", action="store_true", help="skip (b) and (c), the 70B layers")
+    p.add_argument("--new-tokens", type=int, default=None, metavar="N",
+                   help="tokens per sequence in (a) (default 128; --quick 4)")
+    p.add_argument("--iters", type=int, default=3, metavar="N", help="timed runs in (a)")
+    p.add_argument("--nvlink-gbps", type=float, default=450.0,
+                   help="NVLink bandwidth per direction per GPU, GB/s (default 450, H100 SXM)")
+    p.add_argument("--allreduce-latency-us", type=float, default=10.0,
+                   help="assumed fixed cost of one all-reduce, microseconds (default 10)")
+    args = p.parse_args(argv)
+    for name in ("new_tokens", "iters"):
+        value = getattr(args, name)
+        if value is not None and value < 1:
+            p.error(f"--{name.replace('_', '-')} must be >= 1")
+
+    results: dict[str, Any] = {
+        "device": str(jax.devices()[0].device_kind), "jax": jax.__version__,
+        "assumptions": {"nvlink_gbps_per_direction": args.nvlink_gbps,
+                        "allreduce_latency_us": args.allreduce_latency_us,
+                        "allreduce": "ring, 2*(tp-1)/tp of the buffer sent per GPU; 2 per "
+                                     "layer (o_proj, down_proj) of batch*d_model bf16 values"},
+        "decode": [], "decode_ratio": [], "layers": [], "tensor_parallel": []}
+
+    def emit(line: str) -> None:
+        print(line, flush=True)
+        if args.json:
+            with open(args.json, "w") as f:
+                json.dump(results, f, indent=1)
+
+    emit(f"device: {results['device']}, jax {jax.__version__}")
+    if not args.skip_8b:
+        name = "tiny" if args.quick else "llama3-8b"
+        new_tokens = args.new_tokens or (4 if args.quick else 128)
+        kw = {"prompt_len": 4 if args.quick else 16, "iters": args.iters,
+              "config": dataclasses.replace(llama.get_config(name), n_layers=1)
+              if args.quick else None}
+        rows = {}
+        for nf4, batch in ((True, 1), (True, 8), (False, 1), (False, 8)):
+            weights = "nf4" if nf4 else "bfloat16"
+
+            def stage(done: int, total: int, what: str, label=f"{name} {weights} b{batch}"):
+                print(f"  {label}: {what}", file=sys.stderr, flush=True)
+
+            r = llama.benchmark_decode(name, batch, new_tokens, nf4, progress=stage, **kw)
+            r = {k: v for k, v in r.items() if k != "tokens"}
+            rows[weights, batch] = r
+            results["decode"].append(r)
+            peak = "-" if r["peak_bytes"] is None else f"{r['peak_bytes'] / 2**30:.2f} GiB"
+            emit(f"(a) {name} {weights:<8} batch {batch}: {r['tokens_per_s']:9.1f} tokens/s "
+                 f"({1e3 * r['seconds'] / new_tokens:.2f} ms/step), weights "
+                 f"{r['weight_bytes'] / 2**30:.2f} GiB, peak {peak}, build {r['build_s']:.1f} "
+                 f"s, compile {r['compile_s']:.1f} s")
+        for batch in (1, 8):
+            nf4, dense = rows["nf4", batch], rows["bfloat16", batch]
+            ratio = {"batch": batch,
+                     "tokens_per_s_nf4_over_bf16": nf4["tokens_per_s"] / dense["tokens_per_s"],
+                     "weight_bytes_nf4_over_bf16": nf4["weight_bytes"] / dense["weight_bytes"]}
+            results["decode_ratio"].append(ratio)
+            emit(f"(a) batch {batch}: nf4 / bf16 = {ratio['tokens_per_s_nf4_over_bf16']:.2f}x "
+                 f"tokens/s, {ratio['weight_bytes_nf4_over_bf16']:.2f}x weight bytes")
+
+    if not args.skip_70b:
+        name = "tiny" if args.quick else "llama3-70b"
+        config = llama.get_config(name)
+        tps = (1, 2) if args.quick else (1, 2, 4)
+        layer_kw = ({"cache_len": 16, "min_bytes": 0, "steps": 2, "reps": 1} if args.quick
+                    else {})
+        times = {}
+        for tp in tps:
+            print(f"  {name} layer 1/{tp}: build, compile, time", file=sys.stderr, flush=True)
+            shard = shard_config(config, tp)
+            r = {"config": name, "tp": tp, "n_heads": shard.n_heads,
+                 "n_kv_heads": shard.n_kv_heads, "d_ff": shard.d_ff,
+                 **time_layer(shard, **layer_kw)}
+            r["model_ms_per_token_no_comm"] = 1e3 * config.n_layers * r["seconds"]
+            times[tp] = r["seconds"]
+            results["layers"].append(r)
+            emit(f"(b) {name} layer 1/{tp} width (heads {shard.n_heads}/{shard.n_kv_heads}, "
+                 f"d_ff {shard.d_ff}): {1e6 * r['seconds']:.1f} us/token (x {config.n_layers} "
+                 f"layers: {r['model_ms_per_token_no_comm']:.2f} ms), weights "
+                 f"{r['layer_bytes'] / 2**20:.1f} MiB ({r['copies']} copies chained)")
+        for tp in tps[1:]:
+            e = tensor_parallel_estimate(times[1], times[tp], tp, batch=1,
+                                         d_model=config.d_model, n_layers=config.n_layers,
+                                         gbps=args.nvlink_gbps,
+                                         latency_us=args.allreduce_latency_us)
+            results["tensor_parallel"].append(e)
+            emit(f"(c) tp={tp}: all-reduce {e['allreduce_bytes']} B x 2 per layer, "
+                 f"{e['allreduce_bytes_per_model'] / 2**20:.2f} MiB per token per model; "
+                 f"scaling t(full)/(tp*t(1/tp)) = {e['scaling_no_comm']:.2f} "
+                 f"(speedup {e['speedup_no_comm']:.2f}x); with communication "
+                 f"({args.nvlink_gbps:g} GB/s, {args.allreduce_latency_us:g} us per "
+                 f"all-reduce, assumed): {e['scaling_with_comm']:.2f} (speedup "
+                 f"{e['speedup_with_comm']:.2f}x, {e['model_ms_per_token_with_comm']:.2f} "
+                 f"ms/token for {config.n_layers} layers)")
+    return results
+
+
+if __name__ == "__main__":
+    main()
