@@ -39,7 +39,8 @@ import json
 import math
 import sys
 import time
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -124,6 +125,10 @@ def tensor_parallel_estimate(t_full: float, t_shard: float, tp: int, *, batch: i
             "model_ms_per_token_with_comm": 1e3 * n_layers * layer_s}
 
 
+def _stage(label: str, done: int, total: int, what: str) -> None:
+    print(f"  {label}: {what}", file=sys.stderr, flush=True)
+
+
 def main(argv: Sequence[str] | None = None) -> dict:
     """Runs the benchmark; returns the results (also written to --json)."""
     p = argparse.ArgumentParser(prog="bench_decode.py", description=__doc__,
@@ -168,17 +173,13 @@ def main(argv: Sequence[str] | None = None) -> dict:
               if args.quick else None}
         rows = {}
         for nf4, batch in ((True, 1), (True, 8), (False, 1), (False, 8)):
-            weights = "nf4" if nf4 else "bfloat16"
-
-            def stage(done: int, total: int, what: str, label=f"{name} {weights} b{batch}"):
-                print(f"  {label}: {what}", file=sys.stderr, flush=True)
-
-            r = llama.benchmark_decode(name, batch, new_tokens, nf4, progress=stage, **kw)
+            r = llama.benchmark_decode(name, batch, new_tokens, nf4, **kw,
+                                       progress=functools.partial(_stage, f"{name} b{batch}"))
             r = {k: v for k, v in r.items() if k != "tokens"}
-            rows[weights, batch] = r
+            rows[r["weights"], batch] = r
             results["decode"].append(r)
             peak = "-" if r["peak_bytes"] is None else f"{r['peak_bytes'] / 2**30:.2f} GiB"
-            emit(f"(a) {name} {weights:<8} batch {batch}: {r['tokens_per_s']:9.1f} tokens/s "
+            emit(f"(a) {name} {r['weights']:<8} batch {batch}: {r['tokens_per_s']:9.1f} tokens/s "
                  f"({1e3 * r['seconds'] / new_tokens:.2f} ms/step), weights "
                  f"{r['weight_bytes'] / 2**30:.2f} GiB, peak {peak}, build {r['build_s']:.1f} "
                  f"s, compile {r['compile_s']:.1f} s")

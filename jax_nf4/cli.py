@@ -11,7 +11,8 @@ import argparse
 import json
 import math
 import sys
-from typing import Sequence
+from collections.abc import Sequence
+from types import ModuleType
 
 __all__ = ["main"]
 
@@ -249,7 +250,7 @@ class _ProgressBar:
         sys.stderr.flush()
 
 
-def _decode_setup(args) -> tuple:
+def _decode_setup(args) -> tuple[ModuleType, dict]:
     """The llama module and ``benchmark_decode`` keywords of ``generate`` / ``bench --model``."""
     import jax.numpy as jnp
 
@@ -269,9 +270,8 @@ def _compare_decode(args) -> int:
     """``bench --model`` and ``generate --bench``: NF4 vs dense decoding, tokens/s and memory."""
     llama, kw = _decode_setup(args)
     config = llama.get_config(args.config)
-    rows = [llama.benchmark_decode(args.config, args.batch, args.new_tokens, nf4,
-                                   progress=_ProgressBar(f"{args.config} {weights}"), **kw)
-            for nf4, weights in ((True, "nf4"), (False, args.dtype))]
+    rows = llama.compare_decode(args.config, args.batch, args.new_tokens,
+                                progress=_ProgressBar(args.config), **kw)
     print(f"{args.config}: {config.n_layers} layers, d_model {config.d_model}, batch "
           f"{args.batch}, prompt {args.prompt_len}, {args.new_tokens} new tokens")
     print(f"{'weights':<9} {'tokens/s':>10} {'ms/token':>9} {'compile s':>9} "

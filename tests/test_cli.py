@@ -217,10 +217,41 @@ def test_usage_errors_exit_2_with_one_line(capsys, argv):
 
 
 @pytest.mark.parametrize("argv", [["--help"], ["quantize", "--help"], ["inspect", "--help"],
-                                  ["bench", "--help"]])
+                                  ["bench", "--help"], ["bench", "--model", "tiny", "-h"]])
 def test_help_exits_0(capsys, argv):
     rc, out, _ = run(capsys, *argv)
     assert rc == 0 and "usage:" in out
+    if argv[0] in ("bench", "--help"):
+        assert "--model" in out
+
+
+def test_bench_model(capsys):
+    """`jax-nf4 bench --model tiny`: the NF4-vs-bf16 decode table, progress on stderr."""
+    pytest.importorskip("flax")
+    rc, out, err = run(capsys, "bench", "--model", "tiny", "--batch", "2", "--new-tokens", "2",
+                       "--prompt-len", "2", "--iters", "1")
+    assert rc == 0, err
+    lines = out.splitlines()
+    assert lines[0] == "tiny: 2 layers, d_model 128, batch 2, prompt 2, 2 new tokens"
+    assert lines[1].split() == ["weights", "tokens/s", "ms/token", "compile", "s", "weights",
+                                "projections", "peak", "mem"]
+    rows = {}
+    for line in lines[2:4]:
+        name, tps, ms, _compile, *rest = line.split()
+        rows[name] = (float(tps), float(ms))
+        assert rest[-1] == "-"  # no peak memory statistics on the CPU
+        assert float(tps) > 0 and float(ms) == pytest.approx(1e3 * 2 / float(tps), rel=0.01)
+    assert set(rows) == {"nf4", "bfloat16"}
+    # projections: 2 layers x (2*128*128 + 2*64*128 + 3*256*128) weights, 2 B vs 0.5625 B
+    assert "KiB" in lines[2] and "162.0 KiB" in lines[2] and "576.0 KiB" in lines[3]
+    ratio = rows["nf4"][0] / rows["bfloat16"][0]
+    assert lines[4].startswith(f"nf4 / bfloat16: {ratio:.2f}x tokens/s, 0.41x weight memory")
+    for weights in ("nf4", "bfloat16"):
+        assert f"tiny [....................] {weights} build" in err
+        assert f"tiny [####################] {weights} done" in err
+    assert run(capsys, "bench", "--model", "nope")[0] == 2
+    rc, _, err = run(capsys, "bench", "--model", "tiny", "--batch", "0")
+    assert rc == 1 and err == "jax-nf4 bench: error: --batch must be >= 1\n"
 
 
 def test_runtime_errors_exit_1_with_one_line(tmp_path, model, capsys):

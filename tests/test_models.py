@@ -1,10 +1,13 @@
 """The Llama-style decoder of jax_nf4.models.llama on the tiny preset (CPU): NF4 vs dequantized
 dense logits, KV-cache decoding vs recomputing the whole sequence, jit and determinism, cache
-shapes, the benchmark helper and `jax-nf4 generate`."""
+shapes, the benchmark helper, `jax-nf4 generate` and bench/bench_decode.py --quick."""
 
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
+import json
+from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -171,15 +174,40 @@ def test_decode_jittable_and_deterministic(models, prompt, decoded):
 
 def test_bf16_model_and_benchmark():
     small = dataclasses.replace(TINY, n_layers=1)
-    r = llama.benchmark_decode("tiny", 1, 4, True, prompt_len=3, iters=1, config=small)
+    stages = []
+    r = llama.benchmark_decode("tiny", 1, 4, True, prompt_len=3, iters=1, config=small,
+                               progress=lambda *a: stages.append(a))
     d = llama.benchmark_decode("tiny", 1, 4, False, prompt_len=3, iters=1, config=small)
+    assert stages == [(0, 3, "nf4 build"), (1, 3, "nf4 compile"), (2, 3, "nf4 run 1/1"),
+                      (3, 3, "nf4 done")]
     assert r["weights"] == "nf4" and d["weights"] == "bfloat16"
     assert r["tokens"].shape == (1, 4) and r["tokens_per_s"] > 0 and d["tokens_per_s"] > 0
+    assert r["build_s"] > 0 and r["compile_s"] > 0
     # 7 projections of one layer: bf16 is 2 bytes/weight, NF4 0.5 + 4/64 (float32 scale)
     weights = 2 * 128 * 128 + 2 * 64 * 128 + 3 * 256 * 128  # q, o; k, v; gate, up, down
     assert d["linear_bytes"] == 2 * weights
     assert r["linear_bytes"] == weights // 2 + weights // 64 * 4
     assert r["weight_bytes"] < d["weight_bytes"]
+    # the CPU backend reports no memory statistics
+    assert r["peak_bytes"] == d["peak_bytes"] == llama.peak_device_bytes()
+    assert llama.peak_device_bytes() is None or llama.peak_device_bytes() > 0
+
+
+def test_explicit_head_dim():
+    """A tensor-parallel shard: heads and d_ff divided, d_model and head_dim kept."""
+    c70 = llama.get_config("llama3-70b")
+    shard = dataclasses.replace(c70, n_heads=16, n_kv_heads=2, d_ff=7168)
+    assert shard.head_dim == 128 == c70.head_dim  # the resolved value is kept
+    c = llama.LlamaConfig(256, 128, 1, 2, 1, 128, 8, head_dim=32)
+    block = llama.Block(c, True, dtype=jnp.float32, param_dtype=jnp.float32,
+                        rngs=nnx.Rngs(0))
+    assert block.attn.q_proj.kernel.get_value().shape == (64, 128)
+    assert block.attn.o_proj.kernel.get_value().shape == (128, 64)
+    x = jnp.ones((1, 3, 128), jnp.float32)
+    y, (k, _) = nnx.jit(lambda b, x: b(x, jnp.arange(3), None))(block, x)
+    assert y.shape == x.shape and k.shape == (1, 3, 1, 32)
+    with pytest.raises(ValueError, match="without head_dim"):
+        llama.LlamaConfig(256, 128, 1, 3, 1, 128, 8)
 
 
 def test_cli_generate(capsys):
@@ -201,3 +229,58 @@ def test_cli_generate(capsys):
     assert cli._MODEL_CONFIGS == tuple(llama.CONFIGS)
     assert main(["generate", "--batch", "0"]) == 1
     assert main(["generate", "--new-tokens", "x"]) == 2
+
+
+def _bench_decode_module():
+    path = Path(__file__).resolve().parents[1] / "bench" / "bench_decode.py"
+    spec = importlib.util.spec_from_file_location("bench_decode", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_tensor_parallel_formulas():
+    bd = _bench_decode_module()
+    e = bd.tensor_parallel_estimate(4e-4, 1e-4, 2, batch=1, d_model=8192, n_layers=80,
+                                    gbps=450.0, latency_us=10.0)
+    buffer = 2 * 8192  # one all-reduce of d_model bf16 values
+    allreduce = 10e-6 + 2 * (2 - 1) / 2 * buffer / 450e9
+    assert e["allreduce_bytes"] == buffer and e["allreduce_bytes_per_layer"] == 2 * buffer
+    assert e["allreduce_bytes_per_model"] == 80 * 2 * buffer
+    assert e["scaling_no_comm"] == pytest.approx(2.0) and e["speedup_no_comm"] == 4.0
+    assert e["allreduce_s"] == pytest.approx(allreduce)
+    assert e["scaling_with_comm"] == pytest.approx(4e-4 / (2 * (1e-4 + 2 * allreduce)))
+    assert e["model_ms_per_token_with_comm"] == pytest.approx(80e3 * (1e-4 + 2 * allreduce))
+    e4 = bd.tensor_parallel_estimate(4e-4, 1e-4, 4, batch=8, d_model=8192, n_layers=80,
+                                     gbps=450.0, latency_us=0.0)
+    assert e4["ring_bytes_sent_per_gpu_per_layer"] == 2 * 2 * 3 / 4 * 8 * buffer
+    assert e4["scaling_no_comm"] == pytest.approx(1.0)
+    shard = bd.shard_config(llama.get_config("llama3-70b"), 4)
+    assert (shard.n_heads, shard.n_kv_heads, shard.d_ff, shard.head_dim, shard.d_model) == (
+        16, 2, 7168, 128, 8192)
+    with pytest.raises(ValueError, match="tp=3"):
+        bd.shard_config(llama.get_config("llama3-70b"), 3)
+
+
+def test_bench_decode_quick(tmp_path, capsys):
+    out = tmp_path / "decode.json"
+    results = _bench_decode_module().main(["--quick", "--iters", "1", "--json", str(out)])
+    assert json.loads(out.read_text()) == json.loads(json.dumps(results))
+    printed = capsys.readouterr().out
+    assert printed.count("(a) tiny") == 4 and printed.count("(b) tiny") == 2
+    assert "(c) tp=2" in printed
+    decode = {(r["weights"], r["batch"]): r for r in results["decode"]}
+    assert set(decode) == {("nf4", 1), ("nf4", 8), ("bfloat16", 1), ("bfloat16", 8)}
+    assert all(r["tokens_per_s"] > 0 and r["weight_bytes"] > 0 for r in decode.values())
+    assert decode["nf4", 8]["weight_bytes"] < decode["bfloat16", 8]["weight_bytes"]
+    for ratio in results["decode_ratio"]:
+        b = ratio["batch"]
+        assert ratio["tokens_per_s_nf4_over_bf16"] == pytest.approx(
+            decode["nf4", b]["tokens_per_s"] / decode["bfloat16", b]["tokens_per_s"])
+    layers = {r["tp"]: r for r in results["layers"]}
+    assert set(layers) == {1, 2} and all(r["seconds"] > 0 for r in layers.values())
+    assert layers[2]["layer_bytes"] < layers[1]["layer_bytes"]
+    (tp2,) = results["tensor_parallel"]
+    assert tp2["scaling_no_comm"] == pytest.approx(
+        layers[1]["seconds"] / (2 * layers[2]["seconds"]))
+    assert tp2["scaling_with_comm"] < tp2["scaling_no_comm"]

@@ -358,14 +358,19 @@ def benchmark_decode(config_name: str, batch: int = 1, new_tokens: int = 64, nf4
     embedding / norms / lm_head), ``linear_bytes`` only the projections that NF4 replaces;
     ``peak_bytes`` is :func:`peak_device_bytes` after the runs (a process-wide peak: it
     describes this call when earlier calls in the process used less memory). ``progress``, if
-    given, is called as each stage (build, compile, each timed run) starts and once at the end
-    (``done == total``).
+    given, is called as ``progress(done, total, "WEIGHTS STAGE")`` when each stage (build,
+    compile, each timed run) starts and once at the end (``done == total``).
     """
     total = 2 + max(1, iters)
-    report = progress or (lambda done, total, stage: None)
+    weights = "nf4" if nf4 else jnp.dtype(dtype).name
+
+    def report(done: int, stage: str) -> None:
+        if progress is not None:
+            progress(done, total, f"{weights} {stage}")
+
     base = config if config is not None else get_config(config_name)
     cfg = dataclasses.replace(base, max_len=prompt_len + new_tokens)
-    report(0, total, "build")
+    report(0, "build")
     t0 = time.perf_counter()
     model = Llama(cfg, nf4=nf4, dtype=dtype, rngs=nnx.Rngs(seed))
     jax.block_until_ready(nnx.state(model))
@@ -375,19 +380,19 @@ def benchmark_decode(config_name: str, batch: int = 1, new_tokens: int = 64, nf4
                        if isinstance(m, linear_types) and path[-1] != "lm_head")
     prompt = jax.random.randint(jax.random.PRNGKey(seed), (batch, prompt_len), 0,
                                 cfg.vocab_size, jnp.int32)
-    report(1, total, "compile")
+    report(1, "compile")
     t0 = time.perf_counter()
     tokens = jax.block_until_ready(generate(model, prompt, new_tokens))
     compile_s = time.perf_counter() - t0
     times = []
     for i in range(total - 2):
-        report(2 + i, total, f"run {i + 1}/{total - 2}")
+        report(2 + i, f"run {i + 1}/{total - 2}")
         t0 = time.perf_counter()
         jax.block_until_ready(generate(model, prompt, new_tokens))
         times.append(time.perf_counter() - t0)
-    report(total, total, "done")
+    report(total, "done")
     seconds = min(times)
-    return {"config": config_name, "weights": "nf4" if nf4 else jnp.dtype(dtype).name,
+    return {"config": config_name, "weights": weights,
             "batch": batch, "prompt_len": prompt_len, "new_tokens": new_tokens,
             "seconds": seconds, "tokens_per_s": batch * new_tokens / seconds,
             "build_s": build_s, "compile_s": compile_s, "weight_bytes": _weight_bytes(model),
