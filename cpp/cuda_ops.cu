@@ -136,6 +136,7 @@ struct GemvArgs {
   int64_t m_total, m0;
   int64_t pairs, cols, block_size;
   int64_t ctas_per_group;
+  int64_t groups;       // byte-pair kernel: G (its grid is persistent)
   int splits;           // warps sharing one row group along K
   int steps_per_split;  // byte-pair kernel: 64-element spans per split (a multiple of its unroll)
   int block_shift;  // log2(block_size) when it is a power of two, else -1
@@ -552,44 +553,53 @@ cudaError_t LaunchGemvTensorCoreRows(GemvArgs<Scales> a, int64_t groups, cudaStr
 // one byte_perm: the code byte is the entry index (bits 8-15) and the lane picks its bank (bits
 // 2-6) in a table of 256 entries x 32 lanes at a 256-byte stride placed at a 64 KB-aligned
 // shared address, so the byte_perm's result IS the address (one PRMT and one LDS per byte).
-// The table is 64 KB of a 128 KB dynamic allocation (aligned inside it at run time); one
-// 16-warp CTA per SM.
+// The table is 64 KB of a dynamic allocation (aligned inside it at run time), so one 16-warp
+// CTA per SM; the grid is persistent (one CTA per SM looping over work units: 16 / splits
+// tiles of 16 row pairs, K split over `splits` warps each), and the first loads of a CTA's next
+// unit are issued before the current unit's split-K reduction so the stream does not drain.
 constexpr int kBpSpan = 64;                   // contraction elements per quad per step
-constexpr int kBpUnroll = 2;                  // spans whose loads are issued together
+template <int NT>                             // spans whose loads are issued together
+constexpr int kBpUnroll = NT == 1 ? 4 : 2;    // (registers: wider n-tiles keep fewer)
 constexpr int kBpWarps = 16;                  // warps per CTA
-constexpr int kBpSharedBytes = 2 * 65536;     // holds a 64 KB-aligned 64 KB table
+// Dynamic shared memory: up to 64 KB of alignment padding, the 64 KB table, the double-quant
+// scale table (1 KB) and the split-K partial sums.
+template <int NT>
+constexpr int kBpSharedBytes = 65536 + 65536 + 1024 + kBpWarps * 32 * 4 * NT * 4;
 
-// Double-quantized scales decode through their 256-entry table; kernels copy it to shared
-// memory once per CTA (one group per CTA). Plain scales need nothing.
+// Double-quantized scales decode through their 256-entry table: with one group (no vmap
+// batch) kernels copy it to shared memory once per CTA. Plain scales need nothing.
 template <typename Scales>
-__device__ __forceinline__ void StageScaleTable(const Scales& s, float* staged, int64_t g) {
+__device__ __forceinline__ void StageScaleTable(const Scales& s, float* staged, int64_t groups) {
   if constexpr (std::is_same_v<Scales, DoubleQuantScales>) {
-    for (int i = threadIdx.x; i < 256; i += blockDim.x) staged[i] = __ldg(s.table + g * 256 + i);
+    if (groups == 1)
+      for (int i = threadIdx.x; i < 256; i += blockDim.x) staged[i] = __ldg(s.table + i);
   }
 }
 template <typename Scales>
-__device__ __forceinline__ auto StagedRow(const Scales& s, const float* staged, int64_t g,
-                                          int64_t n, int64_t rows, int64_t blocks) {
+__device__ __forceinline__ auto StagedRow(const Scales& s, const float* staged, int64_t groups,
+                                          int64_t g, int64_t n, int64_t rows, int64_t blocks) {
   auto row = s.RowOf(g, n, rows, blocks);
-  if constexpr (std::is_same_v<Scales, DoubleQuantScales>) row.table = staged;
+  if constexpr (std::is_same_v<Scales, DoubleQuantScales>) {
+    if (groups == 1) row.table = staged;
+  }
   return row;
 }
 
 template <typename T, int NT, typename Scales>
 __global__ void __launch_bounds__(32 * kBpWarps, 1) GemvBytePairKernel(GemvArgs<Scales> a) {
-  constexpr int W = kBpWarps;
+  constexpr int W = kBpWarps, U = kBpUnroll<NT>;
   extern __shared__ __align__(16) unsigned char dynamic_shared[];
-  __shared__ float scale_table[256];
   const uint32_t dynamic_base = static_cast<uint32_t>(__cvta_generic_to_shared(dynamic_shared));
   const uint32_t table_base = (dynamic_base + 0xffffu) & ~0xffffu;  // entry e, lane l: +256e + 4l
   unsigned char* table = dynamic_shared + (table_base - dynamic_base);
+  float* scale_table = reinterpret_cast<float*>(table + 65536);
+  float(*partial)[32][4 * NT] = reinterpret_cast<float(*)[32][4 * NT]>(scale_table + 256);
   for (int i = threadIdx.x; i < 256 * 8; i += 32 * W) {
     const int e = i / 8;
     const uint32_t v = MmaType<T>::Pack(kDeviceCodebook[e & 15], kDeviceCodebook[e >> 4]);
     reinterpret_cast<uint4*>(table)[e * 16 + i % 8] = make_uint4(v, v, v, v);
   }
-  const int64_t grp = blockIdx.x / a.ctas_per_group;
-  StageScaleTable(a.scales, scale_table, grp);
+  StageScaleTable(a.scales, scale_table, a.groups);
   __syncthreads();
   const uint32_t lane_address = table_base | (4 * (threadIdx.x % 32));
   auto lookup = [lane_address](uint32_t word, int byte) {  // table entry of one code byte
@@ -602,78 +612,77 @@ __global__ void __launch_bounds__(32 * kBpWarps, 1) GemvBytePairKernel(GemvArgs<
 
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, g = lane / 4, t = lane % 4;
   const int splits = a.splits;
-  const int64_t cta = blockIdx.x % a.ctas_per_group;
-  const int64_t pair0 = (cta * (W / splits) + warp / splits) * 16;
   const int split = warp % splits;
   const int64_t K = a.cols, N = 2 * a.pairs, blocks = K / a.block_size;
-  const int64_t pa = pair0 + g, pb = pa + 8;
-  const bool ok_a = pa < a.pairs, ok_b = pb < a.pairs;
   const int rows = int(a.m_total - a.m0 < 4 * NT ? a.m_total - a.m0 : 4 * NT);
-
-  // This warp's contiguous slice of 64-element spans, in groups of U spans whose loads are
-  // issued together, double-buffered (ping-pong, no register copies). Loads use immediate
-  // offsets from pointers that advance per group. Rows past N and activation rows past M
-  // read clamped, valid addresses: they only feed mma rows / columns that are never stored.
+  const int64_t units = a.ctas_per_group * a.groups;
+  // This warp's contiguous slice of 64-element spans (the same in every unit), in groups of U
+  // spans whose loads are issued together, double-buffered (ping-pong, no register copies).
   const int steps = int(K / kBpSpan);
   const int begin = split * a.steps_per_split;
   const int end = begin + a.steps_per_split < steps ? begin + a.steps_per_split : steps;
-  const uint4* wa = reinterpret_cast<const uint4*>(
-                        a.packed + (grp * a.pairs + (ok_a ? pa : 0)) * K + 16 * t) + 4 * begin;
-  const uint4* wb = reinterpret_cast<const uint4*>(
-                        a.packed + (grp * a.pairs + (ok_b ? pb : 0)) * K + 16 * t) + 4 * begin;
-  // B operand: column g is (m = g / 2, h' = g % 2); the x pair of step s goes to the half h'.
-  const T* x_rows = static_cast<const T*>(a.x) + (grp * a.m_total + a.m0) * K + 16 * t;
-  const uint4* x[NT];
-#pragma unroll
-  for (int j = 0; j < NT; ++j) {
-    const int m = 4 * j + g / 2;
-    x[j] = reinterpret_cast<const uint4*>(x_rows + (m < rows ? m : 0) * K) + 8 * begin;
-  }
   const uint32_t sel_lo = (g & 1) ? 0x1054 : 0x5410, sel_hi = (g & 1) ? 0x3254 : 0x5432;
-  // Lane (g, t) loads the scale of C column c = t of its quad (rows 2pa, 2pa + 1, 2pb, 2pb + 1)
-  // and the quad shares them by shuffles.
-  const int64_t scale_row = t < 2 ? 2 * (ok_a ? pa : 0) + t : 2 * (ok_b ? pb : 0) + t - 2;
-  const auto scale = StagedRow(a.scales, scale_table, grp, scale_row, N, blocks);
   const int step_shift = a.block_shift - 6;
 
-  float acc[NT][4];
-#pragma unroll
-  for (int j = 0; j < NT; ++j) acc[j][0] = acc[j][1] = acc[j][2] = acc[j][3] = 0.0f;
-
-  constexpr int U = kBpUnroll;
-  // With one n-tile the activations load with the group; wider tiles load theirs per span
-  // (registers).
-  constexpr int XG = NT == 1 ? 1 : 0;
-  struct Group {
-    uint4 w[U][2];
-    uint4 x[U][XG][2];
-    float scale[U];
+  // Where one work unit's operands are for this lane. Rows past N and activation rows past M
+  // read clamped, valid addresses: they only feed mma rows / columns that are never stored.
+  // B operand: column g is (m = g / 2, h' = g % 2); the x pair of step s goes to the half h'.
+  // Lane (g, t) loads the scale of C column c = t of its quad (rows 2pa, 2pa + 1, 2pb, 2pb + 1)
+  // and the quad shares them by shuffles.
+  using ScaleRow = decltype(StagedRow(a.scales, scale_table, 1, 0, 0, 1, 1));
+  struct Unit {
+    int64_t grp, pa, pb;
+    const uint4 *wa, *wb, *x[NT];
+    ScaleRow scale;
   };
-  auto load_x = [&](uint4 (&dst)[NT][2], int o) {
+  auto setup = [&](int64_t unit) {
+    Unit u;
+    u.grp = unit / a.ctas_per_group;
+    const int64_t cta = unit % a.ctas_per_group;
+    u.pa = (cta * (W / splits) + warp / splits) * 16 + g;
+    u.pb = u.pa + 8;
+    const int64_t ra = u.pa < a.pairs ? u.pa : 0, rb = u.pb < a.pairs ? u.pb : 0;
+    const uint8_t* w0 = a.packed + u.grp * a.pairs * K + 16 * t;
+    u.wa = reinterpret_cast<const uint4*>(w0 + ra * K) + 4 * begin;
+    u.wb = reinterpret_cast<const uint4*>(w0 + rb * K) + 4 * begin;
+    const T* x_rows = static_cast<const T*>(a.x) + (u.grp * a.m_total + a.m0) * K + 16 * t;
 #pragma unroll
     for (int j = 0; j < NT; ++j) {
-      dst[j][0] = __ldg(x[j] + 8 * o);
-      dst[j][1] = __ldg(x[j] + 8 * o + 1);
+      const int m = 4 * j + g / 2;
+      u.x[j] = reinterpret_cast<const uint4*>(x_rows + (m < rows ? m : 0) * K) + 8 * begin;
     }
+    u.scale = StagedRow(a.scales, scale_table, a.groups, u.grp,
+                        t < 2 ? 2 * ra + t : 2 * rb + t - 2, N, blocks);
+    return u;
   };
-  // Loads the group at span s (offset o spans from the pointers).
-  auto load = [&](Group& gr, int s, int o) {
+
+  struct Group {
+    uint4 w[U][2];
+    float scale[U];
+  };
+  // Loads the group at span s (offset o spans from the unit's pointers).
+  auto load = [&](Group& gr, const Unit& un, int s, int o) {
 #pragma unroll
     for (int u = 0; u < U; ++u) {
       if (s + u >= end) break;
-      gr.w[u][0] = __ldcs(wa + 4 * (o + u));
-      gr.w[u][1] = __ldcs(wb + 4 * (o + u));
-      gr.scale[u] = scale((s + u) >> step_shift);
-      if constexpr (XG == 1) load_x(gr.x[u], o + u);
+      gr.w[u][0] = __ldcs(un.wa + 4 * (o + u));
+      gr.w[u][1] = __ldcs(un.wb + 4 * (o + u));
+      gr.scale[u] = un.scale((s + u) >> step_shift);
     }
   };
-  auto compute = [&](const Group& gr, int s, int o) {
+  float acc[NT][4];
+  auto compute = [&](const Group& gr, const Unit& un, int s, int o) {
 #pragma unroll
     for (int u = 0; u < U; ++u) {
       if (s + u >= end) break;
+      // Activations load per span (L1 hits: every unit of the SM reads the same slices); the
+      // registers go to weight bytes in flight.
       uint4 xs[NT][2];
-      if constexpr (XG == 1) xs[0][0] = gr.x[u][0][0], xs[0][1] = gr.x[u][0][1];
-      else load_x(xs, o + u);
+#pragma unroll
+      for (int j = 0; j < NT; ++j) {
+        xs[j][0] = __ldg(un.x[j] + 8 * (o + u));
+        xs[j][1] = __ldg(un.x[j] + 8 * (o + u) + 1);
+      }
       float part[NT][4];
 #pragma unroll
       for (int j = 0; j < NT; ++j) part[j][0] = part[j][1] = part[j][2] = part[j][3] = 0.0f;
@@ -699,73 +708,87 @@ __global__ void __launch_bounds__(32 * kBpWarps, 1) GemvBytePairKernel(GemvArgs<
       }
     }
   };
-  auto advance = [&]() {  // pointers move two groups on
-    wa += 8 * U;
-    wb += 8 * U;
-#pragma unroll
-    for (int j = 0; j < NT; ++j) x[j] += 16 * U;
-  };
 
   Group ping, pong;
-  load(ping, begin, 0);
-  for (int s0 = begin; s0 < end; s0 += 2 * U) {
-    load(pong, s0 + U, U);
-    compute(ping, s0, 0);
-    if (s0 + U >= end) break;
-    load(ping, s0 + 2 * U, 2 * U);
-    compute(pong, s0 + U, U);
-    advance();
-  }
+  Unit cur = setup(blockIdx.x);
+  if (blockIdx.x < units) load(ping, cur, begin, 0);
+  for (int64_t unit = blockIdx.x; unit < units; unit += gridDim.x) {
+#pragma unroll
+    for (int j = 0; j < NT; ++j) acc[j][0] = acc[j][1] = acc[j][2] = acc[j][3] = 0.0f;
+    for (int s0 = begin; s0 < end; s0 += 2 * U) {  // ping holds the group at s0
+      load(pong, cur, s0 + U, U);
+      compute(ping, cur, s0, 0);
+      if (s0 + U >= end) break;
+      load(ping, cur, s0 + 2 * U, 2 * U);
+      compute(pong, cur, s0 + U, U);
+      cur.wa += 8 * U;
+      cur.wb += 8 * U;
+#pragma unroll
+      for (int j = 0; j < NT; ++j) cur.x[j] += 16 * U;
+    }
+    // The next unit's first group loads now (ping is free), under the reduction below.
+    const Unit next = setup(unit + gridDim.x);
+    if (unit + gridDim.x < units) load(ping, next, begin, 0);
 
-  if (splits > 1) {  // fixed-order sum over the warps that split K (the table is done with)
-    float(*partial)[32][4 * NT] = reinterpret_cast<float(*)[32][4 * NT]>(table);
-    __syncthreads();
+    if (splits > 1) {  // fixed-order sum over the warps that split K
 #pragma unroll
-    for (int j = 0; j < NT; ++j)
+      for (int j = 0; j < NT; ++j)
 #pragma unroll
-      for (int c = 0; c < 4; ++c) partial[warp][lane][4 * j + c] = acc[j][c];
-    __syncthreads();
-    if (split != 0) return;
+        for (int c = 0; c < 4; ++c) partial[warp][lane][4 * j + c] = acc[j][c];
+      __syncthreads();
+      if (split == 0) {
 #pragma unroll
-    for (int j = 0; j < NT; ++j)
+        for (int j = 0; j < NT; ++j)
 #pragma unroll
-      for (int c = 0; c < 4; ++c) {
-        float sum = 0.0f;
-        for (int sp = 0; sp < splits; ++sp) sum += partial[warp + sp][lane][4 * j + c];
-        acc[j][c] = sum;
+          for (int c = 0; c < 4; ++c) {
+            float sum = 0.0f;
+            for (int sp = 0; sp < splits; ++sp) sum += partial[warp + sp][lane][4 * j + c];
+            acc[j][c] = sum;
+          }
       }
-  }
-  T* out = static_cast<T*>(a.out) + (grp * a.m_total + a.m0) * N;
+      __syncthreads();  // the partial sums are read before the next unit writes them
+    }
+    if (split == 0) {
+      T* out = static_cast<T*>(a.out) + (cur.grp * a.m_total + a.m0) * N;
 #pragma unroll
-  for (int j = 0; j < NT; ++j) {
-    const int m = 4 * j + t;
-    if (m >= rows) continue;
-    if (ok_a) *reinterpret_cast<uint32_t*>(out + m * N + 2 * pa) = MmaType<T>::Pack(acc[j][0], acc[j][1]);
-    if (ok_b) *reinterpret_cast<uint32_t*>(out + m * N + 2 * pb) = MmaType<T>::Pack(acc[j][2], acc[j][3]);
+      for (int j = 0; j < NT; ++j) {
+        const int m = 4 * j + t;
+        if (m >= rows) continue;
+        if (cur.pa < a.pairs)
+          *reinterpret_cast<uint32_t*>(out + m * N + 2 * cur.pa) =
+              MmaType<T>::Pack(acc[j][0], acc[j][1]);
+        if (cur.pb < a.pairs)
+          *reinterpret_cast<uint32_t*>(out + m * N + 2 * cur.pb) =
+              MmaType<T>::Pack(acc[j][2], acc[j][3]);
+      }
+    }
+    cur = next;
   }
 }
 
-// Splits of K and grid of the byte-pair kernel: split K until about four waves of CTAs (one
-// per SM) are queued, keeping >= 2 load groups per warp.
+// Splits of K and the persistent grid of the byte-pair kernel: K splits over up to 16 warps
+// while each keeps >= 2 load groups, so that units are small (load balance across SMs).
 template <typename T, int NT, typename Scales>
 cudaError_t LaunchGemvBytePairRows(GemvArgs<Scales> a, int64_t groups, cudaStream_t stream) {
+  constexpr int U = kBpUnroll<NT>;
   int device = 0, sms = 0;
   cudaGetDevice(&device);
   cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device);
   const int64_t tiles = (a.pairs + 15) / 16;
   const int64_t steps = a.cols / kBpSpan;
   int splits = 1;
-  while (splits < kBpWarps && tiles * groups * splits < int64_t(4) * kBpWarps * sms &&
-         steps >= int64_t(2) * kBpUnroll * splits)
-    splits *= 2;
+  while (splits < kBpWarps && steps >= int64_t(4) * U * splits) splits *= 2;
   a.splits = splits;
-  a.steps_per_split = int((steps + splits * kBpUnroll - 1) / (splits * kBpUnroll) * kBpUnroll);
+  a.steps_per_split = int((steps + splits * U - 1) / (splits * U) * U);
+  a.groups = groups;
   a.ctas_per_group = (tiles + kBpWarps / splits - 1) / (kBpWarps / splits);
+  const int64_t units = a.ctas_per_group * groups;
   auto kernel = GemvBytePairKernel<T, NT, Scales>;
-  cudaError_t err =
-      cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, kBpSharedBytes);
+  cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                         kBpSharedBytes<NT>);
   if (err != cudaSuccess) return err;
-  kernel<<<dim3(unsigned(a.ctas_per_group * groups)), 32 * kBpWarps, kBpSharedBytes, stream>>>(a);
+  kernel<<<dim3(unsigned(units < sms ? units : sms)), 32 * kBpWarps, kBpSharedBytes<NT>,
+           stream>>>(a);
   return cudaGetLastError();
 }
 
@@ -775,7 +798,7 @@ bool BytePairFits() {
   int device = 0, optin = 0;
   cudaGetDevice(&device);
   cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, device);
-  return optin >= kBpSharedBytes + 1024;
+  return optin >= kBpSharedBytes<4>;
 }
 
 // Up to 32 rows per launch (larger M is tiled; the Python lowering sends large M elsewhere):
