@@ -542,7 +542,7 @@ cudaError_t LaunchGemvTensorCoreRows(GemvArgs<Scales> a, int64_t groups, cudaStr
 // ---------------------------------------------------------------- byte-pair tensor-core GEMV
 
 // Fused GEMV for bf16 / f16 activations, power-of-two block_size >= 64, up to 4 * NT rows:
-// the decode path (M <= 16). The mma contraction index k' = 2j + h runs over (k, which row of
+// the decode path (M <= 8). The mma contraction index k' = 2j + h runs over (k, which row of
 // the pair), so a packed byte (even-row code, odd-row code at one k) decodes with ONE table
 // lookup into exactly the A register (even value, odd value) of mma row `pair`; the activation
 // operand B[(h, k)][(h', m)] = [h == h'] x[m][k] routes each half to its own output column
@@ -658,7 +658,7 @@ __global__ void __launch_bounds__(32 * kBpWarps, 1) GemvBytePairKernel(GemvArgs<
 
   struct Group {
     uint4 w[U][2];
-    float scale[U];
+    typename ScaleRow::Raw scale[U];  // decoded in compute, once the reads have landed
   };
   // Loads the group at span s (offset o spans from the unit's pointers).
   auto load = [&](Group& gr, const Unit& un, int s, int o) {
@@ -667,7 +667,7 @@ __global__ void __launch_bounds__(32 * kBpWarps, 1) GemvBytePairKernel(GemvArgs<
       if (s + u >= end) break;
       gr.w[u][0] = __ldcs(un.wa + 4 * (o + u));
       gr.w[u][1] = __ldcs(un.wb + 4 * (o + u));
-      gr.scale[u] = un.scale((s + u) >> step_shift);
+      gr.scale[u] = un.scale.Fetch((s + u) >> step_shift);
     }
   };
   float acc[NT][4];
@@ -700,9 +700,10 @@ __global__ void __launch_bounds__(32 * kBpWarps, 1) GemvBytePairKernel(GemvArgs<
           MmaType<T>::Mma(part[j], frag, __byte_perm(xw, 0, sel_lo), __byte_perm(xw, 0, sel_hi));
         }
       }
+      const float scale = un.scale.Decode(gr.scale[u]);
 #pragma unroll
       for (int c = 0; c < 4; ++c) {
-        const float sc = __shfl_sync(0xffffffffu, gr.scale[u], (lane & ~3) | c);
+        const float sc = __shfl_sync(0xffffffffu, scale, (lane & ~3) | c);
 #pragma unroll
         for (int j = 0; j < NT; ++j) acc[j][c] = fmaf(sc, part[j][c], acc[j][c]);
       }
@@ -767,7 +768,7 @@ __global__ void __launch_bounds__(32 * kBpWarps, 1) GemvBytePairKernel(GemvArgs<
 }
 
 // Splits of K and the persistent grid of the byte-pair kernel: K splits over up to 16 warps
-// while each keeps >= 2 load groups, so that units are small (load balance across SMs).
+// (each keeping a load group), so that units are small and balance across the SMs.
 template <typename T, int NT, typename Scales>
 cudaError_t LaunchGemvBytePairRows(GemvArgs<Scales> a, int64_t groups, cudaStream_t stream) {
   constexpr int U = kBpUnroll<NT>;
@@ -776,8 +777,8 @@ cudaError_t LaunchGemvBytePairRows(GemvArgs<Scales> a, int64_t groups, cudaStrea
   cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device);
   const int64_t tiles = (a.pairs + 15) / 16;
   const int64_t steps = a.cols / kBpSpan;
-  int splits = 1;
-  while (splits < kBpWarps && steps >= int64_t(4) * U * splits) splits *= 2;
+  int splits = 1;  // the most that leave every warp a load group: the smallest units
+  while (splits < kBpWarps && steps >= int64_t(2) * U * splits) splits *= 2;
   a.splits = splits;
   a.steps_per_split = int((steps + splits * U - 1) / (splits * U) * U);
   a.groups = groups;
@@ -798,11 +799,11 @@ bool BytePairFits() {
   int device = 0, optin = 0;
   cudaGetDevice(&device);
   cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, device);
-  return optin >= kBpSharedBytes<4>;
+  return optin >= kBpSharedBytes<2>;
 }
 
 // Up to 32 rows per launch (larger M is tiled; the Python lowering sends large M elsewhere):
-// the byte-pair kernel for up to 16 rows, the 16-row-tile kernel above that.
+// the byte-pair kernel for up to 8 rows, the 16-row-tile kernel above that.
 template <typename T, typename Scales>
 cudaError_t LaunchGemvTensorCore(GemvArgs<Scales> a, int64_t groups, cudaStream_t stream) {
   cudaError_t err = cudaSuccess;
@@ -810,12 +811,10 @@ cudaError_t LaunchGemvTensorCore(GemvArgs<Scales> a, int64_t groups, cudaStream_
   for (int64_t m0 = 0; m0 < a.m_total && err == cudaSuccess; m0 += 32) {
     a.m0 = m0;
     const int64_t rows = a.m_total - m0;
-    if (!byte_pair) err = rows <= 8    ? LaunchGemvTensorCoreRows<T, 1, Scales>(a, groups, stream)
-                          : rows <= 16 ? LaunchGemvTensorCoreRows<T, 2, Scales>(a, groups, stream)
-                                       : LaunchGemvTensorCoreRows<T, 4, Scales>(a, groups, stream);
-    else if (rows <= 4) err = LaunchGemvBytePairRows<T, 1, Scales>(a, groups, stream);
-    else if (rows <= 8) err = LaunchGemvBytePairRows<T, 2, Scales>(a, groups, stream);
-    else if (rows <= 16) err = LaunchGemvBytePairRows<T, 4, Scales>(a, groups, stream);
+    if (byte_pair && rows <= 4) err = LaunchGemvBytePairRows<T, 1, Scales>(a, groups, stream);
+    else if (byte_pair && rows <= 8) err = LaunchGemvBytePairRows<T, 2, Scales>(a, groups, stream);
+    else if (rows <= 8) err = LaunchGemvTensorCoreRows<T, 1, Scales>(a, groups, stream);
+    else if (rows <= 16) err = LaunchGemvTensorCoreRows<T, 2, Scales>(a, groups, stream);
     else err = LaunchGemvTensorCoreRows<T, 4, Scales>(a, groups, stream);
   }
   return err;

@@ -25,7 +25,11 @@ struct PlainScales {
 
   struct Row {
     const float* absmax;
-    NF4_HD float operator()(int64_t b) const { return LoadConstant(absmax + b); }
+    // Fetch (the memory reads) and Decode are apart so a kernel can issue the reads early.
+    using Raw = float;
+    NF4_HD Raw Fetch(int64_t b) const { return LoadConstant(absmax + b); }
+    NF4_HD float Decode(Raw raw) const { return raw; }
+    NF4_HD float operator()(int64_t b) const { return Decode(Fetch(b)); }
   };
   NF4_HD Row RowOf(int64_t g, int64_t n, int64_t rows, int64_t blocks) const {
     return {absmax + (g * rows + n) * blocks};
@@ -47,13 +51,18 @@ struct DoubleQuantScales {
     const float* table;
     float offset;
     int64_t first_block;  // flat block index of (n, 0)
-    NF4_HD float operator()(int64_t b) const {
-      const int code = LoadConstant(codes + b);
-      // A plain load: kernels may point `table` at a copy in shared memory.
-      return DecodeDoubleQuantScale(table[code],
-                                    LoadConstant(nested_absmax + ((first_block + b) >> 8)),
-                                    offset);
+    struct Raw {
+      int code;
+      float nested_absmax;
+    };
+    NF4_HD Raw Fetch(int64_t b) const {
+      return {LoadConstant(codes + b), LoadConstant(nested_absmax + ((first_block + b) >> 8))};
     }
+    // A plain load of the table: kernels may point `table` at a copy in shared memory.
+    NF4_HD float Decode(Raw raw) const {
+      return DecodeDoubleQuantScale(table[raw.code], raw.nested_absmax, offset);
+    }
+    NF4_HD float operator()(int64_t b) const { return Decode(Fetch(b)); }
   };
   NF4_HD Row RowOf(int64_t g, int64_t n, int64_t rows, int64_t blocks) const {
     static_assert(kNestedBlockSize == 256, "Row uses >> 8");
