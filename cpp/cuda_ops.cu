@@ -558,8 +558,6 @@ cudaError_t LaunchGemvTensorCoreRows(GemvArgs<Scales> a, int64_t groups, cudaStr
 // tiles of 16 row pairs, K split over `splits` warps each), and the first loads of a CTA's next
 // unit are issued before the current unit's split-K reduction so the stream does not drain.
 constexpr int kBpSpan = 64;                   // contraction elements per quad per step
-template <int NT>                             // spans whose loads are issued together
-constexpr int kBpUnroll = NT == 1 ? 4 : 2;    // (registers: wider n-tiles keep fewer)
 constexpr int kBpWarps = 16;                  // warps per CTA
 // Dynamic shared memory: up to 64 KB of alignment padding, the 64 KB table, the double-quant
 // scale table (1 KB) and the split-K partial sums.
@@ -585,9 +583,10 @@ __device__ __forceinline__ auto StagedRow(const Scales& s, const float* staged, 
   return row;
 }
 
-template <typename T, int NT, typename Scales>
+// U: spans whose loads are issued together (4 at one n-tile on long rows, else 2).
+template <typename T, int NT, int U, typename Scales>
 __global__ void __launch_bounds__(32 * kBpWarps, 1) GemvBytePairKernel(GemvArgs<Scales> a) {
-  constexpr int W = kBpWarps, U = kBpUnroll<NT>;
+  constexpr int W = kBpWarps;
   extern __shared__ __align__(16) unsigned char dynamic_shared[];
   const uint32_t dynamic_base = static_cast<uint32_t>(__cvta_generic_to_shared(dynamic_shared));
   const uint32_t table_base = (dynamic_base + 0xffffu) & ~0xffffu;  // entry e, lane l: +256e + 4l
@@ -700,7 +699,7 @@ __global__ void __launch_bounds__(32 * kBpWarps, 1) GemvBytePairKernel(GemvArgs<
           MmaType<T>::Mma(part[j], frag, __byte_perm(xw, 0, sel_lo), __byte_perm(xw, 0, sel_hi));
         }
       }
-      const float scale = un.scale.Decode(gr.scale[u]);
+      const float scale = un.scale.Decode(gr.scale[u], (s + u) >> step_shift);
 #pragma unroll
       for (int c = 0; c < 4; ++c) {
         const float sc = __shfl_sync(0xffffffffu, scale, (lane & ~3) | c);
@@ -767,30 +766,44 @@ __global__ void __launch_bounds__(32 * kBpWarps, 1) GemvBytePairKernel(GemvArgs<
   }
 }
 
-// Splits of K and the persistent grid of the byte-pair kernel: K splits over up to 16 warps
-// (each keeping a load group), so that units are small and balance across the SMs.
-template <typename T, int NT, typename Scales>
-cudaError_t LaunchGemvBytePairRows(GemvArgs<Scales> a, int64_t groups, cudaStream_t stream) {
-  constexpr int U = kBpUnroll<NT>;
-  int device = 0, sms = 0;
-  cudaGetDevice(&device);
-  cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device);
+// Splits of K and the persistent grid of the byte-pair kernel: each of up to 16 warps keeps
+// >= 4 load groups of its unit's K (long pipelines), but K splits further while the units
+// (16 / splits tiles each) are fewer than the SMs.
+template <typename T, int NT, int U, typename Scales>
+cudaError_t LaunchGemvBytePair(GemvArgs<Scales> a, int64_t groups, int sms, cudaStream_t stream) {
   const int64_t tiles = (a.pairs + 15) / 16;
   const int64_t steps = a.cols / kBpSpan;
-  int splits = 1;  // the most that leave every warp a load group: the smallest units
-  while (splits < kBpWarps && steps >= int64_t(2) * U * splits) splits *= 2;
+  auto units_for = [&](int splits) {
+    return (tiles + kBpWarps / splits - 1) / (kBpWarps / splits) * groups;
+  };
+  int splits = 1;
+  while (splits < kBpWarps && steps >= int64_t(U) * 2 * splits &&
+         (steps >= int64_t(U) * 8 * splits || units_for(splits) < sms))
+    splits *= 2;
   a.splits = splits;
   a.steps_per_split = int((steps + splits * U - 1) / (splits * U) * U);
   a.groups = groups;
-  a.ctas_per_group = (tiles + kBpWarps / splits - 1) / (kBpWarps / splits);
-  const int64_t units = a.ctas_per_group * groups;
-  auto kernel = GemvBytePairKernel<T, NT, Scales>;
+  a.ctas_per_group = units_for(splits) / groups;
+  const int64_t units = units_for(splits);
+  auto kernel = GemvBytePairKernel<T, NT, U, Scales>;
   cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
                                          kBpSharedBytes<NT>);
   if (err != cudaSuccess) return err;
   kernel<<<dim3(unsigned(units < sms ? units : sms)), 32 * kBpWarps, kBpSharedBytes<NT>,
            stream>>>(a);
   return cudaGetLastError();
+}
+
+template <typename T, int NT, typename Scales>
+cudaError_t LaunchGemvBytePairRows(GemvArgs<Scales> a, int64_t groups, cudaStream_t stream) {
+  int device = 0, sms = 0;
+  cudaGetDevice(&device);
+  cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device);
+  if constexpr (NT == 1) {  // 4-span groups pay off once every warp of 16 has two of them
+    if (a.cols / kBpSpan >= 4 * 2 * kBpWarps)
+      return LaunchGemvBytePair<T, NT, 4, Scales>(a, groups, sms, stream);
+  }
+  return LaunchGemvBytePair<T, NT, 2, Scales>(a, groups, sms, stream);
 }
 
 // Whether the current device gives a CTA the byte-pair kernel's shared memory (sm_80, sm_90:

@@ -25,11 +25,11 @@ struct PlainScales {
 
   struct Row {
     const float* absmax;
-    // Fetch (the memory reads) and Decode are apart so a kernel can issue the reads early.
+    // Fetch (the per-block read) and Decode are apart so a kernel can issue the reads early.
     using Raw = float;
     NF4_HD Raw Fetch(int64_t b) const { return LoadConstant(absmax + b); }
-    NF4_HD float Decode(Raw raw) const { return raw; }
-    NF4_HD float operator()(int64_t b) const { return Decode(Fetch(b)); }
+    NF4_HD float Decode(Raw raw, int64_t) const { return raw; }
+    NF4_HD float operator()(int64_t b) const { return Decode(Fetch(b), b); }
   };
   NF4_HD Row RowOf(int64_t g, int64_t n, int64_t rows, int64_t blocks) const {
     return {absmax + (g * rows + n) * blocks};
@@ -51,18 +51,15 @@ struct DoubleQuantScales {
     const float* table;
     float offset;
     int64_t first_block;  // flat block index of (n, 0)
-    struct Raw {
-      int code;
-      float nested_absmax;
-    };
-    NF4_HD Raw Fetch(int64_t b) const {
-      return {LoadConstant(codes + b), LoadConstant(nested_absmax + ((first_block + b) >> 8))};
+    using Raw = int;  // the block's 8-bit code
+    NF4_HD Raw Fetch(int64_t b) const { return LoadConstant(codes + b); }
+    // The nested scale (one per 256 blocks, cache-resident) is read here. A plain load of the
+    // table: kernels may point `table` at a copy in shared memory.
+    NF4_HD float Decode(Raw code, int64_t b) const {
+      return DecodeDoubleQuantScale(table[code], LoadConstant(nested_absmax + ((first_block + b) >> 8)),
+                                    offset);
     }
-    // A plain load of the table: kernels may point `table` at a copy in shared memory.
-    NF4_HD float Decode(Raw raw) const {
-      return DecodeDoubleQuantScale(table[raw.code], raw.nested_absmax, offset);
-    }
-    NF4_HD float operator()(int64_t b) const { return Decode(Fetch(b)); }
+    NF4_HD float operator()(int64_t b) const { return Decode(Fetch(b), b); }
   };
   NF4_HD Row RowOf(int64_t g, int64_t n, int64_t rows, int64_t blocks) const {
     static_assert(kNestedBlockSize == 256, "Row uses >> 8");
