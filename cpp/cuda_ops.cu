@@ -565,13 +565,19 @@ template <int NT>
 constexpr int kBpSharedBytes = 65536 + 65536 + 1024 + kBpWarps * 32 * 4 * NT * 4;
 
 // Double-quantized scales decode through their 256-entry table: with one group (no vmap
-// batch) kernels copy it to shared memory once per CTA. Plain scales need nothing.
+// batch) kernels copy it to shared memory once per CTA (ReadScaleTable's value of thread i
+// goes to entry i). Plain scales need nothing.
 template <typename Scales>
-__device__ __forceinline__ void StageScaleTable(const Scales& s, float* staged, int64_t groups) {
+__device__ __forceinline__ float ReadScaleTable(const Scales& s, int64_t groups) {
   if constexpr (std::is_same_v<Scales, DoubleQuantScales>) {
-    if (groups == 1)
-      for (int i = threadIdx.x; i < 256; i += blockDim.x) staged[i] = __ldg(s.table + i);
+    if (groups == 1 && threadIdx.x < 256) return __ldg(s.table + threadIdx.x);
   }
+  return 0.0f;
+}
+template <typename Scales>
+__device__ __forceinline__ void StageScaleTable(float value, float* staged, int64_t groups) {
+  if (std::is_same_v<Scales, DoubleQuantScales> && groups == 1 && threadIdx.x < 256)
+    staged[threadIdx.x] = value;
 }
 template <typename Scales>
 __device__ __forceinline__ auto StagedRow(const Scales& s, const float* staged, int64_t groups,
@@ -598,8 +604,7 @@ __global__ void __launch_bounds__(32 * kBpWarps, 1) GemvBytePairKernel(GemvArgs<
     const uint32_t v = MmaType<T>::Pack(kDeviceCodebook[e & 15], kDeviceCodebook[e >> 4]);
     reinterpret_cast<uint4*>(table)[e * 16 + i % 8] = make_uint4(v, v, v, v);
   }
-  StageScaleTable(a.scales, scale_table, a.groups);
-  __syncthreads();
+  const float scale_table_entry = ReadScaleTable(a.scales, a.groups);
   const uint32_t lane_address = table_base | (4 * (threadIdx.x % 32));
   auto lookup = [lane_address](uint32_t word, int byte) {  // table entry of one code byte
     uint32_t v;
@@ -709,9 +714,12 @@ __global__ void __launch_bounds__(32 * kBpWarps, 1) GemvBytePairKernel(GemvArgs<
     }
   };
 
+  // The first loads go out before the CTA waits for its tables.
   Group ping, pong;
   Unit cur = setup(blockIdx.x);
   if (blockIdx.x < units) load(ping, cur, begin, 0);
+  StageScaleTable<Scales>(scale_table_entry, scale_table, a.groups);
+  __syncthreads();
   for (int64_t unit = blockIdx.x; unit < units; unit += gridDim.x) {
 #pragma unroll
     for (int j = 0; j < NT; ++j) acc[j][0] = acc[j][1] = acc[j][2] = acc[j][3] = 0.0f;
