@@ -1,8 +1,9 @@
 """A small run of every CUDA kernel path, for compute-sanitizer (memcheck, racecheck).
 
-Exits non-zero if any result disagrees with the NumPy reference. Covers the 16-byte and the
-byte-wise GEMV paths, M tails, split-K, stacked groups, dequantize and quantize, each dtype,
-plain and double-quantized scales.
+Exits non-zero if any result disagrees with the NumPy reference. Covers the byte-pair, 16-row
+tile, SIMT and byte-wise GEMV paths, M tails, split-K, one and two stacked groups (the byte-pair
+kernel stages the double-quant table only for one), dequantize and quantize, each dtype, plain
+and double-quantized scales.
 """
 
 import jax
@@ -12,17 +13,17 @@ import numpy as np
 import jax_nf4
 from jax_nf4 import reference
 
-CASES = [  # (N, K, block_size, M)
-    (6, 64, 64, 1), (34, 256, 32, 3), (2, 48, 48, 8), (130, 4096, 64, 13), (64, 96, 24, 2),
-    (512, 8192, 128, 1)]
+CASES = [  # (G, N, K, block_size, M): G stacked weights under vmap
+    (2, 6, 64, 64, 1), (2, 34, 256, 32, 3), (2, 2, 48, 48, 8), (2, 130, 4096, 64, 13),
+    (2, 64, 96, 24, 2), (2, 512, 8192, 128, 1), (1, 1030, 4160, 64, 5), (1, 96, 8192, 64, 1)]
 
 
 def main() -> int:
     rng = np.random.default_rng(0)
     failures = 0
-    for n, k, bs, m in CASES:
+    for groups, n, k, bs, m in CASES:
         for dtype in (jnp.float32, jnp.bfloat16, jnp.float16):
-            w = rng.standard_normal((2, n, k)).astype(np.float32)
+            w = rng.standard_normal((groups, n, k)).astype(np.float32)
             wd = jnp.asarray(w, dtype)
             q = jax.jit(jax_nf4.quantize, static_argnums=1)(wd, bs)
             p, a = reference.quantize(np.asarray(wd), bs)
@@ -30,10 +31,10 @@ def main() -> int:
             deq = jax.jit(jax_nf4.dequantize, static_argnums=1)(q, dtype)
             ok &= np.array_equal(np.asarray(deq, np.float32),
                                  reference.dequantize(p, a, bs, dtype).astype(np.float32))
-            x = jnp.asarray(rng.standard_normal((2, m, k)), dtype)
+            x = jnp.asarray(rng.standard_normal((groups, m, k)), dtype)
             y = jax.jit(jax.vmap(jax_nf4.matmul))(x, q)
             want = np.stack([reference.matmul(np.asarray(x[i], np.float32), p[i], a[i], bs)
-                             for i in range(2)])
+                             for i in range(groups)])
             err = np.linalg.norm(np.asarray(y, np.float64) - want) / np.linalg.norm(want)
             ok &= err < 1e-2
             # double-quantized scales, decoded inside the kernels
@@ -43,7 +44,7 @@ def main() -> int:
                                  np.asarray(jax_nf4.dequantize(twin), np.float32))
             ok &= np.array_equal(np.asarray(jax.vmap(jax_nf4.matmul)(x, qd), np.float32),
                                  np.asarray(jax.vmap(jax_nf4.matmul)(x, twin), np.float32))
-            print(f"N={n} K={k} bs={bs} M={m} {np.dtype(dtype).name}: "
+            print(f"G={groups} N={n} K={k} bs={bs} M={m} {np.dtype(dtype).name}: "
                   f"{'ok' if ok else 'FAIL'} (matmul rel err {err:.2e})")
             failures += not ok
     return 1 if failures else 0
