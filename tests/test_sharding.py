@@ -67,7 +67,7 @@ def error(name, fn):
     try:
         fn()
     except Exception as e:  # noqa: BLE001
-        report(name, type=type(e).__name__, msg=str(e)[:2000])
+        report(name, type=type(e).__name__, msg=str(e)[-20000:])  # (XLA prepends tracebacks)
     else:
         report(name, type=None, msg="")
 
