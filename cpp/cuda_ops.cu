@@ -365,6 +365,28 @@ struct MmaType<__half> {
   }
 };
 
+// Fixed-order sum over the `splits` warps that share a tile along K (warps w .. w + splits - 1,
+// split 0 first): every warp stores its mma accumulators; after the barrier split 0 holds the
+// totals (bit-stable run to run: no atomics).
+template <int NT>
+__device__ __forceinline__ void SumSplits(float (&acc)[NT][4], float (*partial)[32][4 * NT],
+                                          int warp, int lane, int split, int splits) {
+#pragma unroll
+  for (int j = 0; j < NT; ++j)
+#pragma unroll
+    for (int c = 0; c < 4; ++c) partial[warp][lane][4 * j + c] = acc[j][c];
+  __syncthreads();
+  if (split != 0) return;
+#pragma unroll
+  for (int j = 0; j < NT; ++j)
+#pragma unroll
+    for (int c = 0; c < 4; ++c) {
+      float sum = 0.0f;
+      for (int sp = 0; sp < splits; ++sp) sum += partial[warp + sp][lane][4 * j + c];
+      acc[j][c] = sum;
+    }
+}
+
 constexpr int kTcSpan = 64;    // contraction elements per quad per step
 constexpr int kTcUnroll = 4;   // steps whose loads are issued together
 
@@ -496,21 +518,9 @@ __global__ void __launch_bounds__(kThreads, 2) GemvTensorCoreKernel(GemvArgs<Sca
     }
   }
 
-  if (splits > 1) {  // fixed-order sum over the warps that split K
-#pragma unroll
-    for (int j = 0; j < NT; ++j)
-#pragma unroll
-      for (int c = 0; c < 4; ++c) partial[warp][lane][4 * j + c] = acc[j][c];
-    __syncthreads();
+  if (splits > 1) {
+    SumSplits<NT>(acc, partial, warp, lane, split, splits);
     if (split != 0) return;
-#pragma unroll
-    for (int j = 0; j < NT; ++j)
-#pragma unroll
-      for (int c = 0; c < 4; ++c) {
-        float sum = 0.0f;
-        for (int sp = 0; sp < splits; ++sp) sum += partial[warp + sp][lane][4 * j + c];
-        acc[j][c] = sum;
-      }
   }
   if (!pair_ok) return;
   T* out = static_cast<T*>(a.out) + (grp * a.m_total + a.m0) * N + 2 * pair;
@@ -738,22 +748,8 @@ __global__ void __launch_bounds__(32 * kBpWarps, 1) GemvBytePairKernel(GemvArgs<
     const Unit next = setup(unit + gridDim.x);
     if (unit + gridDim.x < units) load(ping, next, begin, 0);
 
-    if (splits > 1) {  // fixed-order sum over the warps that split K
-#pragma unroll
-      for (int j = 0; j < NT; ++j)
-#pragma unroll
-        for (int c = 0; c < 4; ++c) partial[warp][lane][4 * j + c] = acc[j][c];
-      __syncthreads();
-      if (split == 0) {
-#pragma unroll
-        for (int j = 0; j < NT; ++j)
-#pragma unroll
-          for (int c = 0; c < 4; ++c) {
-            float sum = 0.0f;
-            for (int sp = 0; sp < splits; ++sp) sum += partial[warp + sp][lane][4 * j + c];
-            acc[j][c] = sum;
-          }
-      }
+    if (splits > 1) {
+      SumSplits<NT>(acc, partial, warp, lane, split, splits);
       __syncthreads();  // the partial sums are read before the next unit writes them
     }
     if (split == 0) {
