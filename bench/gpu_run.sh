@@ -9,6 +9,8 @@
 #   examples   examples/inference.py and examples/qlora_finetune.py
 #   bench      the kernel benchmark table (args go to bench/bench_matmul.py)
 #   decode     bench/bench_decode.py (8B decode, 70B shard timing)
+#   profile    Nsight Compute on the M = 1 GEMV of 28672x8192 and 4096x4096 (speed of light,
+#              memory workload, warp stalls; the kernel's own duration, without launch gaps)
 #   check      = build,tests,sanitize,examples
 # Logs go to $OUT (the device tool's output folder) or /tmp/jax_nf4_out.
 set -uo pipefail
@@ -66,6 +68,16 @@ bench() {
   python3 bench/bench_matmul.py --json "$OUT/bench.json" "$@" 2>&1 | tee "$OUT/bench.txt"
 }
 
+profile() {
+  for shape in 28672x8192 4096x4096; do
+    ncu --clock-control none -k regex:Gemv --launch-skip 2 --launch-count 1 \
+      --section SpeedOfLight --section MemoryWorkloadAnalysis --section WarpStateStats \
+      --section LaunchStats --section Occupancy \
+      python3 bench/profile_gemv.py --shape $shape > "$OUT/ncu_$shape.txt" 2>&1
+    echo "ncu $shape: exit $? | $(grep -E 'Duration|DRAM Throughput' "$OUT/ncu_$shape.txt" | tr -s ' ' | tr '\n' ';')"
+  done
+}
+
 decode() {
   python3 bench/bench_decode.py --json "$OUT/decode.json" 2>&1 | tee "$OUT/decode.log"
 }
@@ -73,9 +85,9 @@ decode() {
 [[ $stages == check ]] && stages=build,tests,sanitize,examples
 for stage in ${stages//,/ }; do
   case $stage in
-    build|tests|quick|sanitize|examples|decode) $stage ;;
+    build|tests|quick|sanitize|examples|decode|profile) $stage ;;
     bench) bench "$@" ;;
     *) echo "usage: bash bench/gpu_run.sh STAGE[,STAGE...] [bench args]" \
-            "(build tests quick sanitize examples bench decode check)" >&2; exit 2 ;;
+            "(build tests quick sanitize examples bench decode profile check)" >&2; exit 2 ;;
   esac
 done
