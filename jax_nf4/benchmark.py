@@ -9,15 +9,21 @@ and per shape jax_nf4.dequantize (bf16 out) and jax_nf4.quantize (bf16 in). Matm
 next call's input (a non-square N x K weight is paired with a K x N one),
 so XLA can neither fold nor de-duplicate them, and weight copies are rotated so that more than
 ``min_bytes`` of weights are touched per pass (the L2 cache cannot serve them). Times are wall
-clock over many chained calls after a warm-up, divided by the number of calls.
+clock over many chained calls after a warm-up, divided by the number of calls (the launch gap
+between dependent kernels included). With --kernel-times the matmuls are also traced once with
+jax.profiler: "kernel us" is the time the GPU streams were busy per call (no gaps).
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import glob
+import gzip
 import json
 import math
+import os
+import tempfile
 import time
 from typing import Callable, Sequence
 
@@ -41,6 +47,7 @@ class Row:
     op: str
     us: float
     weight_bytes: int
+    kernel_us: float | None = None  # GPU busy time per call (--kernel-times), None elsewhere
 
     @property
     def gbps(self) -> float:
@@ -75,10 +82,47 @@ def _dense_matmul(x, w):
                            ).astype(x.dtype)
 
 
-def _time_chain(op: Callable, weights: Sequence, x, iters: int, reps: int) -> float:
+def device_busy_us(trace: dict) -> float | None:
+    """Microseconds the device streams were busy in a ``jax.profiler`` perfetto trace: the
+    union of the event intervals on the threads named ``Stream #...`` of the ``/device:...``
+    processes (kernels and copies; the gaps between them do not count). None when the trace
+    has no device streams (a CPU run)."""
+    events = trace.get("traceEvents", [])
+    devices = {e["pid"] for e in events if e.get("ph") == "M" and e.get("name") == "process_name"
+               and str(e.get("args", {}).get("name", "")).startswith("/device:")}
+    streams = {(e["pid"], e["tid"]) for e in events
+               if e.get("ph") == "M" and e.get("name") == "thread_name" and e.get("pid") in devices
+               and str(e.get("args", {}).get("name", "")).startswith("Stream #")}
+    spans = sorted((e["ts"], e["ts"] + e["dur"]) for e in events
+                   if e.get("ph") == "X" and (e.get("pid"), e.get("tid")) in streams)
+    if not spans:
+        return None
+    busy, start, end = 0.0, *spans[0]
+    for s0, s1 in spans[1:]:
+        if s0 > end:
+            busy, start = busy + end - start, s0
+        end = max(end, s1)
+    return busy + end - start
+
+
+def _traced_busy_us(fn: Callable, *args) -> float | None:
+    """GPU busy microseconds of one call of ``fn(*args)`` (see :func:`device_busy_us`)."""
+    with tempfile.TemporaryDirectory() as d:
+        with jax.profiler.trace(d, create_perfetto_trace=True):
+            jax.block_until_ready(fn(*args))
+        paths = glob.glob(os.path.join(d, "**", "perfetto_trace.json.gz"), recursive=True)
+        if not paths:
+            return None
+        with gzip.open(paths[0]) as f:
+            return device_busy_us(json.load(f))
+
+
+def _time_chain(op: Callable, weights: Sequence, x, iters: int, reps: int,
+                kernel_time: bool = False) -> tuple[float, float | None]:
     """Microseconds per op call: one jit call runs the chain over all weights once; `iters`
     such calls are dispatched back to back, each taking the previous output. (A fori_loop
-    would let XLA hoist loop-invariant work such as the plain-jnp dequantization.)"""
+    would let XLA hoist loop-invariant work such as the plain-jnp dequantization.) With
+    `kernel_time`, also the GPU busy time per call of one traced pass (else None)."""
 
     @jax.jit
     def chain(x, weights):
@@ -97,7 +141,8 @@ def _time_chain(op: Callable, weights: Sequence, x, iters: int, reps: int) -> fl
         best = min(best, time.perf_counter() - t0)
     if not bool(jnp.all(jnp.isfinite(out.astype(jnp.float32)))):
         raise RuntimeError("benchmark chain produced non-finite values")
-    return best / (iters * len(weights)) * 1e6
+    busy = _traced_busy_us(chain, x, weights) if kernel_time else None
+    return best / (iters * len(weights)) * 1e6, None if busy is None else busy / len(weights)
 
 
 def _time_calls(fn: Callable, args: Sequence, reps: int) -> float:
@@ -116,8 +161,9 @@ def _time_calls(fn: Callable, args: Sequence, reps: int) -> float:
 
 def run_benchmark(shapes=LLAMA_SHAPES, rows=DEFAULT_ROWS, block_size: int = 64,
                   min_bytes: float = 200e6, iters: int = 20, reps: int = 3,
-                  check: bool = True) -> list[Row]:
-    """Times every op on every shape and M; returns the rows of the table."""
+                  check: bool = True, kernel_times: bool = False) -> list[Row]:
+    """Times every op on every shape and M; returns the rows of the table. `kernel_times`:
+    the matmul rows also get their GPU busy time per call from a profiler trace."""
     key = jax.random.PRNGKey(0)
     results: list[Row] = []
     for n, k in shapes:
@@ -150,8 +196,8 @@ def run_benchmark(shapes=LLAMA_SHAPES, rows=DEFAULT_ROWS, block_size: int = 64,
                     ("nf4 dq matmul", matmul, chain_dq, avg_dq),
                     ("jnp nf4", _jnp_nf4_matmul, chain_q, avg_nf4),
                     ("dense bf16", _dense_matmul, chain_d, avg_dense)):
-                us = _time_chain(op, chain, x, iters, reps)
-                results.append(Row((n, k), m, op_name, us, int(nbytes)))
+                us, kernel_us = _time_chain(op, chain, x, iters, reps, kernel_times)
+                results.append(Row((n, k), m, op_name, us, int(nbytes), kernel_us))
         us = _time_calls(lambda q: dequantize(q, jnp.bfloat16), q1, reps)
         results.append(Row((n, k), 0, "nf4 dequantize", us, nf4_bytes + 2 * n * k))
         us = _time_calls(lambda w: quantize(w, block_size), d1, reps)
@@ -175,18 +221,25 @@ def _check_against_reference(q: NF4Weight) -> None:
 def format_table(results: list[Row]) -> str:
     """A markdown table: one line per shape and M, times in microseconds per call."""
     device = jax.devices()[0]
+    kernel = any(r.kernel_us is not None for r in results)
     lines = [f"device: {device.device_kind} ({device.platform}), jax {jax.__version__}", "",
              "| N x K | M | nf4 matmul us | GB/s | dq matmul us | jnp nf4 us | dense bf16 us | "
-             "vs jnp nf4 | vs dense |",
-             "|---|---|---|---|---|---|---|---|---|"]
+             "vs jnp nf4 | vs dense |" + (" nf4 kernel us | dense kernel us | kernel vs dense |"
+                                           if kernel else ""),
+             "|---|---|---|---|---|---|---|---|---|" + ("---|---|---|" if kernel else "")]
     by_key = {(r.shape, r.m, r.op): r for r in results}
     for (shape, m, op), r in by_key.items():
         if op != "nf4 matmul":
             continue
         jn, de = by_key[(shape, m, "jnp nf4")], by_key[(shape, m, "dense bf16")]
         dq = by_key[(shape, m, "nf4 dq matmul")]
-        lines.append(f"| {shape[0]}x{shape[1]} | {m} | {r.us:.1f} | {r.gbps:.0f} | {dq.us:.1f} | "
-                     f"{jn.us:.1f} | {de.us:.1f} | {jn.us / r.us:.2f}x | {de.us / r.us:.2f}x |")
+        line = (f"| {shape[0]}x{shape[1]} | {m} | {r.us:.1f} | {r.gbps:.0f} | {dq.us:.1f} | "
+                f"{jn.us:.1f} | {de.us:.1f} | {jn.us / r.us:.2f}x | {de.us / r.us:.2f}x |")
+        if kernel:
+            both = r.kernel_us is not None and de.kernel_us is not None
+            line += (f" {r.kernel_us:.1f} | {de.kernel_us:.1f} | {de.kernel_us / r.kernel_us:.2f}x |"
+                     if both else " - | - | - |")
+        lines.append(line)
     lines += ["", "| N x K | dequantize us | GB/s | quantize us | GB/s |", "|---|---|---|---|---|"]
     for (shape, m, op), r in by_key.items():
         if op == "nf4 dequantize":
@@ -209,6 +262,9 @@ def main(argv: Sequence[str] | None = None) -> int:
                         help="weight megabytes rotated per pass (default 200 on GPU, 1 on CPU)")
     parser.add_argument("--iters", type=int, default=None, help="chain passes per timing")
     parser.add_argument("--json", default=None, help="also write the rows to this JSON file")
+    parser.add_argument("--kernel-times", action="store_true",
+                        help="also trace each matmul chain once with jax.profiler and report "
+                             "the GPU busy time per call (kernel durations, no launch gaps)")
     args = parser.parse_args(argv)
 
     on_gpu = jax.devices()[0].platform == "gpu"
@@ -218,7 +274,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             else (DEFAULT_ROWS if on_gpu else (1, 8, 64)))
     min_mb = args.min_mb if args.min_mb is not None else (200.0 if on_gpu else 1.0)
     iters = args.iters or (20 if on_gpu else 2)
-    results = run_benchmark(shapes, rows, args.block_size, min_mb * 1e6, iters)
+    results = run_benchmark(shapes, rows, args.block_size, min_mb * 1e6, iters,
+                            kernel_times=args.kernel_times)
     print(format_table(results))
     if args.json:
         with open(args.json, "w") as f:

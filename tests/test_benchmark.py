@@ -27,3 +27,31 @@ def test_bench_command_writes_json(tmp_path, capsys):
                      "--iters", "1", "--json", str(out)]) == 0
     assert "| 64x128 | 2 |" in capsys.readouterr().out
     assert {r["op"] for r in json.loads(out.read_text())} >= {"nf4 matmul", "dense bf16"}
+
+
+def _meta(pid, name, tid=None):
+    e = {"ph": "M", "pid": pid, "name": "thread_name" if tid is not None else "process_name",
+         "args": {"name": name}}
+    return e | ({"tid": tid} if tid is not None else {})
+
+
+def test_device_busy_time_is_the_union_of_stream_events():
+    events = [_meta(1, "/host:CPU"), _meta(1, "python3", tid=9),
+              _meta(2, "/device:GPU:0 (NVIDIA H100)"), _meta(2, "Stream #13(Compute)", tid=13),
+              _meta(2, "Stream #14(Compute)", tid=14), _meta(2, "XLA Modules", tid=1),
+              {"ph": "X", "pid": 2, "tid": 13, "ts": 10.0, "dur": 5.0, "name": "GemvKernel"},
+              {"ph": "X", "pid": 2, "tid": 14, "ts": 12.0, "dur": 5.0, "name": "copy"},   # overlap
+              {"ph": "X", "pid": 2, "tid": 13, "ts": 30.0, "dur": 2.5, "name": "GemvKernel"},
+              {"ph": "X", "pid": 2, "tid": 1, "ts": 0.0, "dur": 100.0, "name": "jit_chain"},
+              {"ph": "X", "pid": 1, "tid": 9, "ts": 0.0, "dur": 50.0, "name": "python"}]
+    # [10, 17) and [30, 32.5): the module span and host events do not count, nor the gap
+    assert benchmark.device_busy_us({"traceEvents": events}) == 9.5
+    assert benchmark.device_busy_us({"traceEvents": events[:2] + events[-1:]}) is None
+
+
+def test_kernel_times_on_cpu_are_absent():
+    rows = benchmark.run_benchmark(shapes=((64, 128),), rows=(1,), min_bytes=1e4, iters=1,
+                                   reps=1, kernel_times=True)
+    assert all(r.kernel_us is None for r in rows)
+    table = benchmark.format_table(rows)
+    assert "nf4 kernel us" not in table  # no device streams traced: the columns are left out
