@@ -744,9 +744,11 @@ __global__ void __launch_bounds__(32 * kBpWarps, 1) GemvBytePairKernel(GemvArgs<
 #pragma unroll
       for (int j = 0; j < NT; ++j) cur.x[j] += 16 * U;
     }
-    // The next unit's first group loads now (ping is free), under the reduction below.
-    const Unit next = setup(unit + gridDim.x);
-    if (unit + gridDim.x < units) load(ping, next, begin, 0);
+    // The next unit's first group loads now (ping is free), under the reduction below. (After
+    // the last unit `next` repeats this one: its pointers stay inside the operands.)
+    const bool more = unit + gridDim.x < units;
+    const Unit next = setup(more ? unit + gridDim.x : unit);
+    if (more) load(ping, next, begin, 0);
 
     if (splits > 1) {
       SumSplits<NT>(acc, partial, warp, lane, split, splits);
