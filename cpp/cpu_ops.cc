@@ -1,6 +1,13 @@
 // CPU FFI handlers for the NF4 ops, exported to Python by nanobind as `jax_nf4._nf4_cpu`.
 // Reference-quality loops: they follow nf4_math.h exactly and serve machines without a GPU.
+// Rows are spread over XLA's intra-op thread pool; every output element is computed by one
+// thread in one fixed order, so results do not depend on the number of threads.
+#include <algorithm>
+#include <atomic>
+#include <condition_variable>
 #include <cstdint>
+#include <memory>
+#include <mutex>
 #include <vector>
 
 #include "host_dtypes.h"
@@ -31,6 +38,43 @@ ffi::Error DispatchActivation(ffi::DataType dtype, Fn&& fn) {
   }
 }
 
+// Runs fn(begin, end) over [0, n) in chunks on the intra-op pool and the calling thread, and
+// returns when every chunk is done. `cost` is the work per item (in element operations): small
+// problems stay on the calling thread. Chunks are claimed from a shared counter, so the caller
+// itself finishes whatever no pool thread has started and never waits for a task that has
+// not begun (no deadlock when the pool is busy); late tasks find nothing left to claim.
+template <typename Fn>
+void ParallelFor(ffi::ThreadPool& pool, int64_t n, int64_t cost, const Fn& fn) {
+  constexpr int64_t kMinChunkCost = int64_t(1) << 16;
+  const int64_t threads = std::max<int64_t>(pool.num_threads(), 0) + 1;
+  const int64_t chunks =
+      std::min({n, 4 * threads, std::max<int64_t>(1, n * std::max<int64_t>(cost, 1) / kMinChunkCost)});
+  if (chunks <= 1) {
+    if (n > 0) fn(int64_t(0), n);
+    return;
+  }
+  struct State {
+    std::atomic<int64_t> next{0}, done{0};
+    std::mutex mu;
+    std::condition_variable all_done;
+  };
+  auto state = std::make_shared<State>();
+  const int64_t per = (n + chunks - 1) / chunks;
+  auto work = [state, per, n, chunks, &fn] {
+    for (int64_t c = state->next.fetch_add(1); c < chunks; c = state->next.fetch_add(1)) {
+      fn(c * per, std::min(n, (c + 1) * per));
+      if (state->done.fetch_add(1) + 1 == chunks) {
+        std::lock_guard<std::mutex> lock(state->mu);
+        state->all_done.notify_all();
+      }
+    }
+  };
+  for (int64_t t = 0; t < std::min(threads - 1, chunks - 1); ++t) pool.Schedule([work] { work(); });
+  work();
+  std::unique_lock<std::mutex> lock(state->mu);
+  state->all_done.wait(lock, [&] { return state->done.load() == chunks; });
+}
+
 // CodeValue as a table, for the host loops.
 struct Codebook {
   float value[16];
@@ -53,8 +97,9 @@ void DequantizeRow(const uint8_t* packed_row, int nibble, const ScaleRow& scale_
   }
 }
 
-ffi::Error QuantizeImpl(ffi::AnyBuffer w, ffi::Result<ffi::AnyBuffer> packed,
-                        ffi::Result<ffi::AnyBuffer> absmax, int64_t block_size) {
+ffi::Error QuantizeImpl(ffi::ThreadPool pool, ffi::AnyBuffer w,
+                        ffi::Result<ffi::AnyBuffer> packed, ffi::Result<ffi::AnyBuffer> absmax,
+                        int64_t block_size) {
   Nf4Dims d;
   if (auto e = CheckQuantizeInput(w, block_size, &d); e.failure()) return e;
   if (auto e = CheckPacked("nf4_quantize", *packed, block_size, &d); e.failure()) return e;
@@ -65,52 +110,57 @@ ffi::Error QuantizeImpl(ffi::AnyBuffer w, ffi::Result<ffi::AnyBuffer> packed,
   return DispatchActivation(w.element_type(), [&](auto tag) {
     using T = typename decltype(tag)::type;
     const T* src = static_cast<const T*>(w.untyped_data());
-    std::vector<uint8_t> codes(static_cast<size_t>(d.cols));
-    for (int64_t g = 0; g < d.groups; ++g) {
-      for (int64_t n = 0; n < d.rows; ++n) {
-        const T* row = src + (g * d.rows + n) * d.cols;
-        float* amax_row = out_absmax + (g * d.rows + n) * d.blocks();
-        for (int64_t b = 0; b < d.blocks(); ++b) {
-          const int64_t k0 = b * d.block_size;
-          float amax = 0.0f;
-          for (int64_t k = k0; k < k0 + d.block_size; ++k) amax = AbsMaxUpdate(amax, ToFloat(row[k]));
-          amax_row[b] = amax;
-          const float inv = InverseScale(amax);
-          for (int64_t k = k0; k < k0 + d.block_size; ++k)
-            codes[k] = QuantizeElement(ToFloat(row[k]), amax, inv);
+    // Row pairs (g * N/2 + pair) in parallel: each writes its packed row and its two absmax rows.
+    ParallelFor(pool, d.groups * (d.rows / 2), 2 * d.cols, [&](int64_t begin, int64_t end) {
+      std::vector<uint8_t> codes(static_cast<size_t>(d.cols));
+      for (int64_t rp = begin; rp < end; ++rp) {
+        uint8_t* prow = out_packed + rp * d.cols;
+        for (int64_t h = 0; h < 2; ++h) {
+          const T* row = src + (2 * rp + h) * d.cols;  // g * N + n with n = 2 * pair + h
+          float* amax_row = out_absmax + (2 * rp + h) * d.blocks();
+          for (int64_t b = 0; b < d.blocks(); ++b) {
+            const int64_t k0 = b * d.block_size;
+            float amax = 0.0f;
+            for (int64_t k = k0; k < k0 + d.block_size; ++k)
+              amax = AbsMaxUpdate(amax, ToFloat(row[k]));
+            amax_row[b] = amax;
+            const float inv = InverseScale(amax);
+            for (int64_t k = k0; k < k0 + d.block_size; ++k)
+              codes[k] = QuantizeElement(ToFloat(row[k]), amax, inv);
+          }
+          for (int64_t k = 0; k < d.cols; ++k)
+            prow[k] = h == 0 ? codes[k] : PackPair(prow[k], codes[k]);
         }
-        uint8_t* prow = out_packed + (g * (d.rows / 2) + n / 2) * d.cols;
-        for (int64_t k = 0; k < d.cols; ++k)
-          prow[k] = (n % 2 == 0) ? codes[k] : PackPair(prow[k], codes[k]);
       }
-    }
+    });
   });
 }
 
 template <typename Scales>
-ffi::Error Dequantize(ffi::AnyBuffer packed, const Scales& scales, const Nf4Dims& d,
-                      ffi::Result<ffi::AnyBuffer> out) {
+ffi::Error Dequantize(ffi::ThreadPool& pool, ffi::AnyBuffer packed, const Scales& scales,
+                      const Nf4Dims& d, ffi::Result<ffi::AnyBuffer> out) {
   if (auto e = CheckDense("nf4_dequantize", "output", *out, d); e.failure()) return e;
   if (d.groups * d.rows * d.cols == 0) return ffi::Error::Success();
   const auto* src = static_cast<const uint8_t*>(packed.untyped_data());
   return DispatchActivation(out->element_type(), [&](auto tag) {
     using T = typename decltype(tag)::type;
     T* dst = static_cast<T*>(out->untyped_data());
-    std::vector<float> row(static_cast<size_t>(d.cols));
-    for (int64_t g = 0; g < d.groups; ++g) {
-      for (int64_t n = 0; n < d.rows; ++n) {
+    ParallelFor(pool, d.groups * d.rows, d.cols, [&](int64_t begin, int64_t end) {
+      std::vector<float> row(static_cast<size_t>(d.cols));
+      for (int64_t gn = begin; gn < end; ++gn) {  // gn = g * N + n
+        const int64_t g = gn / d.rows, n = gn % d.rows;
         DequantizeRow(src + (g * (d.rows / 2) + n / 2) * d.cols, static_cast<int>(n % 2),
                       scales.RowOf(g, n, d.rows, d.blocks()), d, row.data());
-        T* drow = dst + (g * d.rows + n) * d.cols;
+        T* drow = dst + gn * d.cols;
         for (int64_t k = 0; k < d.cols; ++k) drow[k] = FromFloat<T>(row[k]);
       }
-    }
+    });
   });
 }
 
 template <typename Scales>
-ffi::Error Matmul(ffi::AnyBuffer x, ffi::AnyBuffer packed, const Scales& scales,
-                  const Nf4Dims& d, ffi::Result<ffi::AnyBuffer> out) {
+ffi::Error Matmul(ffi::ThreadPool& pool, ffi::AnyBuffer x, ffi::AnyBuffer packed,
+                  const Scales& scales, const Nf4Dims& d, ffi::Result<ffi::AnyBuffer> out) {
   int64_t m_rows = 0;
   if (auto e = CheckMatmul(x, *out, d, &m_rows); e.failure()) return e;
   if (d.groups * m_rows * d.rows == 0) return ffi::Error::Success();
@@ -120,34 +170,38 @@ ffi::Error Matmul(ffi::AnyBuffer x, ffi::AnyBuffer packed, const Scales& scales,
     const T* xs = static_cast<const T*>(x.untyped_data());
     T* ys = static_cast<T*>(out->untyped_data());
     std::vector<float> xf(static_cast<size_t>(m_rows * d.cols));
-    std::vector<float> row(static_cast<size_t>(d.cols));
     for (int64_t g = 0; g < d.groups; ++g) {
       const T* xg = xs + g * m_rows * d.cols;
       for (int64_t i = 0; i < m_rows * d.cols; ++i) xf[i] = ToFloat(xg[i]);
-      for (int64_t n = 0; n < d.rows; ++n) {
-        DequantizeRow(src + (g * (d.rows / 2) + n / 2) * d.cols, static_cast<int>(n % 2),
-                      scales.RowOf(g, n, d.rows, d.blocks()), d, row.data());
-        for (int64_t m = 0; m < m_rows; ++m) {
-          const float* xm = xf.data() + m * d.cols;
-          float acc = 0.0f;
-          for (int64_t k = 0; k < d.cols; ++k) acc += row[k] * xm[k];
-          ys[(g * m_rows + m) * d.rows + n] = FromFloat<T>(acc);
+      // Weight rows in parallel; each output element is one sequential float32 dot product.
+      ParallelFor(pool, d.rows, (m_rows + 1) * d.cols, [&](int64_t begin, int64_t end) {
+        std::vector<float> row(static_cast<size_t>(d.cols));
+        for (int64_t n = begin; n < end; ++n) {
+          DequantizeRow(src + (g * (d.rows / 2) + n / 2) * d.cols, static_cast<int>(n % 2),
+                        scales.RowOf(g, n, d.rows, d.blocks()), d, row.data());
+          for (int64_t m = 0; m < m_rows; ++m) {
+            const float* xm = xf.data() + m * d.cols;
+            float acc = 0.0f;
+            for (int64_t k = 0; k < d.cols; ++k) acc += row[k] * xm[k];
+            ys[(g * m_rows + m) * d.rows + n] = FromFloat<T>(acc);
+          }
         }
-      }
+      });
     }
   });
 }
 
-ffi::Error DequantizeImpl(ffi::AnyBuffer packed, ffi::AnyBuffer absmax,
+ffi::Error DequantizeImpl(ffi::ThreadPool pool, ffi::AnyBuffer packed, ffi::AnyBuffer absmax,
                           ffi::Result<ffi::AnyBuffer> out, int64_t block_size) {
   Nf4Dims d;
   PlainScales scales;
   if (auto e = CheckWeight("nf4_dequantize", packed, block_size, absmax, &d, &scales); e.failure())
     return e;
-  return Dequantize(packed, scales, d, out);
+  return Dequantize(pool, packed, scales, d, out);
 }
 
-ffi::Error DequantizeDqImpl(ffi::AnyBuffer packed, ffi::AnyBuffer codes, ffi::AnyBuffer nested,
+ffi::Error DequantizeDqImpl(ffi::ThreadPool pool, ffi::AnyBuffer packed, ffi::AnyBuffer codes,
+                            ffi::AnyBuffer nested,
                             ffi::AnyBuffer table, ffi::AnyBuffer offset,
                             ffi::Result<ffi::AnyBuffer> out, int64_t block_size) {
   Nf4Dims d;
@@ -156,19 +210,21 @@ ffi::Error DequantizeDqImpl(ffi::AnyBuffer packed, ffi::AnyBuffer codes, ffi::An
                            &scales);
       e.failure())
     return e;
-  return Dequantize(packed, scales, d, out);
+  return Dequantize(pool, packed, scales, d, out);
 }
 
-ffi::Error MatmulImpl(ffi::AnyBuffer x, ffi::AnyBuffer packed, ffi::AnyBuffer absmax,
+ffi::Error MatmulImpl(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::AnyBuffer packed,
+                      ffi::AnyBuffer absmax,
                       ffi::Result<ffi::AnyBuffer> out, int64_t block_size) {
   Nf4Dims d;
   PlainScales scales;
   if (auto e = CheckWeight("nf4_matmul", packed, block_size, absmax, &d, &scales); e.failure())
     return e;
-  return Matmul(x, packed, scales, d, out);
+  return Matmul(pool, x, packed, scales, d, out);
 }
 
-ffi::Error MatmulDqImpl(ffi::AnyBuffer x, ffi::AnyBuffer packed, ffi::AnyBuffer codes,
+ffi::Error MatmulDqImpl(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::AnyBuffer packed,
+                        ffi::AnyBuffer codes,
                         ffi::AnyBuffer nested, ffi::AnyBuffer table, ffi::AnyBuffer offset,
                         ffi::Result<ffi::AnyBuffer> out, int64_t block_size) {
   Nf4Dims d;
@@ -177,13 +233,14 @@ ffi::Error MatmulDqImpl(ffi::AnyBuffer x, ffi::AnyBuffer packed, ffi::AnyBuffer 
                            &scales);
       e.failure())
     return e;
-  return Matmul(x, packed, scales, d, out);
+  return Matmul(pool, x, packed, scales, d, out);
 }
 
 }  // namespace
 
 XLA_FFI_DEFINE_HANDLER(kNf4QuantizeCpu, QuantizeImpl,
                        ffi::Ffi::Bind()
+                           .Ctx<ffi::ThreadPool>()
                            .Arg<ffi::AnyBuffer>()  // w
                            .Ret<ffi::AnyBuffer>()  // packed
                            .Ret<ffi::AnyBuffer>()  // absmax
@@ -191,6 +248,7 @@ XLA_FFI_DEFINE_HANDLER(kNf4QuantizeCpu, QuantizeImpl,
 
 XLA_FFI_DEFINE_HANDLER(kNf4DequantizeCpu, DequantizeImpl,
                        ffi::Ffi::Bind()
+                           .Ctx<ffi::ThreadPool>()
                            .Arg<ffi::AnyBuffer>()  // packed
                            .Arg<ffi::AnyBuffer>()  // absmax
                            .Ret<ffi::AnyBuffer>()  // w
@@ -198,6 +256,7 @@ XLA_FFI_DEFINE_HANDLER(kNf4DequantizeCpu, DequantizeImpl,
 
 XLA_FFI_DEFINE_HANDLER(kNf4DequantizeDqCpu, DequantizeDqImpl,
                        ffi::Ffi::Bind()
+                           .Ctx<ffi::ThreadPool>()
                            .Arg<ffi::AnyBuffer>()  // packed
                            .Arg<ffi::AnyBuffer>()  // absmax codes
                            .Arg<ffi::AnyBuffer>()  // nested_absmax
@@ -208,6 +267,7 @@ XLA_FFI_DEFINE_HANDLER(kNf4DequantizeDqCpu, DequantizeDqImpl,
 
 XLA_FFI_DEFINE_HANDLER(kNf4MatmulCpu, MatmulImpl,
                        ffi::Ffi::Bind()
+                           .Ctx<ffi::ThreadPool>()
                            .Arg<ffi::AnyBuffer>()  // x
                            .Arg<ffi::AnyBuffer>()  // packed
                            .Arg<ffi::AnyBuffer>()  // absmax
@@ -216,6 +276,7 @@ XLA_FFI_DEFINE_HANDLER(kNf4MatmulCpu, MatmulImpl,
 
 XLA_FFI_DEFINE_HANDLER(kNf4MatmulDqCpu, MatmulDqImpl,
                        ffi::Ffi::Bind()
+                           .Ctx<ffi::ThreadPool>()
                            .Arg<ffi::AnyBuffer>()  // x
                            .Arg<ffi::AnyBuffer>()  // packed
                            .Arg<ffi::AnyBuffer>()  // absmax codes
