@@ -47,8 +47,8 @@ template <typename Fn>
 void ParallelFor(ffi::ThreadPool& pool, int64_t n, int64_t cost, const Fn& fn) {
   constexpr int64_t kMinChunkCost = int64_t(1) << 16;
   const int64_t threads = std::max<int64_t>(pool.num_threads(), 0) + 1;
-  const int64_t chunks =
-      std::min({n, 4 * threads, std::max<int64_t>(1, n * std::max<int64_t>(cost, 1) / kMinChunkCost)});
+  const int64_t by_cost = std::max<int64_t>(1, n * std::max<int64_t>(cost, 1) / kMinChunkCost);
+  const int64_t chunks = std::min({n, 4 * threads, by_cost});
   if (chunks <= 1) {
     if (n > 0) fn(int64_t(0), n);
     return;
@@ -201,8 +201,7 @@ ffi::Error DequantizeImpl(ffi::ThreadPool pool, ffi::AnyBuffer packed, ffi::AnyB
 }
 
 ffi::Error DequantizeDqImpl(ffi::ThreadPool pool, ffi::AnyBuffer packed, ffi::AnyBuffer codes,
-                            ffi::AnyBuffer nested,
-                            ffi::AnyBuffer table, ffi::AnyBuffer offset,
+                            ffi::AnyBuffer nested, ffi::AnyBuffer table, ffi::AnyBuffer offset,
                             ffi::Result<ffi::AnyBuffer> out, int64_t block_size) {
   Nf4Dims d;
   DoubleQuantScales scales;
@@ -214,8 +213,8 @@ ffi::Error DequantizeDqImpl(ffi::ThreadPool pool, ffi::AnyBuffer packed, ffi::An
 }
 
 ffi::Error MatmulImpl(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::AnyBuffer packed,
-                      ffi::AnyBuffer absmax,
-                      ffi::Result<ffi::AnyBuffer> out, int64_t block_size) {
+                      ffi::AnyBuffer absmax, ffi::Result<ffi::AnyBuffer> out,
+                      int64_t block_size) {
   Nf4Dims d;
   PlainScales scales;
   if (auto e = CheckWeight("nf4_matmul", packed, block_size, absmax, &d, &scales); e.failure())
@@ -224,9 +223,9 @@ ffi::Error MatmulImpl(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::AnyBuffer pac
 }
 
 ffi::Error MatmulDqImpl(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::AnyBuffer packed,
-                        ffi::AnyBuffer codes,
-                        ffi::AnyBuffer nested, ffi::AnyBuffer table, ffi::AnyBuffer offset,
-                        ffi::Result<ffi::AnyBuffer> out, int64_t block_size) {
+                        ffi::AnyBuffer codes, ffi::AnyBuffer nested, ffi::AnyBuffer table,
+                        ffi::AnyBuffer offset, ffi::Result<ffi::AnyBuffer> out,
+                        int64_t block_size) {
   Nf4Dims d;
   DoubleQuantScales scales;
   if (auto e = CheckWeight("nf4_matmul", packed, block_size, codes, nested, table, offset, &d,

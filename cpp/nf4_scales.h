@@ -56,8 +56,8 @@ struct DoubleQuantScales {
     // The nested scale (one per 256 blocks, cache-resident) is read here. A plain load of the
     // table: kernels may point `table` at a copy in shared memory.
     NF4_HD float Decode(Raw code, int64_t b) const {
-      return DecodeDoubleQuantScale(table[code], LoadConstant(nested_absmax + ((first_block + b) >> 8)),
-                                    offset);
+      const float nested = LoadConstant(nested_absmax + ((first_block + b) >> 8));
+      return DecodeDoubleQuantScale(table[code], nested, offset);
     }
     NF4_HD float operator()(int64_t b) const { return Decode(Fetch(b), b); }
   };
