@@ -9,7 +9,7 @@ by an XLA dot (tensor cores on GPU, XLA's threaded dot on CPU):
   tensor-core GEMV (mma.m16n8k16, float32 accumulation) up to M = 32; the weight enters the
   product as codebook values in the activation dtype, scaled in float32 per 64 elements.
   M <= 8 runs the byte-pair kernel (one table lookup per code byte, a persistent grid; on GPUs
-  that give a CTA 162 KB of shared memory: sm_80, sm_90), M = 9..32 the 16-row-tile kernel.
+  that give a CTA 145 KB of shared memory: sm_80, sm_90), M = 9..32 the 16-row-tile kernel.
   Above M = 32 the weight is dequantized to the activation dtype.
 - CUDA otherwise (float32 activations, other block sizes): fused SIMT GEMV up to M = 8.
 - CPU: fused loop up to M = 8; above it the weight is dequantized to float32 and multiplied
