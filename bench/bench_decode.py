@@ -3,7 +3,8 @@
 (a) llama3-8b greedy decoding at batch 1 and 8 with NF4 and with bf16 weights (same shapes,
     same prompt): tokens/s (prefill of 16 tokens included, compile excluded), the ratio,
     weight bytes and the device's peak memory. The runs go from the smallest memory use to
-    the largest (NF4 b1, NF4 b8, bf16 b1, bf16 b8) because the peak is process-wide.
+    the largest (NF4 b1, NF4 b8, bf16 b1, bf16 b8) because the peak is process-wide; a last
+    run quantizes lm_head too ("nf4+lm_head", batch 1; bitsandbytes keeps it dense).
 (b) llama3-70b shapes: the decode time of one decoder layer (batch 1, one token, a KV cache of
     512 slots, attention over all of them) at full width and at the 1/2 and 1/4 shard a GPU
     holds under tensor parallelism tp: q/k/v/gate/up column-parallel (N / tp), o_proj / down
@@ -168,29 +169,34 @@ def main(argv: Sequence[str] | None = None) -> dict:
     if not args.skip_8b:
         name = "tiny" if args.quick else "llama3-8b"
         new_tokens = args.new_tokens or (4 if args.quick else 128)
-        kw = {"prompt_len": 4 if args.quick else 16, "iters": args.iters,
-              "config": dataclasses.replace(llama.get_config(name), n_layers=1)
-              if args.quick else None}
+        base = llama.get_config(name)
+        if args.quick:
+            base = dataclasses.replace(base, n_layers=1)
+        kw = {"prompt_len": 4 if args.quick else 16, "iters": args.iters}
         rows = {}
-        for nf4, batch in ((True, 1), (True, 8), (False, 1), (False, 8)):
-            r = llama.benchmark_decode(name, batch, new_tokens, nf4, **kw,
+        # The last row quantizes lm_head too (bitsandbytes keeps it dense, as the others do).
+        for nf4, batch, head in ((True, 1, False), (True, 8, False), (False, 1, False),
+                                 (False, 8, False), (True, 1, True)):
+            config = dataclasses.replace(base, nf4_lm_head=head)
+            r = llama.benchmark_decode(name, batch, new_tokens, nf4, **kw, config=config,
                                        progress=functools.partial(_stage, f"{name} b{batch}"))
             r = {k: v for k, v in r.items() if k != "tokens"}
             rows[r["weights"], batch] = r
             results["decode"].append(r)
             peak = "-" if r["peak_bytes"] is None else f"{r['peak_bytes'] / 2**30:.2f} GiB"
-            emit(f"(a) {name} {r['weights']:<8} batch {batch}: {r['tokens_per_s']:9.1f} tokens/s "
+            emit(f"(a) {name} {r['weights']:<11} batch {batch}: {r['tokens_per_s']:9.1f} tokens/s "
                  f"({1e3 * r['seconds'] / new_tokens:.2f} ms/step), weights "
                  f"{r['weight_bytes'] / 2**30:.2f} GiB, peak {peak}, build {r['build_s']:.1f} "
                  f"s, compile {r['compile_s']:.1f} s")
-        for batch in (1, 8):
-            nf4, dense = rows["nf4", batch], rows["bfloat16", batch]
-            ratio = {"batch": batch,
+        for weights, batch in (("nf4", 1), ("nf4", 8), ("nf4+lm_head", 1)):
+            nf4, dense = rows[weights, batch], rows["bfloat16", batch]
+            ratio = {"batch": batch, "nf4_weights": weights,
                      "tokens_per_s_nf4_over_bf16": nf4["tokens_per_s"] / dense["tokens_per_s"],
                      "weight_bytes_nf4_over_bf16": nf4["weight_bytes"] / dense["weight_bytes"]}
             results["decode_ratio"].append(ratio)
-            emit(f"(a) batch {batch}: nf4 / bf16 = {ratio['tokens_per_s_nf4_over_bf16']:.2f}x "
-                 f"tokens/s, {ratio['weight_bytes_nf4_over_bf16']:.2f}x weight bytes")
+            emit(f"(a) batch {batch}: {weights} / bf16 = "
+                 f"{ratio['tokens_per_s_nf4_over_bf16']:.2f}x tokens/s, "
+                 f"{ratio['weight_bytes_nf4_over_bf16']:.2f}x weight bytes")
 
     if not args.skip_70b:
         name = "tiny" if args.quick else "llama3-70b"

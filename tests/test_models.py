@@ -267,16 +267,19 @@ def test_bench_decode_quick(tmp_path, capsys):
     results = _bench_decode_module().main(["--quick", "--iters", "1", "--json", str(out)])
     assert json.loads(out.read_text()) == json.loads(json.dumps(results))
     printed = capsys.readouterr().out
-    assert printed.count("(a) tiny") == 4 and printed.count("(b) tiny") == 2
+    assert printed.count("(a) tiny") == 5 and printed.count("(b) tiny") == 2
     assert "(c) tp=2" in printed
     decode = {(r["weights"], r["batch"]): r for r in results["decode"]}
-    assert set(decode) == {("nf4", 1), ("nf4", 8), ("bfloat16", 1), ("bfloat16", 8)}
+    assert set(decode) == {("nf4", 1), ("nf4", 8), ("bfloat16", 1), ("bfloat16", 8),
+                           ("nf4+lm_head", 1)}
     assert all(r["tokens_per_s"] > 0 and r["weight_bytes"] > 0 for r in decode.values())
     assert decode["nf4", 8]["weight_bytes"] < decode["bfloat16", 8]["weight_bytes"]
+    assert decode["nf4+lm_head", 1]["weight_bytes"] < decode["nf4", 1]["weight_bytes"]
+    assert len(results["decode_ratio"]) == 3
     for ratio in results["decode_ratio"]:
-        b = ratio["batch"]
+        b, w = ratio["batch"], ratio["nf4_weights"]
         assert ratio["tokens_per_s_nf4_over_bf16"] == pytest.approx(
-            decode["nf4", b]["tokens_per_s"] / decode["bfloat16", b]["tokens_per_s"])
+            decode[w, b]["tokens_per_s"] / decode["bfloat16", b]["tokens_per_s"])
     layers = {r["tp"]: r for r in results["layers"]}
     assert set(layers) == {1, 2} and all(r["seconds"] > 0 for r in layers.values())
     assert layers[2]["layer_bytes"] < layers[1]["layer_bytes"]

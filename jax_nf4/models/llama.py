@@ -359,16 +359,18 @@ def benchmark_decode(config_name: str, batch: int = 1, new_tokens: int = 64, nf4
     ``peak_bytes`` is :func:`peak_device_bytes` after the runs (a process-wide peak: it
     describes this call when earlier calls in the process used less memory). ``progress``, if
     given, is called as ``progress(done, total, "WEIGHTS STAGE")`` when each stage (build,
-    compile, each timed run) starts and once at the end (``done == total``).
+    compile, each timed run) starts and once at the end (``done == total``). ``weights`` in the
+    result names the weights: ``"nf4"``, ``"nf4+lm_head"`` (``config.nf4_lm_head``) or the
+    dense dtype.
     """
     total = 2 + max(1, iters)
-    weights = "nf4" if nf4 else jnp.dtype(dtype).name
+    base = config if config is not None else get_config(config_name)
+    weights = ("nf4+lm_head" if base.nf4_lm_head else "nf4") if nf4 else jnp.dtype(dtype).name
 
     def report(done: int, stage: str) -> None:
         if progress is not None:
             progress(done, total, f"{weights} {stage}")
 
-    base = config if config is not None else get_config(config_name)
     cfg = dataclasses.replace(base, max_len=prompt_len + new_tokens)
     report(0, "build")
     t0 = time.perf_counter()
