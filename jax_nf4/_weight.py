@@ -7,13 +7,9 @@ from typing import Any
 import jax
 import numpy as np
 
-from jax_nf4.double_quant import DoubleQuantScales, dequantize_scales
+from jax_nf4.double_quant import DoubleQuantScales, _shape, dequantize_scales
 
 __all__ = ["NF4Weight", "DoubleQuantScales"]
-
-
-def _shape(a: Any) -> tuple[int, ...]:
-    return tuple(int(d) for d in a.shape)
 
 
 @jax.tree_util.register_pytree_node_class
@@ -125,13 +121,6 @@ class NF4Weight:
         obj.packed, obj.absmax = children
         obj.shape, obj.block_size, obj.dtype = aux
         return obj
-
-    def __getstate__(self):
-        return {name: getattr(self, name) for name in self.__slots__}
-
-    def __setstate__(self, state):
-        for name, value in state.items():
-            object.__setattr__(self, name, value)
 
     def __repr__(self) -> str:
         stack = f"stack={self.stack_shape}, " if self.stack_shape else ""

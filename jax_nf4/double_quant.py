@@ -172,13 +172,6 @@ class DoubleQuantScales:
         (obj.nested_block_size,) = aux
         return obj
 
-    def __getstate__(self):
-        return {name: getattr(self, name) for name in self.__slots__}
-
-    def __setstate__(self, state):
-        for name, value in state.items():
-            object.__setattr__(self, name, value)
-
     def __repr__(self) -> str:
         return (f"DoubleQuantScales(blocks={_shape(self.codes)[-2:]}, stack={self.stack_shape}, "
                 f"nested_block_size={self.nested_block_size})")
