@@ -193,46 +193,38 @@ ffi::Error Matmul(ffi::ThreadPool& pool, ffi::AnyBuffer x, ffi::AnyBuffer packed
 
 ffi::Error DequantizeImpl(ffi::ThreadPool pool, ffi::AnyBuffer packed, ffi::AnyBuffer absmax,
                           ffi::Result<ffi::AnyBuffer> out, int64_t block_size) {
-  Nf4Dims d;
-  PlainScales scales;
-  if (auto e = CheckWeight("nf4_dequantize", packed, block_size, absmax, &d, &scales); e.failure())
-    return e;
-  return Dequantize(pool, packed, scales, d, out);
+  return WithWeight("nf4_dequantize", packed, block_size, absmax,
+                    [&](const auto& scales, const Nf4Dims& d) {
+                      return Dequantize(pool, packed, scales, d, out);
+                    });
 }
 
 ffi::Error DequantizeDqImpl(ffi::ThreadPool pool, ffi::AnyBuffer packed, ffi::AnyBuffer codes,
                             ffi::AnyBuffer nested, ffi::AnyBuffer table, ffi::AnyBuffer offset,
                             ffi::Result<ffi::AnyBuffer> out, int64_t block_size) {
-  Nf4Dims d;
-  DoubleQuantScales scales;
-  if (auto e = CheckWeight("nf4_dequantize", packed, block_size, codes, nested, table, offset, &d,
-                           &scales);
-      e.failure())
-    return e;
-  return Dequantize(pool, packed, scales, d, out);
+  return WithWeight("nf4_dequantize", packed, block_size, codes, nested, table, offset,
+                    [&](const auto& scales, const Nf4Dims& d) {
+                      return Dequantize(pool, packed, scales, d, out);
+                    });
 }
 
 ffi::Error MatmulImpl(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::AnyBuffer packed,
                       ffi::AnyBuffer absmax, ffi::Result<ffi::AnyBuffer> out,
                       int64_t block_size) {
-  Nf4Dims d;
-  PlainScales scales;
-  if (auto e = CheckWeight("nf4_matmul", packed, block_size, absmax, &d, &scales); e.failure())
-    return e;
-  return Matmul(pool, x, packed, scales, d, out);
+  return WithWeight("nf4_matmul", packed, block_size, absmax,
+                    [&](const auto& scales, const Nf4Dims& d) {
+                      return Matmul(pool, x, packed, scales, d, out);
+                    });
 }
 
 ffi::Error MatmulDqImpl(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::AnyBuffer packed,
                         ffi::AnyBuffer codes, ffi::AnyBuffer nested, ffi::AnyBuffer table,
                         ffi::AnyBuffer offset, ffi::Result<ffi::AnyBuffer> out,
                         int64_t block_size) {
-  Nf4Dims d;
-  DoubleQuantScales scales;
-  if (auto e = CheckWeight("nf4_matmul", packed, block_size, codes, nested, table, offset, &d,
-                           &scales);
-      e.failure())
-    return e;
-  return Matmul(pool, x, packed, scales, d, out);
+  return WithWeight("nf4_matmul", packed, block_size, codes, nested, table, offset,
+                    [&](const auto& scales, const Nf4Dims& d) {
+                      return Matmul(pool, x, packed, scales, d, out);
+                    });
 }
 
 }  // namespace

@@ -801,10 +801,8 @@ cudaError_t LaunchGemvBytePair(GemvArgs<Scales> a, int64_t groups, int sms, cuda
 }
 
 template <typename T, int NT, typename Scales>
-cudaError_t LaunchGemvBytePairRows(GemvArgs<Scales> a, int64_t groups, cudaStream_t stream) {
-  int device = 0, sms = 0;
-  cudaGetDevice(&device);
-  cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device);
+cudaError_t LaunchGemvBytePairRows(GemvArgs<Scales> a, int64_t groups, int sms,
+                                   cudaStream_t stream) {
   if constexpr (NT == 1) {  // 4-span groups pay off once every warp of 16 has two of them
     if (a.cols / kBpSpan >= 4 * 2 * kBpWarps)
       return LaunchGemvBytePair<T, NT, 4, Scales>(a, groups, sms, stream);
@@ -812,26 +810,24 @@ cudaError_t LaunchGemvBytePairRows(GemvArgs<Scales> a, int64_t groups, cudaStrea
   return LaunchGemvBytePair<T, NT, 2, Scales>(a, groups, sms, stream);
 }
 
-// Whether the current device gives a CTA the byte-pair kernel's shared memory (sm_80, sm_90:
-// yes; sm_86, sm_89: no, they take the 16-row-tile kernel).
-bool BytePairFits() {
-  int device = 0, optin = 0;
-  cudaGetDevice(&device);
-  cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, device);
-  return optin >= kBpSharedBytes<2>;
-}
-
 // Up to 32 rows per launch (larger M is tiled; the Python lowering sends large M elsewhere):
 // the byte-pair kernel for up to 8 rows, the 16-row-tile kernel above that.
 template <typename T, typename Scales>
 cudaError_t LaunchGemvTensorCore(GemvArgs<Scales> a, int64_t groups, cudaStream_t stream) {
+  // The byte-pair kernel needs its shared memory in one CTA (sm_80, sm_90: yes; sm_86, sm_89:
+  // no, they take the 16-row-tile kernel); its grid is one CTA per SM.
+  int device = 0, sms = 0, optin = 0;
+  cudaGetDevice(&device);
+  cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device);
+  cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, device);
+  const bool byte_pair = optin >= kBpSharedBytes<2>;
   cudaError_t err = cudaSuccess;
-  const bool byte_pair = BytePairFits();
   for (int64_t m0 = 0; m0 < a.m_total && err == cudaSuccess; m0 += 32) {
     a.m0 = m0;
     const int64_t rows = a.m_total - m0;
-    if (byte_pair && rows <= 4) err = LaunchGemvBytePairRows<T, 1, Scales>(a, groups, stream);
-    else if (byte_pair && rows <= 8) err = LaunchGemvBytePairRows<T, 2, Scales>(a, groups, stream);
+    if (byte_pair && rows <= 4) err = LaunchGemvBytePairRows<T, 1, Scales>(a, groups, sms, stream);
+    else if (byte_pair && rows <= 8)
+      err = LaunchGemvBytePairRows<T, 2, Scales>(a, groups, sms, stream);
     else if (rows <= 8) err = LaunchGemvTensorCoreRows<T, 1, Scales>(a, groups, stream);
     else if (rows <= 16) err = LaunchGemvTensorCoreRows<T, 2, Scales>(a, groups, stream);
     else err = LaunchGemvTensorCoreRows<T, 4, Scales>(a, groups, stream);
@@ -1005,46 +1001,38 @@ ffi::Error Matmul(cudaStream_t stream, ffi::AnyBuffer x, ffi::AnyBuffer packed,
 
 ffi::Error DequantizeCuda(cudaStream_t stream, ffi::AnyBuffer packed, ffi::AnyBuffer absmax,
                           ffi::Result<ffi::AnyBuffer> out, int64_t block_size) {
-  Nf4Dims d;
-  PlainScales scales;
-  if (auto e = CheckWeight("nf4_dequantize", packed, block_size, absmax, &d, &scales); e.failure())
-    return e;
-  return Dequantize(stream, packed, scales, d, out);
+  return WithWeight("nf4_dequantize", packed, block_size, absmax,
+                    [&](const auto& scales, const Nf4Dims& d) {
+                      return Dequantize(stream, packed, scales, d, out);
+                    });
 }
 
 ffi::Error DequantizeDqCuda(cudaStream_t stream, ffi::AnyBuffer packed, ffi::AnyBuffer codes,
                             ffi::AnyBuffer nested, ffi::AnyBuffer table, ffi::AnyBuffer offset,
                             ffi::Result<ffi::AnyBuffer> out, int64_t block_size) {
-  Nf4Dims d;
-  DoubleQuantScales scales;
-  if (auto e = CheckWeight("nf4_dequantize", packed, block_size, codes, nested, table, offset, &d,
-                           &scales);
-      e.failure())
-    return e;
-  return Dequantize(stream, packed, scales, d, out);
+  return WithWeight("nf4_dequantize", packed, block_size, codes, nested, table, offset,
+                    [&](const auto& scales, const Nf4Dims& d) {
+                      return Dequantize(stream, packed, scales, d, out);
+                    });
 }
 
 ffi::Error MatmulCuda(cudaStream_t stream, ffi::AnyBuffer x, ffi::AnyBuffer packed,
                       ffi::AnyBuffer absmax, ffi::Result<ffi::AnyBuffer> out,
                       int64_t block_size) {
-  Nf4Dims d;
-  PlainScales scales;
-  if (auto e = CheckWeight("nf4_matmul", packed, block_size, absmax, &d, &scales); e.failure())
-    return e;
-  return Matmul(stream, x, packed, scales, d, out);
+  return WithWeight("nf4_matmul", packed, block_size, absmax,
+                    [&](const auto& scales, const Nf4Dims& d) {
+                      return Matmul(stream, x, packed, scales, d, out);
+                    });
 }
 
 ffi::Error MatmulDqCuda(cudaStream_t stream, ffi::AnyBuffer x, ffi::AnyBuffer packed,
                         ffi::AnyBuffer codes, ffi::AnyBuffer nested, ffi::AnyBuffer table,
                         ffi::AnyBuffer offset, ffi::Result<ffi::AnyBuffer> out,
                         int64_t block_size) {
-  Nf4Dims d;
-  DoubleQuantScales scales;
-  if (auto e = CheckWeight("nf4_matmul", packed, block_size, codes, nested, table, offset, &d,
-                           &scales);
-      e.failure())
-    return e;
-  return Matmul(stream, x, packed, scales, d, out);
+  return WithWeight("nf4_matmul", packed, block_size, codes, nested, table, offset,
+                    [&](const auto& scales, const Nf4Dims& d) {
+                      return Matmul(stream, x, packed, scales, d, out);
+                    });
 }
 
 }  // namespace

@@ -123,18 +123,28 @@ inline ffi::Error MakeScales(const char* op, ffi::AnyBuffer codes, ffi::AnyBuffe
   return ffi::Error::Success();
 }
 
-// Checks packed and the scale operands of a weight; fills dims and the scale source.
-inline ffi::Error CheckWeight(const char* op, ffi::AnyBuffer packed, int64_t block_size,
-                              ffi::AnyBuffer absmax, Nf4Dims* d, PlainScales* scales) {
-  if (auto e = CheckPacked(op, packed, block_size, d); e.failure()) return e;
-  return MakeScales(op, absmax, *d, scales);
+// Checks packed and the scale operands of a weight (plain absmax, or the four double-quant
+// operands) and returns fn(scales, dims) with the checked scale source: one handler body
+// serves both forms.
+template <typename Fn>
+ffi::Error WithWeight(const char* op, ffi::AnyBuffer packed, int64_t block_size,
+                      ffi::AnyBuffer absmax, Fn&& fn) {
+  Nf4Dims d;
+  PlainScales scales;
+  if (auto e = CheckPacked(op, packed, block_size, &d); e.failure()) return e;
+  if (auto e = MakeScales(op, absmax, d, &scales); e.failure()) return e;
+  return fn(scales, d);
 }
 
-inline ffi::Error CheckWeight(const char* op, ffi::AnyBuffer packed, int64_t block_size,
-                              ffi::AnyBuffer codes, ffi::AnyBuffer nested, ffi::AnyBuffer table,
-                              ffi::AnyBuffer offset, Nf4Dims* d, DoubleQuantScales* scales) {
-  if (auto e = CheckPacked(op, packed, block_size, d); e.failure()) return e;
-  return MakeScales(op, codes, nested, table, offset, *d, scales);
+template <typename Fn>
+ffi::Error WithWeight(const char* op, ffi::AnyBuffer packed, int64_t block_size,
+                      ffi::AnyBuffer codes, ffi::AnyBuffer nested, ffi::AnyBuffer table,
+                      ffi::AnyBuffer offset, Fn&& fn) {
+  Nf4Dims d;
+  DoubleQuantScales scales;
+  if (auto e = CheckPacked(op, packed, block_size, &d); e.failure()) return e;
+  if (auto e = MakeScales(op, codes, nested, table, offset, d, &scales); e.failure()) return e;
+  return fn(scales, d);
 }
 
 // Checks a dense [G, N, K] tensor (quantize input or dequantize output) against dims.
