@@ -609,11 +609,6 @@ __global__ void __launch_bounds__(32 * kBpWarps, 1) GemvBytePairKernel(GemvArgs<
   unsigned char* table = dynamic_shared + (table_base - dynamic_base);
   float* scale_table = reinterpret_cast<float*>(table + 65536);
   float(*partial)[32][4 * NT] = reinterpret_cast<float(*)[32][4 * NT]>(scale_table + 256);
-  for (int i = threadIdx.x; i < 256 * 8; i += 32 * W) {
-    const int e = i / 8;
-    const uint32_t v = MmaType<T>::Pack(kDeviceCodebook[e & 15], kDeviceCodebook[e >> 4]);
-    reinterpret_cast<uint4*>(table)[e * 16 + i % 8] = make_uint4(v, v, v, v);
-  }
   const float scale_table_entry = ReadScaleTable(a.scales, a.groups);
   const uint32_t lane_address = table_base | (4 * (threadIdx.x % 32));
   auto lookup = [lane_address](uint32_t word, int byte) {  // table entry of one code byte
@@ -724,10 +719,15 @@ __global__ void __launch_bounds__(32 * kBpWarps, 1) GemvBytePairKernel(GemvArgs<
     }
   };
 
-  // The first loads go out before the CTA waits for its tables.
+  // The first loads go out before the CTA fills and waits for its tables.
   Group ping, pong;
   Unit cur = setup(blockIdx.x);
   if (blockIdx.x < units) load(ping, cur, begin, 0);
+  for (int i = threadIdx.x; i < 256 * 8; i += 32 * W) {
+    const int e = i / 8;
+    const uint32_t v = MmaType<T>::Pack(kDeviceCodebook[e & 15], kDeviceCodebook[e >> 4]);
+    reinterpret_cast<uint4*>(table)[e * 16 + i % 8] = make_uint4(v, v, v, v);
+  }
   StageScaleTable<Scales>(scale_table_entry, scale_table, a.groups);
   __syncthreads();
   for (int64_t unit = blockIdx.x; unit < units; unit += gridDim.x) {
@@ -907,6 +907,53 @@ __global__ void __launch_bounds__(kThreads) QuantizeKernel(const T* w, uint8_t* 
   }
 }
 
+// Quantize with 16-byte accesses: one thread per (row pair, 16 columns), the L = block_size / 16
+// threads of a block adjacent in a warp (L a power of two <= 32) and combining their absmax by
+// shuffles; each thread loads 16 elements of both rows and stores 16 packed bytes at once.
+template <typename T, int L>
+__global__ void __launch_bounds__(kThreads) QuantizeChunkKernel(const T* w, uint8_t* packed,
+                                                                float* absmax, int64_t groups,
+                                                                int64_t pairs, int64_t cols,
+                                                                int64_t block_size) {
+  const int64_t chunks = cols / 16, blocks = cols / block_size;
+  const int64_t total = groups * pairs * chunks;  // a multiple of L
+  const int64_t stride = int64_t(gridDim.x) * blockDim.x;
+  // Warp-uniform trip count: every lane reaches the shuffles.
+  for (int64_t base = blockIdx.x * int64_t(blockDim.x) + (threadIdx.x & ~31); base < total;
+       base += stride) {
+    const int64_t t = base + threadIdx.x % 32;
+    const bool active = t < total;
+    const int64_t row_pair = active ? t / chunks : 0, c = active ? t % chunks : 0;
+    const T* even = w + (2 * row_pair) * cols + 16 * c;
+    Vec<T, 16> ev = LoadVec<T, 16>(even), od = LoadVec<T, 16>(even + cols);
+    float m0 = 0.0f, m1 = 0.0f;
+#pragma unroll
+    for (int i = 0; i < 16; ++i) {
+      m0 = AbsMaxUpdate(m0, ToFloat(ev.v[i]));
+      m1 = AbsMaxUpdate(m1, ToFloat(od.v[i]));
+    }
+#pragma unroll
+    for (int off = 1; off < L; off <<= 1) {
+      m0 = AbsMaxUpdate(m0, __shfl_xor_sync(0xffffffffu, m0, off));
+      m1 = AbsMaxUpdate(m1, __shfl_xor_sync(0xffffffffu, m1, off));
+    }
+    if (!active) continue;
+    const float inv0 = InverseScale(m0), inv1 = InverseScale(m1);
+    Vec<uint8_t, 16> out;
+#pragma unroll
+    for (int i = 0; i < 16; ++i)
+      out.v[i] = PackPair(QuantizeElement(ToFloat(ev.v[i]), m0, inv0),
+                          QuantizeElement(ToFloat(od.v[i]), m1, inv1));
+    *reinterpret_cast<uint4*>(packed + row_pair * cols + 16 * c) =
+        *reinterpret_cast<const uint4*>(&out);
+    if (c % L == 0) {
+      const int64_t b = c / L;
+      absmax[(2 * row_pair) * blocks + b] = m0;
+      absmax[(2 * row_pair + 1) * blocks + b] = m1;
+    }
+  }
+}
+
 // ---------------------------------------------------------------- handlers
 
 ffi::Error LaunchError(const char* op, cudaError_t err) {
@@ -939,10 +986,25 @@ ffi::Error QuantizeCuda(cudaStream_t stream, ffi::AnyBuffer w, ffi::Result<ffi::
   const int64_t pairs = d.rows / 2;
   cudaError_t err = DispatchActivation(w.element_type(), [&](auto tag) {
     using T = decltype(tag);
-    QuantizeKernel<T><<<GridFor(d.groups * pairs * d.blocks(), kWarps), kThreads, 0, stream>>>(
-        static_cast<const T*>(w.untyped_data()), static_cast<uint8_t*>(packed->untyped_data()),
-        static_cast<float*>(absmax->untyped_data()), d.groups, pairs, d.cols, d.block_size);
-    return cudaGetLastError();
+    const T* src = static_cast<const T*>(w.untyped_data());
+    uint8_t* dst = static_cast<uint8_t*>(packed->untyped_data());
+    float* scales = static_cast<float*>(absmax->untyped_data());
+    auto chunked = [&](auto kernel) {
+      kernel<<<GridFor(d.groups * pairs * (d.cols / 16), kThreads), kThreads, 0, stream>>>(
+          src, dst, scales, d.groups, pairs, d.cols, d.block_size);
+      return cudaGetLastError();
+    };
+    switch (d.block_size) {  // 16-byte path: block_size / 16 threads per block, a power of two
+      case 32: return chunked(QuantizeChunkKernel<T, 2>);
+      case 64: return chunked(QuantizeChunkKernel<T, 4>);
+      case 128: return chunked(QuantizeChunkKernel<T, 8>);
+      case 256: return chunked(QuantizeChunkKernel<T, 16>);
+      case 512: return chunked(QuantizeChunkKernel<T, 32>);
+      default:
+        QuantizeKernel<T><<<GridFor(d.groups * pairs * d.blocks(), kWarps), kThreads, 0, stream>>>(
+            src, dst, scales, d.groups, pairs, d.cols, d.block_size);
+        return cudaGetLastError();
+    }
   });
   return err == cudaSuccess ? ffi::Error::Success() : LaunchError("nf4_quantize", err);
 }
