@@ -1,9 +1,10 @@
 """A small run of every CUDA kernel path, for compute-sanitizer (memcheck, racecheck).
 
-Exits non-zero if any result disagrees with the NumPy reference. Covers the byte-pair, 16-row
-tile, SIMT and byte-wise GEMV paths, M tails, split-K, one and two stacked groups (the byte-pair
-kernel stages the double-quant table only for one), dequantize and quantize, each dtype, plain
-and double-quantized scales.
+Exits non-zero if any result disagrees with the NumPy reference. Covers the byte-pair, SIMT
+and byte-wise GEMV paths, the tiled kernel (M > 8: M tails, several M tiles, split-K across
+CTAs with its sum kernel), one and two stacked groups (the byte-pair kernel stages the
+double-quant table only for one), dequantize and quantize, each dtype, plain and
+double-quantized scales.
 """
 
 import jax
@@ -15,7 +16,8 @@ from jax_nf4 import reference
 
 CASES = [  # (G, N, K, block_size, M): G stacked weights under vmap
     (2, 6, 64, 64, 1), (2, 34, 256, 32, 3), (2, 2, 48, 48, 8), (2, 130, 4096, 64, 13),
-    (2, 64, 96, 24, 2), (2, 512, 8192, 128, 1), (1, 1030, 4160, 64, 5), (1, 96, 8192, 64, 1)]
+    (2, 64, 96, 24, 2), (2, 512, 8192, 128, 1), (1, 1030, 4160, 64, 5), (1, 96, 8192, 64, 1),
+    (2, 258, 4160, 64, 70), (1, 34, 448, 64, 9)]
 
 
 def main() -> int:

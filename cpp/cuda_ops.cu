@@ -125,6 +125,12 @@ struct SharedCodebook {
   }
 };
 
+// Grid of a grid-stride kernel over work_items.
+unsigned GridFor(int64_t work_items, int64_t items_per_cta) {
+  const int64_t ctas = (work_items + items_per_cta - 1) / items_per_cta;
+  return unsigned(ctas < 65536 ? ctas : 65536);  // grid-stride loops cover the rest
+}
+
 // ---------------------------------------------------------------- fused GEMV
 
 template <typename Scales>
@@ -772,9 +778,12 @@ __global__ void __launch_bounds__(32 * kBpWarps, 1) GemvBytePairKernel(GemvArgs<
   }
 }
 
-// Splits of K and the persistent grid of the byte-pair kernel: each of up to 16 warps keeps
-// >= 4 load groups of its unit's K (long pipelines), but K splits further while the units
-// (16 / splits tiles each) are fewer than the SMs.
+// Splits of K and the persistent grid of the byte-pair kernel. A CTA's time is about
+// rounds x (spans per warp per unit + the per-unit reduction, ~1 span), with rounds =
+// ceil(units / SMs): the split count minimizing it balances the last round (28672x8192: 16
+// splits, 7 rounds of 8 spans, instead of 8 splits, 4 rounds of 16 spans with the last round
+// 39% full). Each warp keeps >= 2 load groups per unit.
+constexpr int64_t kBpUnitOverheadSpans = 1;
 template <typename T, int NT, int U, typename Scales>
 cudaError_t LaunchGemvBytePair(GemvArgs<Scales> a, int64_t groups, int sms, cudaStream_t stream) {
   const int64_t tiles = (a.pairs + 15) / 16;
@@ -782,12 +791,18 @@ cudaError_t LaunchGemvBytePair(GemvArgs<Scales> a, int64_t groups, int sms, cuda
   auto units_for = [&](int splits) {
     return (tiles + kBpWarps / splits - 1) / (kBpWarps / splits) * groups;
   };
+  auto spans_per_split = [&](int splits) {
+    return (steps + splits * U - 1) / (splits * U) * U;
+  };
   int splits = 1;
-  while (splits < kBpWarps && steps >= int64_t(U) * 2 * splits &&
-         (steps >= int64_t(U) * 8 * splits || units_for(splits) < sms))
-    splits *= 2;
+  int64_t best_cost = -1;
+  for (int s = 1; s <= kBpWarps && (s == 1 || steps >= int64_t(U) * 2 * s); s *= 2) {
+    const int64_t rounds = (units_for(s) + sms - 1) / sms;
+    const int64_t cost = rounds * (spans_per_split(s) + kBpUnitOverheadSpans);
+    if (best_cost < 0 || cost < best_cost) best_cost = cost, splits = s;
+  }
   a.splits = splits;
-  a.steps_per_split = int((steps + splits * U - 1) / (splits * U) * U);
+  a.steps_per_split = int(spans_per_split(splits));
   a.groups = groups;
   a.ctas_per_group = units_for(splits) / groups;
   const int64_t units = units_for(splits);
@@ -810,29 +825,281 @@ cudaError_t LaunchGemvBytePairRows(GemvArgs<Scales> a, int64_t groups, int sms,
   return LaunchGemvBytePair<T, NT, 2, Scales>(a, groups, sms, stream);
 }
 
-// Up to 32 rows per launch (larger M is tiled; the Python lowering sends large M elsewhere):
-// the byte-pair kernel for up to 8 rows, the 16-row-tile kernel above that.
+// M <= 8: the byte-pair kernel where a CTA can have its shared memory (sm_80, sm_90; not
+// sm_86, sm_89: the 16-row-tile GEMV). sms: the device's SM count.
 template <typename T, typename Scales>
-cudaError_t LaunchGemvTensorCore(GemvArgs<Scales> a, int64_t groups, cudaStream_t stream) {
-  // The byte-pair kernel needs its shared memory in one CTA (sm_80, sm_90: yes; sm_86, sm_89:
-  // no, they take the 16-row-tile kernel); its grid is one CTA per SM.
-  int device = 0, sms = 0, optin = 0;
-  cudaGetDevice(&device);
-  cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device);
-  cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, device);
-  const bool byte_pair = optin >= kBpSharedBytes<2>;
-  cudaError_t err = cudaSuccess;
-  for (int64_t m0 = 0; m0 < a.m_total && err == cudaSuccess; m0 += 32) {
-    a.m0 = m0;
-    const int64_t rows = a.m_total - m0;
-    if (byte_pair && rows <= 4) err = LaunchGemvBytePairRows<T, 1, Scales>(a, groups, sms, stream);
-    else if (byte_pair && rows <= 8)
-      err = LaunchGemvBytePairRows<T, 2, Scales>(a, groups, sms, stream);
-    else if (rows <= 8) err = LaunchGemvTensorCoreRows<T, 1, Scales>(a, groups, stream);
-    else if (rows <= 16) err = LaunchGemvTensorCoreRows<T, 2, Scales>(a, groups, stream);
-    else err = LaunchGemvTensorCoreRows<T, 4, Scales>(a, groups, stream);
+cudaError_t LaunchGemvTensorCore(GemvArgs<Scales> a, int64_t groups, int sms, bool byte_pair,
+                                 cudaStream_t stream) {
+  if (!byte_pair) return LaunchGemvTensorCoreRows<T, 1, Scales>(a, groups, stream);
+  if (a.m_total <= 4) return LaunchGemvBytePairRows<T, 1, Scales>(a, groups, sms, stream);
+  return LaunchGemvBytePairRows<T, 2, Scales>(a, groups, sms, stream);
+}
+
+// ---------------------------------------------------------------- tiled tensor-core matmul
+
+// Fused dequant + matmul for bf16 / f16 activations, power-of-two block_size >= 64 and M > 8
+// (batched decode, speculative decoding, prefill). A CTA of 8 warps owns 128 weight rows (each
+// warp one 16-row mma tile: tile rows g and g + 8 are the two rows of pair g, decoded as in the
+// 16-row-tile GEMV) for 8 * NT activation rows and one chunk of K. Activations move to shared
+// memory by cp.async in stages of 4 spans (256 k), double buffered, and all 8 warps read their
+// B fragments there (LDS.128, conflict-free: a row is 528 bytes, 16 mod 128); each warp's
+// weights and scales for the next stage load into registers while the current stage computes.
+// With more activation rows than one tile, the CTAs of one weight slice are adjacent in the
+// grid (the second read of the slice hits L2). K splits across CTAs when the row blocks alone
+// would leave SMs idle: each split writes float32 partial sums to scratch and SumKSplitsKernel
+// adds them in split order (deterministic).
+constexpr int kGtWarps = 8;
+constexpr int kGtStageSpans = 4;                      // 64-element spans per stage
+constexpr int kGtRowStride = kGtStageSpans * 64 + 8;  // activation row stride in shared memory
+constexpr int kGtTableBytes = 256 * 8 * 16;           // 256 pair entries x 32 lanes
+template <int NT>
+constexpr int kGtSharedBytes = kGtTableBytes + 2 * 8 * NT * kGtRowStride * 2;
+
+template <typename Scales>
+struct TileArgs {
+  const void* x;          // [G, m_total, K]
+  const uint8_t* packed;  // [G, N/2, K]
+  Scales scales;
+  void* out;              // [G, m_total, N]
+  float* partial;         // [k_splits, G, m_total, N] when k_splits > 1
+  int64_t groups, m_total, pairs, cols;
+  int64_t row_blocks, m_tiles;
+  int k_splits, spans_per_split, block_shift;
+};
+
+__device__ __forceinline__ void CopyAsync16(uint32_t dst, const void* src, bool valid) {
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n"
+               :
+               : "r"(dst), "l"(src), "r"(valid ? 16 : 0));
+}
+__device__ __forceinline__ void CopyAsyncCommit() { asm volatile("cp.async.commit_group;\n"); }
+__device__ __forceinline__ void CopyAsyncWaitAllButLast() {
+  asm volatile("cp.async.wait_group 1;\n" ::: "memory");
+}
+
+template <typename T, int NT, typename Scales>
+__global__ void __launch_bounds__(32 * kGtWarps, 1) GemmTileKernel(TileArgs<Scales> a) {
+  constexpr int S = kGtStageSpans, MT = 8 * NT;
+  extern __shared__ __align__(16) unsigned char dynamic_shared[];
+  uint4* pair_table = reinterpret_cast<uint4*>(dynamic_shared);  // entry e, lane l: word 32e + l
+  T* x_stage = reinterpret_cast<T*>(dynamic_shared + kGtTableBytes);  // [2][MT][kGtRowStride]
+  const uint32_t x_stage_base = static_cast<uint32_t>(__cvta_generic_to_shared(x_stage));
+  const uint32_t lane_table =
+      static_cast<uint32_t>(__cvta_generic_to_shared(pair_table)) + 4 * (threadIdx.x % 32);
+  auto table_at = [lane_table](uint32_t entry) {
+    uint32_t v;
+    asm volatile("ld.shared.u32 %0, [%1];" : "=r"(v) : "r"(lane_table + (entry << 7)));
+    return v;
+  };
+
+  int64_t b = blockIdx.x;
+  const int64_t mt = b % a.m_tiles;
+  b /= a.m_tiles;
+  const int ks = int(b % a.k_splits);
+  b /= a.k_splits;
+  const int64_t rb = b % a.row_blocks, grp = b / a.row_blocks;
+
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, g = lane / 4, t = lane % 4;
+  const int64_t K = a.cols, N = 2 * a.pairs, blocks = K >> a.block_shift;
+  const int64_t pair = (rb * kGtWarps + warp) * 8 + g;
+  const int64_t p = pair < a.pairs ? pair : 0;  // rows past N compute on pair 0, never stored
+  const int64_t m_base = mt * MT;
+  const int rows = int(a.m_total - m_base < MT ? a.m_total - m_base : MT);
+  const int steps = int(K / kTcSpan), step_shift = a.block_shift - 6;
+  const int begin = ks * a.spans_per_split;
+  const int end = begin + a.spans_per_split < steps ? begin + a.spans_per_split : steps;
+
+  const uint4* wrow = reinterpret_cast<const uint4*>(a.packed + (grp * a.pairs + p) * K) + t;
+  const auto scale_even = a.scales.RowOf(grp, 2 * p, N, blocks);
+  const auto scale_odd = a.scales.RowOf(grp, 2 * p + 1, N, blocks);
+  using Raw = typename decltype(scale_even)::Raw;
+  const T* x = static_cast<const T*>(a.x) + (grp * a.m_total + m_base) * K;
+
+  // Activations of the stage at span s0 into buffer `buf`: MT rows x 32 chunks of 16 bytes
+  // (rows past M repeat row 0; chunks past this CTA's K range are zero-filled, never read).
+  auto fill = [&](int buf, int s0) {
+    for (int i = threadIdx.x; i < MT * 32; i += 32 * kGtWarps) {
+      const int r = i / 32, c = i % 32;
+      const int64_t k = int64_t(s0) * 64 + 8 * c;
+      const bool valid = k < int64_t(end) * 64;
+      const uint32_t dst = x_stage_base + ((buf * MT + r) * kGtRowStride + 8 * c) * 2;
+      CopyAsync16(dst, x + (r < rows ? r : 0) * K + (valid ? k : 0), valid);
+    }
+    CopyAsyncCommit();
+  };
+  struct Stage {
+    uint4 w[S];
+    Raw even[S], odd[S];
+  };
+  auto load = [&](Stage& st, int s0) {
+#pragma unroll
+    for (int u = 0; u < S; ++u) {
+      if (s0 + u >= end) break;
+      st.w[u] = __ldcs(wrow + 4 * (s0 + u));
+      st.even[u] = scale_even.Fetch((s0 + u) >> step_shift);
+      st.odd[u] = scale_odd.Fetch((s0 + u) >> step_shift);
+    }
+  };
+  float acc[NT][4];
+#pragma unroll
+  for (int j = 0; j < NT; ++j) acc[j][0] = acc[j][1] = acc[j][2] = acc[j][3] = 0.0f;
+  auto compute = [&](const Stage& st, int buf, int s0) {
+    const T* xb = x_stage + buf * MT * kGtRowStride + g * kGtRowStride + 16 * t;
+#pragma unroll
+    for (int u = 0; u < S; ++u) {
+      if (s0 + u >= end) break;
+      uint32_t frag[4][4];
+      const uint32_t words[4] = {st.w[u].x, st.w[u].y, st.w[u].z, st.w[u].w};
+#pragma unroll
+      for (int s = 0; s < 4; ++s) {
+        // Low nibbles of bytes (0, 1) and (2, 3) for row 2g, high nibbles for row 2g + 1,
+        // each pair merged into one table index.
+        const uint32_t lo = words[s] & 0x0f0f0f0fu, hi = (words[s] >> 4) & 0x0f0f0f0fu;
+        const uint32_t lo_pairs = lo | (lo >> 4), hi_pairs = hi | (hi >> 4);
+        frag[s][0] = table_at(__byte_perm(lo_pairs, 0, 0x4440));
+        frag[s][1] = table_at(__byte_perm(hi_pairs, 0, 0x4440));
+        frag[s][2] = table_at(__byte_perm(lo_pairs, 0, 0x4442));
+        frag[s][3] = table_at(__byte_perm(hi_pairs, 0, 0x4442));
+      }
+      const float se = scale_even.Decode(st.even[u], (s0 + u) >> step_shift);
+      const float so = scale_odd.Decode(st.odd[u], (s0 + u) >> step_shift);
+#pragma unroll
+      for (int j = 0; j < NT; ++j) {
+        const T* xr = xb + 8 * j * kGtRowStride + 64 * u;
+        const uint4 x0 = *reinterpret_cast<const uint4*>(xr);
+        const uint4 x1 = *reinterpret_cast<const uint4*>(xr + 8);
+        const uint32_t xw[8] = {x0.x, x0.y, x0.z, x0.w, x1.x, x1.y, x1.z, x1.w};
+        float part[4] = {0.0f, 0.0f, 0.0f, 0.0f};
+#pragma unroll
+        for (int s = 0; s < 4; ++s) MmaType<T>::Mma(part, frag[s], xw[2 * s], xw[2 * s + 1]);
+        acc[j][0] = fmaf(se, part[0], acc[j][0]);
+        acc[j][1] = fmaf(se, part[1], acc[j][1]);
+        acc[j][2] = fmaf(so, part[2], acc[j][2]);
+        acc[j][3] = fmaf(so, part[3], acc[j][3]);
+      }
+    }
+  };
+
+  // The first stage's copies and loads go out before the table fill.
+  Stage ping, pong;
+  fill(0, begin);
+  load(ping, begin);
+  for (int e = threadIdx.x; e < 256; e += 32 * kGtWarps) {
+    const uint32_t v = MmaType<T>::Pack(kDeviceCodebook[e & 15], kDeviceCodebook[e >> 4]);
+#pragma unroll
+    for (int c = 0; c < 8; ++c) pair_table[e * 8 + c] = make_uint4(v, v, v, v);
   }
-  return err;
+  // Ping-pong over stages (no register copies): the next stage's copies and loads are issued
+  // before the current one computes; a barrier after each compute frees its buffer.
+  for (int s0 = begin; s0 < end; s0 += 2 * S) {
+    if (s0 + S < end) {
+      fill(1, s0 + S);
+      load(pong, s0 + S);
+    } else {
+      CopyAsyncCommit();  // an empty group keeps "all but the last" meaning this stage
+    }
+    CopyAsyncWaitAllButLast();
+    __syncthreads();
+    compute(ping, 0, s0);
+    __syncthreads();
+    if (s0 + S >= end) break;
+    if (s0 + 2 * S < end) {
+      fill(0, s0 + 2 * S);
+      load(ping, s0 + 2 * S);
+    } else {
+      CopyAsyncCommit();
+    }
+    CopyAsyncWaitAllButLast();
+    __syncthreads();
+    compute(pong, 1, s0 + S);
+    __syncthreads();
+  }
+
+  if (pair >= a.pairs) return;
+  const bool direct = a.k_splits == 1;
+  T* out = static_cast<T*>(a.out) + (grp * a.m_total + m_base) * N + 2 * pair;
+  float* partial = a.partial + ((ks * a.groups + grp) * a.m_total + m_base) * N + 2 * pair;
+#pragma unroll
+  for (int j = 0; j < NT; ++j)
+#pragma unroll
+    for (int c = 0; c < 4; ++c) {
+      const int m = 8 * j + 2 * t + (c & 1);
+      if (m >= rows) continue;
+      if (direct) out[m * N + (c >> 1)] = FromFloat<T>(acc[j][c]);
+      else partial[m * N + (c >> 1)] = acc[j][c];
+    }
+}
+
+// out = the sum of the k_splits partial products, added in split order.
+template <typename T>
+__global__ void __launch_bounds__(kThreads) SumKSplitsKernel(const float* partial, T* out,
+                                                             int64_t count, int splits) {
+  for (int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < count;
+       i += int64_t(gridDim.x) * blockDim.x) {
+    float sum = 0.0f;
+    for (int s = 0; s < splits; ++s) sum += partial[s * count + i];
+    out[i] = FromFloat<T>(sum);
+  }
+}
+
+// The grid of the tiled kernel: n-tiles per CTA (8 rows each) from M, then the K split that
+// minimizes rounds x (spans per CTA + ~4 spans of fill, drain and store), rounds =
+// ceil(CTAs / SMs), with at least two stages per CTA.
+struct TilePlan {
+  int nt = 8;
+  int64_t row_blocks = 0, m_tiles = 0;
+  int k_splits = 1, spans_per_split = 0;
+  int64_t partial_bytes = 0;  // scratch for the split-K partial sums
+};
+
+TilePlan PlanGemmTile(int64_t groups, int64_t m_total, int64_t pairs, int64_t cols, int sms) {
+  TilePlan plan;
+  plan.nt = m_total <= 16 ? 2 : m_total <= 32 ? 4 : 8;
+  plan.row_blocks = (pairs + 8 * kGtWarps - 1) / (8 * kGtWarps);
+  plan.m_tiles = (m_total + 8 * plan.nt - 1) / (8 * plan.nt);
+  const int64_t steps = cols / kTcSpan, ctas = groups * plan.row_blocks * plan.m_tiles;
+  auto spans = [&](int64_t splits) {
+    return (steps + splits * kGtStageSpans - 1) / (splits * kGtStageSpans) * kGtStageSpans;
+  };
+  int64_t best_cost = -1;
+  for (int splits = 1; splits <= 16 && (splits == 1 || spans(splits) >= 2 * kGtStageSpans);
+       ++splits) {
+    const int64_t cost = (ctas * splits + sms - 1) / sms * (spans(splits) + 4);
+    if (best_cost < 0 || cost < best_cost) best_cost = cost, plan.k_splits = splits;
+  }
+  plan.spans_per_split = int(spans(plan.k_splits));
+  if (plan.k_splits > 1)
+    plan.partial_bytes = int64_t(plan.k_splits) * groups * m_total * 2 * pairs * 4;
+  return plan;
+}
+
+template <typename T, int NT, typename Scales>
+cudaError_t LaunchGemmTileNt(const TileArgs<Scales>& a, cudaStream_t stream) {
+  auto kernel = GemmTileKernel<T, NT, Scales>;
+  cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                         kGtSharedBytes<NT>);
+  if (err != cudaSuccess) return err;
+  const int64_t ctas = a.groups * a.row_blocks * a.k_splits * a.m_tiles;
+  kernel<<<dim3(unsigned(ctas)), 32 * kGtWarps, kGtSharedBytes<NT>, stream>>>(a);
+  err = cudaGetLastError();
+  if (err != cudaSuccess || a.k_splits == 1) return err;
+  const int64_t count = a.groups * a.m_total * 2 * a.pairs;
+  SumKSplitsKernel<T><<<GridFor(count, kThreads), kThreads, 0, stream>>>(
+      a.partial, static_cast<T*>(a.out), count, a.k_splits);
+  return cudaGetLastError();
+}
+
+template <typename T, typename Scales>
+cudaError_t LaunchGemmTile(TileArgs<Scales> a, const TilePlan& plan, cudaStream_t stream) {
+  a.row_blocks = plan.row_blocks;
+  a.m_tiles = plan.m_tiles;
+  a.k_splits = plan.k_splits;
+  a.spans_per_split = plan.spans_per_split;
+  switch (plan.nt) {
+    case 2: return LaunchGemmTileNt<T, 2, Scales>(a, stream);
+    case 4: return LaunchGemmTileNt<T, 4, Scales>(a, stream);
+    default: return LaunchGemmTileNt<T, 8, Scales>(a, stream);
+  }
 }
 
 // ---------------------------------------------------------------- dequantize
@@ -971,11 +1238,6 @@ cudaError_t DispatchActivation(ffi::DataType dtype, Fn&& fn) {
   }
 }
 
-unsigned GridFor(int64_t work_items, int64_t items_per_cta) {
-  const int64_t ctas = (work_items + items_per_cta - 1) / items_per_cta;
-  return unsigned(ctas < 65536 ? ctas : 65536);  // grid-stride loops cover the rest
-}
-
 ffi::Error QuantizeCuda(cudaStream_t stream, ffi::AnyBuffer w, ffi::Result<ffi::AnyBuffer> packed,
                         ffi::Result<ffi::AnyBuffer> absmax, int64_t block_size) {
   Nf4Dims d;
@@ -1030,13 +1292,48 @@ ffi::Error Dequantize(cudaStream_t stream, ffi::AnyBuffer packed, const Scales& 
 }
 
 template <typename Scales>
-ffi::Error Matmul(cudaStream_t stream, ffi::AnyBuffer x, ffi::AnyBuffer packed,
-                  const Scales& scales, const Nf4Dims& d, ffi::Result<ffi::AnyBuffer> out) {
+ffi::Error Matmul(cudaStream_t stream, ffi::ScratchAllocator& scratch, ffi::AnyBuffer x,
+                  ffi::AnyBuffer packed, const Scales& scales, const Nf4Dims& d,
+                  ffi::Result<ffi::AnyBuffer> out) {
   int64_t m_rows = 0;
   if (auto e = CheckMatmul(x, *out, d, &m_rows); e.failure()) return e;
   if (d.groups * m_rows * d.rows == 0) return ffi::Error::Success();
   if (d.cols == 0) {  // empty contraction: the product is zero
     cudaError_t err = cudaMemsetAsync(out->untyped_data(), 0, out->size_bytes(), stream);
+    return err == cudaSuccess ? ffi::Error::Success() : LaunchError("nf4_matmul", err);
+  }
+  const int block_shift = Log2IfPowerOfTwo(d.block_size);
+  const bool tensor_cores = x.element_type() != ffi::DataType::F32 &&
+                            d.block_size % kTcSpan == 0 && block_shift >= 0;
+  int device = 0, sms = 0, optin = 0;
+  cudaGetDevice(&device);
+  cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device);
+  cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, device);
+  if (tensor_cores && m_rows > kMaxFusedRows) {  // the tiled kernel, any M
+    TileArgs<Scales> a{};
+    a.x = x.untyped_data();
+    a.packed = static_cast<const uint8_t*>(packed.untyped_data());
+    a.scales = scales;
+    a.out = out->untyped_data();
+    a.groups = d.groups;
+    a.m_total = m_rows;
+    a.pairs = d.rows / 2;
+    a.cols = d.cols;
+    a.block_shift = block_shift;
+    const TilePlan plan = PlanGemmTile(d.groups, m_rows, a.pairs, d.cols, sms);
+    if (plan.partial_bytes > 0) {
+      auto buffer = scratch.Allocate(plan.partial_bytes, 16);
+      if (!buffer.has_value())
+        return ffi::Error::Internal("nf4_matmul: could not allocate " +
+                                    std::to_string(plan.partial_bytes) +
+                                    " bytes of scratch for the split-K partial sums");
+      a.partial = static_cast<float*>(*buffer);
+    }
+    cudaError_t err = DispatchActivation(x.element_type(), [&](auto tag) {
+      using T = decltype(tag);
+      if constexpr (std::is_same_v<T, float>) return cudaErrorInvalidValue;  // not reached
+      else return LaunchGemmTile<T>(a, plan, stream);
+    });
     return err == cudaSuccess ? ffi::Error::Success() : LaunchError("nf4_matmul", err);
   }
   GemvArgs<Scales> a{};
@@ -1048,12 +1345,12 @@ ffi::Error Matmul(cudaStream_t stream, ffi::AnyBuffer x, ffi::AnyBuffer packed,
   a.pairs = d.rows / 2;
   a.cols = d.cols;
   a.block_size = d.block_size;
-  a.block_shift = Log2IfPowerOfTwo(d.block_size);
+  a.block_shift = block_shift;
   cudaError_t err = DispatchActivation(x.element_type(), [&](auto tag) {
     using T = decltype(tag);
     if constexpr (!std::is_same_v<T, float>) {
-      if (d.block_size % kTcSpan == 0 && a.block_shift >= 0)
-        return LaunchGemvTensorCore<T>(a, d.groups, stream);
+      if (tensor_cores)
+        return LaunchGemvTensorCore<T>(a, d.groups, sms, optin >= kBpSharedBytes<2>, stream);
     }
     return d.block_size % 16 == 0 ? LaunchGemv<T, 16>(a, d.groups, stream)
                                   : LaunchGemv<T, 1>(a, d.groups, stream);
@@ -1078,22 +1375,23 @@ ffi::Error DequantizeDqCuda(cudaStream_t stream, ffi::AnyBuffer packed, ffi::Any
                     });
 }
 
-ffi::Error MatmulCuda(cudaStream_t stream, ffi::AnyBuffer x, ffi::AnyBuffer packed,
-                      ffi::AnyBuffer absmax, ffi::Result<ffi::AnyBuffer> out,
+ffi::Error MatmulCuda(cudaStream_t stream, ffi::ScratchAllocator scratch, ffi::AnyBuffer x,
+                      ffi::AnyBuffer packed, ffi::AnyBuffer absmax, ffi::Result<ffi::AnyBuffer> out,
                       int64_t block_size) {
   return WithWeight("nf4_matmul", packed, block_size, absmax,
                     [&](const auto& scales, const Nf4Dims& d) {
-                      return Matmul(stream, x, packed, scales, d, out);
+                      return Matmul(stream, scratch, x, packed, scales, d, out);
                     });
 }
 
-ffi::Error MatmulDqCuda(cudaStream_t stream, ffi::AnyBuffer x, ffi::AnyBuffer packed,
-                        ffi::AnyBuffer codes, ffi::AnyBuffer nested, ffi::AnyBuffer table,
-                        ffi::AnyBuffer offset, ffi::Result<ffi::AnyBuffer> out,
+ffi::Error MatmulDqCuda(cudaStream_t stream, ffi::ScratchAllocator scratch, ffi::AnyBuffer x,
+                        ffi::AnyBuffer packed, ffi::AnyBuffer codes, ffi::AnyBuffer nested,
+                        ffi::AnyBuffer table, ffi::AnyBuffer offset,
+                        ffi::Result<ffi::AnyBuffer> out,
                         int64_t block_size) {
   return WithWeight("nf4_matmul", packed, block_size, codes, nested, table, offset,
                     [&](const auto& scales, const Nf4Dims& d) {
-                      return Matmul(stream, x, packed, scales, d, out);
+                      return Matmul(stream, scratch, x, packed, scales, d, out);
                     });
 }
 
@@ -1135,6 +1433,7 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxNf4DequantizeDqCuda, jax_nf4::DequantizeDqCuda,
 XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxNf4MatmulDqCuda, jax_nf4::MatmulDqCuda,
                               ffi::Ffi::Bind()
                                   .Ctx<ffi::PlatformStream<cudaStream_t>>()
+                                  .Ctx<ffi::ScratchAllocator>()
                                   .Arg<ffi::AnyBuffer>()  // x
                                   .Arg<ffi::AnyBuffer>()  // packed
                                   .Arg<ffi::AnyBuffer>()  // absmax codes
@@ -1148,6 +1447,7 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxNf4MatmulDqCuda, jax_nf4::MatmulDqCuda,
 XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxNf4MatmulCuda, jax_nf4::MatmulCuda,
                               ffi::Ffi::Bind()
                                   .Ctx<ffi::PlatformStream<cudaStream_t>>()
+                                  .Ctx<ffi::ScratchAllocator>()
                                   .Arg<ffi::AnyBuffer>()  // x
                                   .Arg<ffi::AnyBuffer>()  // packed
                                   .Arg<ffi::AnyBuffer>()  // absmax

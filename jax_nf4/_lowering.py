@@ -6,11 +6,12 @@ M (activation rows) up to :func:`fused_max_rows` and, above it, the dequantize k
 by an XLA dot (tensor cores on GPU, XLA's threaded dot on CPU):
 
 - CUDA, bfloat16 / float16 activations with a power-of-two ``block_size >= 64``: fused
-  tensor-core GEMV (mma.m16n8k16, float32 accumulation) up to M = 32; the weight enters the
-  product as codebook values in the activation dtype, scaled in float32 per 64 elements.
-  M <= 8 runs the byte-pair kernel (one table lookup per code byte, a persistent grid; on GPUs
-  that give a CTA 145 KB of shared memory: sm_80, sm_90), M = 9..32 the 16-row-tile kernel.
-  Above M = 32 the weight is dequantized to the activation dtype.
+  tensor-core kernels (mma.m16n8k16, float32 accumulation) up to M = 1024; the weight enters
+  the product as codebook values in the activation dtype, scaled in float32 per 64 elements.
+  M <= 8 runs the byte-pair GEMV (one table lookup per code byte, a persistent grid; on GPUs
+  that give a CTA 145 KB of shared memory: sm_80, sm_90; elsewhere the 16-row-tile GEMV),
+  M > 8 the tiled kernel (activations staged in shared memory, 128 weight rows x 64
+  activation rows per CTA). Above M = 1024 the weight is dequantized to the activation dtype.
 - CUDA otherwise (float32 activations, other block sizes): fused SIMT GEMV up to M = 8.
 - CPU: fused loop up to M = 8; above it the weight is dequantized to float32 and multiplied
   in float32, so CPU results follow the float32 contract for every M.
@@ -35,11 +36,14 @@ except ImportError:  # built without CUDA
     _nf4_cuda = None
 
 
+CUDA_TILED_MAX_ROWS = 1024  # the tiled kernel's M range on CUDA (dequantize + dot above)
+
+
 def fused_max_rows(platform: str, dtype, block_size: int) -> int:
     """Largest M (activation rows) that ``platform``'s lowering sends to the fused kernel."""
     power_of_two = block_size & (block_size - 1) == 0
     tensor_cores = np.dtype(dtype) != np.float32 and block_size % 64 == 0 and power_of_two
-    return 32 if platform == "cuda" and tensor_cores else 8
+    return CUDA_TILED_MAX_ROWS if platform == "cuda" and tensor_cores else 8
 
 
 def _ffi_rule(target: str, plain_operands: int | None = None):

@@ -4,6 +4,7 @@ For each weight shape N x K and each M it times, on JAX's default device:
   nf4 matmul      jax_nf4.matmul (fused dequant + GEMV; large M: dequantize + XLA dot)
   nf4 dq matmul   the same with double-quantized scales (decoded inside the kernel)
   dense bf16      jnp.dot on the unquantized bf16 weight
+  dequant + dot   jax_nf4.dequantize, then the dense dot (M >= 16: the unfused large-M baseline)
   jnp nf4         NF4 written in plain jnp (codebook gather * absmax, then dot) under jit
 and per shape jax_nf4.dequantize (bf16 out) and jax_nf4.quantize (bf16 in). Matmuls run chained under jax.jit: each call's output is the
 next call's input (a non-square N x K weight is paired with a K x N one),
@@ -38,6 +39,7 @@ from jax_nf4.ops import dequantize, matmul, quantize
 
 LLAMA_SHAPES = ((4096, 4096), (14336, 4096), (4096, 14336), (8192, 8192), (28672, 8192))
 DEFAULT_ROWS = (1, 2, 4, 8, 16, 64, 256)
+DEQUANT_DOT_MIN_ROWS = 16  # "dequant + dot" is timed from this M up
 
 
 @dataclasses.dataclass
@@ -80,6 +82,11 @@ def _jnp_nf4_matmul(x, q: NF4Weight):
 def _dense_matmul(x, w):
     return lax.dot_general(x, w, (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32
                            ).astype(x.dtype)
+
+
+def _dequant_dot(x, q: NF4Weight):
+    """The unfused path: jax_nf4.dequantize to x's dtype, then the dense dot."""
+    return _dense_matmul(x, dequantize(q, x.dtype))
 
 
 def device_busy_us(trace: dict) -> float | None:
@@ -195,7 +202,10 @@ def run_benchmark(shapes=LLAMA_SHAPES, rows=DEFAULT_ROWS, block_size: int = 64,
                     ("nf4 matmul", matmul, chain_q, avg_nf4),
                     ("nf4 dq matmul", matmul, chain_dq, avg_dq),
                     ("jnp nf4", _jnp_nf4_matmul, chain_q, avg_nf4),
-                    ("dense bf16", _dense_matmul, chain_d, avg_dense)):
+                    ("dense bf16", _dense_matmul, chain_d, avg_dense),
+                    ("dequant + dot", _dequant_dot, chain_q, avg_nf4)):
+                if op_name == "dequant + dot" and m < DEQUANT_DOT_MIN_ROWS:
+                    continue
                 us, kernel_us = _time_chain(op, chain, x, iters, reps, kernel_times)
                 results.append(Row((n, k), m, op_name, us, int(nbytes), kernel_us))
         us = _time_calls(lambda q: dequantize(q, jnp.bfloat16), q1, reps)
@@ -224,17 +234,20 @@ def format_table(results: list[Row]) -> str:
     kernel = any(r.kernel_us is not None for r in results)
     lines = [f"device: {device.device_kind} ({device.platform}), jax {jax.__version__}", "",
              "| N x K | M | nf4 matmul us | GB/s | dq matmul us | jnp nf4 us | dense bf16 us | "
-             "vs jnp nf4 | vs dense |" + (" nf4 kernel us | dense kernel us | kernel vs dense |"
-                                           if kernel else ""),
-             "|---|---|---|---|---|---|---|---|---|" + ("---|---|---|" if kernel else "")]
+             "dequant+dot us | vs jnp nf4 | vs dense | vs dequant+dot |"
+             + (" nf4 kernel us | dense kernel us | kernel vs dense |" if kernel else ""),
+             "|---|---|---|---|---|---|---|---|---|---|---|" + ("---|---|---|" if kernel else "")]
     by_key = {(r.shape, r.m, r.op): r for r in results}
     for (shape, m, op), r in by_key.items():
         if op != "nf4 matmul":
             continue
         jn, de = by_key[(shape, m, "jnp nf4")], by_key[(shape, m, "dense bf16")]
         dq = by_key[(shape, m, "nf4 dq matmul")]
+        dd = by_key.get((shape, m, "dequant + dot"))
         line = (f"| {shape[0]}x{shape[1]} | {m} | {r.us:.1f} | {r.gbps:.0f} | {dq.us:.1f} | "
-                f"{jn.us:.1f} | {de.us:.1f} | {jn.us / r.us:.2f}x | {de.us / r.us:.2f}x |")
+                f"{jn.us:.1f} | {de.us:.1f} | {f'{dd.us:.1f}' if dd else '-'} | "
+                f"{jn.us / r.us:.2f}x | {de.us / r.us:.2f}x | "
+                f"{f'{dd.us / r.us:.2f}x' if dd else '-'} |")
         if kernel:
             both = r.kernel_us is not None and de.kernel_us is not None
             line += (f" {r.kernel_us:.1f} | {de.kernel_us:.1f} | {de.kernel_us / r.kernel_us:.2f}x |"

@@ -21,12 +21,29 @@ def test_benchmark_rows_and_table():
     assert "| 64x128 | 1 |" in table and "| 64x128 | 3 |" in table and "quantize us" in table
 
 
+def test_dequant_dot_baseline_from_16_rows():
+    rows = benchmark.run_benchmark(shapes=((128, 256),), rows=(1, 16), min_bytes=1e4, iters=1,
+                                   reps=1)
+    dd = [r for r in rows if r.op == "dequant + dot"]
+    assert [r.m for r in dd] == [16] and dd[0].us > 0  # left out below 16 rows
+    assert dd[0].weight_bytes == next(r for r in rows if r.op == "nf4 matmul").weight_bytes
+    table = benchmark.format_table(rows)
+    assert "| dense bf16 us | dequant+dot us |" in table and "| vs dense | vs dequant+dot |" in table
+    line1 = next(l for l in table.splitlines() if l.startswith("| 128x256 | 1 |"))
+    line16 = next(l for l in table.splitlines() if l.startswith("| 128x256 | 16 |"))
+    assert line1.rstrip(" |").endswith("| -") and line1.count("| - |") == 2
+    assert line16.endswith("x |") and "| - |" not in line16
+    assert line1.count("|") == line16.count("|") == table.splitlines()[3].count("|")
+
+
 def test_bench_command_writes_json(tmp_path, capsys):
     out = tmp_path / "bench.json"
-    assert cli.main(["bench", "--shapes", "64x128", "--rows", "2", "--min-mb", "0.01",
+    assert cli.main(["bench", "--shapes", "64x128", "--rows", "2,16", "--min-mb", "0.01",
                      "--iters", "1", "--json", str(out)]) == 0
     assert "| 64x128 | 2 |" in capsys.readouterr().out
-    assert {r["op"] for r in json.loads(out.read_text())} >= {"nf4 matmul", "dense bf16"}
+    dumped = json.loads(out.read_text())
+    assert {r["op"] for r in dumped} >= {"nf4 matmul", "dense bf16", "dequant + dot"}
+    assert [r["m"] for r in dumped if r["op"] == "dequant + dot"] == [16]
 
 
 def _meta(pid, name, tid=None):

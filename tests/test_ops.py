@@ -287,11 +287,25 @@ def test_matmul_gemv_grid(rng, platform, device, dtype, m, n, k, block_size):
     assert_matmul_close(y, x, packed, absmax, block_size, platform)
 
 
+@pytest.mark.parametrize("dtype", DTYPES[1:])
+@pytest.mark.parametrize("m", [9, 24, 64, 65, 200])
+@pytest.mark.parametrize("n, k, block_size", [(34, 448, 64), (1030, 4160, 64), (256, 8192, 128)],
+                         ids=["partial-tile-7-spans", "9-row-blocks-65-spans", "k-split"])
+def test_matmul_tiled_grid(rng, platform, device, dtype, m, n, k, block_size):
+    """The tiled kernel (M > 8 on CUDA): partial row blocks and M tiles, stages cut short by
+    the end of K, and K split across CTAs (few row blocks, long K)."""
+    w = random_weight(rng, (n, k), np.float32)
+    x = random_activations(rng, (m, k), dtype)
+    y = jax.jit(jax_nf4.matmul)(jax.device_put(x, device), quantize_on(device, w, block_size))
+    packed, absmax = reference.quantize(w, block_size)
+    assert_matmul_close(y, x, packed, absmax, block_size, platform)
+
+
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("m", [3, 40])
 def test_matmul_is_deterministic(rng, device, dtype, m):
-    q = quantize_on(device, random_weight(rng, (32, 512), np.float32), 64)
-    x = jax.device_put(random_activations(rng, (m, 512), dtype), device)
+    q = quantize_on(device, random_weight(rng, (32, 8192), np.float32), 64)  # K split on CUDA
+    x = jax.device_put(random_activations(rng, (m, 8192), dtype), device)
     matmul = jax.jit(jax_nf4.matmul)
     first = bits(matmul(x, q))
     for _ in range(3):
