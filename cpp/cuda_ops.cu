@@ -825,14 +825,20 @@ cudaError_t LaunchGemvBytePairRows(GemvArgs<Scales> a, int64_t groups, int sms,
   return LaunchGemvBytePair<T, NT, 2, Scales>(a, groups, sms, stream);
 }
 
-// M <= 8: the byte-pair kernel where a CTA can have its shared memory (sm_80, sm_90; not
-// sm_86, sm_89: the 16-row-tile GEMV). sms: the device's SM count.
+// The byte-pair kernel where a CTA can have its shared memory (sm_80, sm_90) for M <= 8, else
+// the 16-row-tile GEMV, 8 rows per launch (for M > 8 only on GPUs whose CTAs cannot have the
+// tiled kernel's shared memory). sms: the device's SM count.
 template <typename T, typename Scales>
 cudaError_t LaunchGemvTensorCore(GemvArgs<Scales> a, int64_t groups, int sms, bool byte_pair,
                                  cudaStream_t stream) {
-  if (!byte_pair) return LaunchGemvTensorCoreRows<T, 1, Scales>(a, groups, stream);
-  if (a.m_total <= 4) return LaunchGemvBytePairRows<T, 1, Scales>(a, groups, sms, stream);
-  return LaunchGemvBytePairRows<T, 2, Scales>(a, groups, sms, stream);
+  if (byte_pair && a.m_total <= 4)
+    return LaunchGemvBytePairRows<T, 1, Scales>(a, groups, sms, stream);
+  if (byte_pair && a.m_total <= 8)
+    return LaunchGemvBytePairRows<T, 2, Scales>(a, groups, sms, stream);
+  cudaError_t err = cudaSuccess;
+  for (a.m0 = 0; a.m0 < a.m_total && err == cudaSuccess; a.m0 += 8)
+    err = LaunchGemvTensorCoreRows<T, 1, Scales>(a, groups, stream);
+  return err;
 }
 
 // ---------------------------------------------------------------- tiled tensor-core matmul
@@ -840,20 +846,25 @@ cudaError_t LaunchGemvTensorCore(GemvArgs<Scales> a, int64_t groups, int sms, bo
 // Fused dequant + matmul for bf16 / f16 activations, power-of-two block_size >= 64 and M > 8
 // (batched decode, speculative decoding, prefill). A CTA of 8 warps owns 128 weight rows (each
 // warp one 16-row mma tile: tile rows g and g + 8 are the two rows of pair g, decoded as in the
-// 16-row-tile GEMV) for 8 * NT activation rows and one chunk of K. Activations move to shared
-// memory by cp.async in stages of 4 spans (256 k), double buffered, and all 8 warps read their
-// B fragments there (LDS.128, conflict-free: a row is 528 bytes, 16 mod 128); each warp's
-// weights and scales for the next stage load into registers while the current stage computes.
-// With more activation rows than one tile, the CTAs of one weight slice are adjacent in the
-// grid (the second read of the slice hits L2). K splits across CTAs when the row blocks alone
-// would leave SMs idle: each split writes float32 partial sums to scratch and SumKSplitsKernel
-// adds them in split order (deterministic).
+// 16-row-tile GEMV) for 8 * NT activation rows and one chunk of K, in stages of 4 spans (256 k).
+// A ring of 3 shared-memory slots holds each stage's activations (MT rows, 528 bytes apart:
+// conflict-free LDS.128 of the B fragments, shared by all 8 warps) and packed weights (each
+// lane copies and later reads its own 16 bytes per span); all of it moves by cp.async, two
+// stages ahead of the compute, and the block scales ride along in registers (three sets, the
+// stage loop unrolled by three). With more activation rows than one tile, the CTAs of one
+// weight slice are adjacent in the grid (the second read of the slice hits L2). K splits
+// across CTAs when the row blocks alone would leave SMs idle: each split writes float32
+// partial sums to scratch and SumKSplitsKernel adds them in split order (deterministic).
 constexpr int kGtWarps = 8;
 constexpr int kGtStageSpans = 4;                      // 64-element spans per stage
 constexpr int kGtRowStride = kGtStageSpans * 64 + 8;  // activation row stride in shared memory
 constexpr int kGtTableBytes = 256 * 8 * 16;           // 256 pair entries x 32 lanes
+constexpr int kGtRing = 3;                            // stages in shared memory
+constexpr int kGtWeightBytes = kGtWarps * kGtStageSpans * 32 * 16;  // one stage's weights
 template <int NT>
-constexpr int kGtSharedBytes = kGtTableBytes + 2 * 8 * NT * kGtRowStride * 2;
+constexpr int kGtSlotBytes = 8 * NT * kGtRowStride * 2 + kGtWeightBytes;
+template <int NT>
+constexpr int kGtSharedBytes = kGtTableBytes + kGtRing * kGtSlotBytes<NT>;
 
 template <typename Scales>
 struct TileArgs {
@@ -873,8 +884,9 @@ __device__ __forceinline__ void CopyAsync16(uint32_t dst, const void* src, bool 
                : "r"(dst), "l"(src), "r"(valid ? 16 : 0));
 }
 __device__ __forceinline__ void CopyAsyncCommit() { asm volatile("cp.async.commit_group;\n"); }
-__device__ __forceinline__ void CopyAsyncWaitAllButLast() {
-  asm volatile("cp.async.wait_group 1;\n" ::: "memory");
+// Waits until at most `kGtRing - 1` of this thread's copy groups are still in flight.
+__device__ __forceinline__ void CopyAsyncWaitRing() {
+  asm volatile("cp.async.wait_group %0;\n" ::"n"(kGtRing - 1) : "memory");
 }
 
 template <typename T, int NT, typename Scales>
@@ -882,8 +894,8 @@ __global__ void __launch_bounds__(32 * kGtWarps, 1) GemmTileKernel(TileArgs<Scal
   constexpr int S = kGtStageSpans, MT = 8 * NT;
   extern __shared__ __align__(16) unsigned char dynamic_shared[];
   uint4* pair_table = reinterpret_cast<uint4*>(dynamic_shared);  // entry e, lane l: word 32e + l
-  T* x_stage = reinterpret_cast<T*>(dynamic_shared + kGtTableBytes);  // [2][MT][kGtRowStride]
-  const uint32_t x_stage_base = static_cast<uint32_t>(__cvta_generic_to_shared(x_stage));
+  unsigned char* ring = dynamic_shared + kGtTableBytes;  // slot: x [MT][kGtRowStride], weights
+  const uint32_t ring_base = static_cast<uint32_t>(__cvta_generic_to_shared(ring));
   const uint32_t lane_table =
       static_cast<uint32_t>(__cvta_generic_to_shared(pair_table)) + 4 * (threadIdx.x % 32);
   auto table_at = [lane_table](uint32_t entry) {
@@ -914,42 +926,52 @@ __global__ void __launch_bounds__(32 * kGtWarps, 1) GemmTileKernel(TileArgs<Scal
   const auto scale_odd = a.scales.RowOf(grp, 2 * p + 1, N, blocks);
   using Raw = typename decltype(scale_even)::Raw;
   const T* x = static_cast<const T*>(a.x) + (grp * a.m_total + m_base) * K;
+  // This lane's weight chunk of span u in a slot.
+  const int weight_offset = 8 * NT * kGtRowStride * 2 + (warp * S * 32 + lane) * 16;
 
-  // Activations of the stage at span s0 into buffer `buf`: MT rows x 32 chunks of 16 bytes
-  // (rows past M repeat row 0; chunks past this CTA's K range are zero-filled, never read).
-  auto fill = [&](int buf, int s0) {
-    for (int i = threadIdx.x; i < MT * 32; i += 32 * kGtWarps) {
-      const int r = i / 32, c = i % 32;
-      const int64_t k = int64_t(s0) * 64 + 8 * c;
-      const bool valid = k < int64_t(end) * 64;
-      const uint32_t dst = x_stage_base + ((buf * MT + r) * kGtRowStride + 8 * c) * 2;
-      CopyAsync16(dst, x + (r < rows ? r : 0) * K + (valid ? k : 0), valid);
-    }
-    CopyAsyncCommit();
-  };
-  struct Stage {
-    uint4 w[S];
+  struct Scale {
     Raw even[S], odd[S];
   };
-  auto load = [&](Stage& st, int s0) {
+  // Stage i (spans s0 .. s0 + 3, s0 = begin + 4i) into slot i % 3: the activations (MT rows x
+  // 32 chunks of 16 bytes; rows past M repeat row 0, chunks past this CTA's K range are
+  // zero-filled and never read) and this lane's weights; its scales into `sc`. One copy group
+  // per stage, empty past the end.
+  auto issue = [&](int stage, Scale& sc) {
+    const int s0 = begin + stage * S;
+    const uint32_t slot = ring_base + (stage % kGtRing) * kGtSlotBytes<NT>;
+    if (s0 < end) {
+      for (int i = threadIdx.x; i < MT * 32; i += 32 * kGtWarps) {
+        const int r = i / 32, c = i % 32;
+        const int64_t k = int64_t(s0) * 64 + 8 * c;
+        const bool valid = k < int64_t(end) * 64;
+        CopyAsync16(slot + (r * kGtRowStride + 8 * c) * 2, x + (r < rows ? r : 0) * K +
+                    (valid ? k : 0), valid);
+      }
 #pragma unroll
-    for (int u = 0; u < S; ++u) {
-      if (s0 + u >= end) break;
-      st.w[u] = __ldcs(wrow + 4 * (s0 + u));
-      st.even[u] = scale_even.Fetch((s0 + u) >> step_shift);
-      st.odd[u] = scale_odd.Fetch((s0 + u) >> step_shift);
+      for (int u = 0; u < S; ++u) {
+        const bool valid = s0 + u < end;
+        CopyAsync16(slot + weight_offset + u * 512, wrow + 4 * (valid ? s0 + u : s0), valid);
+        if (valid) {
+          sc.even[u] = scale_even.Fetch((s0 + u) >> step_shift);
+          sc.odd[u] = scale_odd.Fetch((s0 + u) >> step_shift);
+        }
+      }
     }
+    CopyAsyncCommit();
   };
   float acc[NT][4];
 #pragma unroll
   for (int j = 0; j < NT; ++j) acc[j][0] = acc[j][1] = acc[j][2] = acc[j][3] = 0.0f;
-  auto compute = [&](const Stage& st, int buf, int s0) {
-    const T* xb = x_stage + buf * MT * kGtRowStride + g * kGtRowStride + 16 * t;
+  auto compute = [&](int stage, const Scale& sc) {
+    const int s0 = begin + stage * S;
+    const unsigned char* slot = ring + (stage % kGtRing) * kGtSlotBytes<NT>;
+    const T* xb = reinterpret_cast<const T*>(slot) + g * kGtRowStride + 16 * t;
 #pragma unroll
     for (int u = 0; u < S; ++u) {
       if (s0 + u >= end) break;
+      const uint4 w = *reinterpret_cast<const uint4*>(slot + weight_offset + u * 512);
       uint32_t frag[4][4];
-      const uint32_t words[4] = {st.w[u].x, st.w[u].y, st.w[u].z, st.w[u].w};
+      const uint32_t words[4] = {w.x, w.y, w.z, w.w};
 #pragma unroll
       for (int s = 0; s < 4; ++s) {
         // Low nibbles of bytes (0, 1) and (2, 3) for row 2g, high nibbles for row 2g + 1,
@@ -961,8 +983,8 @@ __global__ void __launch_bounds__(32 * kGtWarps, 1) GemmTileKernel(TileArgs<Scal
         frag[s][2] = table_at(__byte_perm(lo_pairs, 0, 0x4442));
         frag[s][3] = table_at(__byte_perm(hi_pairs, 0, 0x4442));
       }
-      const float se = scale_even.Decode(st.even[u], (s0 + u) >> step_shift);
-      const float so = scale_odd.Decode(st.odd[u], (s0 + u) >> step_shift);
+      const float se = scale_even.Decode(sc.even[u], (s0 + u) >> step_shift);
+      const float so = scale_odd.Decode(sc.odd[u], (s0 + u) >> step_shift);
 #pragma unroll
       for (int j = 0; j < NT; ++j) {
         const T* xr = xb + 8 * j * kGtRowStride + 64 * u;
@@ -980,39 +1002,31 @@ __global__ void __launch_bounds__(32 * kGtWarps, 1) GemmTileKernel(TileArgs<Scal
     }
   };
 
-  // The first stage's copies and loads go out before the table fill.
-  Stage ping, pong;
-  fill(0, begin);
-  load(ping, begin);
+  // The first two stages' copies and loads go out before the table fill. Each step then
+  // issues the stage two ahead (into the slot computed one step before: the barrier at the
+  // top frees it), waits for its own stage and computes it; scale sets rotate A -> B -> C.
+  Scale sa, sb, sc;
+  const int stages = (end - begin + S - 1) / S;
+  issue(0, sa);
+  issue(1, sb);
   for (int e = threadIdx.x; e < 256; e += 32 * kGtWarps) {
     const uint32_t v = MmaType<T>::Pack(kDeviceCodebook[e & 15], kDeviceCodebook[e >> 4]);
 #pragma unroll
     for (int c = 0; c < 8; ++c) pair_table[e * 8 + c] = make_uint4(v, v, v, v);
   }
-  // Ping-pong over stages (no register copies): the next stage's copies and loads are issued
-  // before the current one computes; a barrier after each compute frees its buffer.
-  for (int s0 = begin; s0 < end; s0 += 2 * S) {
-    if (s0 + S < end) {
-      fill(1, s0 + S);
-      load(pong, s0 + S);
-    } else {
-      CopyAsyncCommit();  // an empty group keeps "all but the last" meaning this stage
-    }
-    CopyAsyncWaitAllButLast();
+  auto step = [&](int stage, const Scale& now, Scale& ahead) {
     __syncthreads();
-    compute(ping, 0, s0);
+    issue(stage + 2, ahead);
+    CopyAsyncWaitRing();
     __syncthreads();
-    if (s0 + S >= end) break;
-    if (s0 + 2 * S < end) {
-      fill(0, s0 + 2 * S);
-      load(ping, s0 + 2 * S);
-    } else {
-      CopyAsyncCommit();
-    }
-    CopyAsyncWaitAllButLast();
-    __syncthreads();
-    compute(pong, 1, s0 + S);
-    __syncthreads();
+    compute(stage, now);
+  };
+  for (int stage = 0; stage < stages; stage += 3) {
+    step(stage, sa, sc);
+    if (stage + 1 >= stages) break;
+    step(stage + 1, sb, sa);
+    if (stage + 2 >= stages) break;
+    step(stage + 2, sc, sb);
   }
 
   if (pair >= a.pairs) return;
@@ -1042,7 +1056,8 @@ __global__ void __launch_bounds__(kThreads) SumKSplitsKernel(const float* partia
   }
 }
 
-// The grid of the tiled kernel: n-tiles per CTA (8 rows each) from M, then the K split that
+// The grid of the tiled kernel: n-tiles per CTA (8 rows each) from M (at most max_nt, what the
+// CTA's shared memory allows), then the K split that
 // minimizes rounds x (spans per CTA + ~4 spans of fill, drain and store), rounds =
 // ceil(CTAs / SMs), with at least two stages per CTA.
 struct TilePlan {
@@ -1052,9 +1067,11 @@ struct TilePlan {
   int64_t partial_bytes = 0;  // scratch for the split-K partial sums
 };
 
-TilePlan PlanGemmTile(int64_t groups, int64_t m_total, int64_t pairs, int64_t cols, int sms) {
+TilePlan PlanGemmTile(int64_t groups, int64_t m_total, int64_t pairs, int64_t cols, int sms,
+                      int max_nt) {
   TilePlan plan;
   plan.nt = m_total <= 16 ? 2 : m_total <= 32 ? 4 : 8;
+  plan.nt = plan.nt < max_nt ? plan.nt : max_nt;
   plan.row_blocks = (pairs + 8 * kGtWarps - 1) / (8 * kGtWarps);
   plan.m_tiles = (m_total + 8 * plan.nt - 1) / (8 * plan.nt);
   const int64_t steps = cols / kTcSpan, ctas = groups * plan.row_blocks * plan.m_tiles;
@@ -1309,7 +1326,10 @@ ffi::Error Matmul(cudaStream_t stream, ffi::ScratchAllocator& scratch, ffi::AnyB
   cudaGetDevice(&device);
   cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device);
   cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, device);
-  if (tensor_cores && m_rows > kMaxFusedRows) {  // the tiled kernel, any M
+  // The tiled kernel's widest tile that fits a CTA's shared memory (0: none, sm_86 / sm_89).
+  const int max_nt = optin >= kGtSharedBytes<8> ? 8 : optin >= kGtSharedBytes<4> ? 4
+                     : optin >= kGtSharedBytes<2> ? 2 : 0;
+  if (tensor_cores && m_rows > kMaxFusedRows && max_nt > 0) {
     TileArgs<Scales> a{};
     a.x = x.untyped_data();
     a.packed = static_cast<const uint8_t*>(packed.untyped_data());
@@ -1320,7 +1340,7 @@ ffi::Error Matmul(cudaStream_t stream, ffi::ScratchAllocator& scratch, ffi::AnyB
     a.pairs = d.rows / 2;
     a.cols = d.cols;
     a.block_shift = block_shift;
-    const TilePlan plan = PlanGemmTile(d.groups, m_rows, a.pairs, d.cols, sms);
+    const TilePlan plan = PlanGemmTile(d.groups, m_rows, a.pairs, d.cols, sms, max_nt);
     if (plan.partial_bytes > 0) {
       auto buffer = scratch.Allocate(plan.partial_bytes, 16);
       if (!buffer.has_value())
