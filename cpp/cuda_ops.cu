@@ -1,5 +1,5 @@
-// CUDA FFI handlers for the NF4 ops: quantize, dequantize and the fused dequant + GEMV for
-// up to kMaxFusedRows activation rows per launch (larger M is tiled by the handler; the Python
+// CUDA FFI handlers for the NF4 ops: quantize, dequantize and the fused dequant + matmul (GEMV
+// kernels up to kMaxFusedRows activation rows, the tiled tensor-core kernel above; the Python
 // lowering sends large M to dequantize + an XLA dot instead).
 //
 // Operands carry a leading group dim G (see nf4_ffi_shapes.h). Kernels read the packed weights

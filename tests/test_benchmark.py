@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 
+import jax
+
 from jax_nf4 import benchmark, cli
 
 
@@ -67,8 +69,9 @@ def test_device_busy_time_is_the_union_of_stream_events():
 
 
 def test_kernel_times_on_cpu_are_absent():
-    rows = benchmark.run_benchmark(shapes=((64, 128),), rows=(1,), min_bytes=1e4, iters=1,
-                                   reps=1, kernel_times=True)
+    with jax.default_device(jax.devices("cpu")[0]):  # GPU runs: the CPU backend, no streams
+        rows = benchmark.run_benchmark(shapes=((64, 128),), rows=(1,), min_bytes=1e4, iters=1,
+                                       reps=1, kernel_times=True)
     assert all(r.kernel_us is None for r in rows)
     table = benchmark.format_table(rows)
     assert "nf4 kernel us" not in table  # no device streams traced: the columns are left out
