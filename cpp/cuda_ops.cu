@@ -330,7 +330,9 @@ cudaError_t LaunchGemv(GemvArgs<Scales> a, int64_t groups, cudaStream_t stream) 
 // ---------------------------------------------------------------- tensor-core GEMV (16-bit)
 
 // bf16 / f16 activations with block_size % 64 == 0 run on the tensor cores (mma.m16n8k16,
-// float32 accumulation) for up to 8 * NT activation rows. One warp owns 8 row pairs (16 output
+// float32 accumulation) for up to 8 activation rows per launch: the M <= 8 path of GPUs whose
+// CTAs cannot have the byte-pair kernel's shared memory (sm_86, sm_89), and M > 8 there, 8 rows
+// at a time, when the tiled kernel's does not fit either. One warp owns 8 row pairs (16 output
 // rows); the rows of the mma tile are permuted so that mma rows g and g + 8 are weight rows 2g
 // and 2g + 1, i.e. the two nibbles of one packed byte. The contraction index is permuted too:
 // lane (g, t) of a quad loads the 16 bytes k0 + 16t .. k0 + 16t + 15 of row pair g, and its
@@ -396,10 +398,10 @@ __device__ __forceinline__ void SumSplits(float (&acc)[NT][4], float (*partial)[
 constexpr int kTcSpan = 64;    // contraction elements per quad per step
 constexpr int kTcUnroll = 4;   // steps whose loads are issued together
 
-template <typename T, int NT, typename Scales>
+template <typename T, typename Scales>
 __global__ void __launch_bounds__(kThreads, 2) GemvTensorCoreKernel(GemvArgs<Scales> a) {
   __shared__ uint4 pair_table[256 * 8];  // entry e for lane l: word e * 32 + l
-  __shared__ float partial[kWarps][32][4 * NT];
+  __shared__ float partial[kWarps][32][4];
   for (int e = threadIdx.x; e < 256; e += blockDim.x) {
     const uint32_t v = MmaType<T>::Pack(kDeviceCodebook[e & 15], kDeviceCodebook[e >> 4]);
 #pragma unroll
@@ -424,16 +426,14 @@ __global__ void __launch_bounds__(kThreads, 2) GemvTensorCoreKernel(GemvArgs<Sca
   const int64_t K = a.cols, N = 2 * a.pairs, blocks = K / a.block_size;
   const int64_t pair = pair0 + g;
   const bool pair_ok = pair < a.pairs;
-  const int rows = int(a.m_total - a.m0 < 8 * NT ? a.m_total - a.m0 : 8 * NT);
+  const int rows = int(a.m_total - a.m0 < 8 ? a.m_total - a.m0 : 8);
 
   const uint8_t* wrow = a.packed + (grp * a.pairs + (pair_ok ? pair : 0)) * K + 16 * t;
   const auto scale_even = a.scales.RowOf(grp, 2 * (pair_ok ? pair : 0), N, blocks);
   const auto scale_odd = a.scales.RowOf(grp, 2 * (pair_ok ? pair : 0) + 1, N, blocks);
   const T* x = static_cast<const T*>(a.x) + (grp * a.m_total + a.m0) * K + 16 * t;
 
-  float acc[NT][4];
-#pragma unroll
-  for (int j = 0; j < NT; ++j) acc[j][0] = acc[j][1] = acc[j][2] = acc[j][3] = 0.0f;
+  float acc[1][4] = {{0.0f, 0.0f, 0.0f, 0.0f}};
 
   // Steps split, split + splits, ... of this warp, kTcUnroll at a time; the weights and scales
   // of the next group load while the current group computes (register double buffering).
@@ -459,37 +459,24 @@ __global__ void __launch_bounds__(kThreads, 2) GemvTensorCoreKernel(GemvArgs<Sca
   load_group(split, w, se, so);
   for (int s0 = split; s0 < steps; s0 += stride) {
     load_group(s0 + stride, w_next, se_next, so_next);
-    // Activation fragments for row m = 8j + g (rows past M read as zero). With one n-tile the
-    // whole group's activations load up front so their latency overlaps; wider tiles load per
-    // step to stay within the register budget.
-    constexpr int kAhead = NT == 1 ? kTcUnroll : 1;
-    uint4 xv[kAhead][NT][2];
-    auto load_x = [&](int u, uint4 (&dst)[NT][2]) {
+    // Activation fragments of row m = g (rows past M read as zero), the whole group's up front
+    // so that their latency overlaps.
+    uint4 xv[kTcUnroll][2];
+#pragma unroll
+    for (int u = 0; u < kTcUnroll; ++u) {
       const int step = s0 + u * splits;
-#pragma unroll
-      for (int j = 0; j < NT; ++j) {
-        const int m = 8 * j + g;
-        if (m < rows && step < steps) {
-          const uint4* src = reinterpret_cast<const uint4*>(x + m * K) + step * (kTcSpan / 8);
-          dst[j][0] = __ldg(src);
-          dst[j][1] = __ldg(src + 1);
-        } else {
-          dst[j][0] = dst[j][1] = make_uint4(0, 0, 0, 0);
-        }
+      if (g < rows && step < steps) {
+        const uint4* src = reinterpret_cast<const uint4*>(x + g * K) + step * (kTcSpan / 8);
+        xv[u][0] = __ldg(src);
+        xv[u][1] = __ldg(src + 1);
+      } else {
+        xv[u][0] = xv[u][1] = make_uint4(0, 0, 0, 0);
       }
-    };
-    if constexpr (kAhead > 1) {
-#pragma unroll
-      for (int u = 0; u < kTcUnroll; ++u) load_x(u, xv[u]);
     }
 #pragma unroll
     for (int u = 0; u < kTcUnroll; ++u) {
       if (s0 + u * splits >= steps) break;
-      if constexpr (kAhead == 1) load_x(u, xv[0]);
-      const auto& xu = xv[kAhead > 1 ? u : 0];
-      float part[NT][4];
-#pragma unroll
-      for (int j = 0; j < NT; ++j) part[j][0] = part[j][1] = part[j][2] = part[j][3] = 0.0f;
+      float part[4] = {0.0f, 0.0f, 0.0f, 0.0f};
       const uint32_t words[4] = {w[u].x, w[u].y, w[u].z, w[u].w};
 #pragma unroll
       for (int s = 0; s < 4; ++s) {
@@ -502,19 +489,13 @@ __global__ void __launch_bounds__(kThreads, 2) GemvTensorCoreKernel(GemvArgs<Sca
                                   table_at(__byte_perm(hi_pairs, 0, 0x4440)),
                                   table_at(__byte_perm(lo_pairs, 0, 0x4442)),
                                   table_at(__byte_perm(hi_pairs, 0, 0x4442))};
-#pragma unroll
-        for (int j = 0; j < NT; ++j) {
-          const uint32_t* xw = reinterpret_cast<const uint32_t*>(&xu[j][0]);
-          MmaType<T>::Mma(part[j], frag, xw[2 * s], xw[2 * s + 1]);
-        }
+        const uint32_t* xw = reinterpret_cast<const uint32_t*>(&xv[u][0]);
+        MmaType<T>::Mma(part, frag, xw[2 * s], xw[2 * s + 1]);
       }
-#pragma unroll
-      for (int j = 0; j < NT; ++j) {
-        acc[j][0] = fmaf(se[u], part[j][0], acc[j][0]);
-        acc[j][1] = fmaf(se[u], part[j][1], acc[j][1]);
-        acc[j][2] = fmaf(so[u], part[j][2], acc[j][2]);
-        acc[j][3] = fmaf(so[u], part[j][3], acc[j][3]);
-      }
+      acc[0][0] = fmaf(se[u], part[0], acc[0][0]);
+      acc[0][1] = fmaf(se[u], part[1], acc[0][1]);
+      acc[0][2] = fmaf(so[u], part[2], acc[0][2]);
+      acc[0][3] = fmaf(so[u], part[3], acc[0][3]);
     }
 #pragma unroll
     for (int u = 0; u < kTcUnroll; ++u) {
@@ -525,21 +506,19 @@ __global__ void __launch_bounds__(kThreads, 2) GemvTensorCoreKernel(GemvArgs<Sca
   }
 
   if (splits > 1) {
-    SumSplits<NT>(acc, partial, warp, lane, split, splits);
+    SumSplits<1>(acc, partial, warp, lane, split, splits);
     if (split != 0) return;
   }
   if (!pair_ok) return;
   T* out = static_cast<T*>(a.out) + (grp * a.m_total + a.m0) * N + 2 * pair;
 #pragma unroll
-  for (int j = 0; j < NT; ++j)
-#pragma unroll
-    for (int c = 0; c < 4; ++c) {
-      const int m = 8 * j + 2 * t + (c & 1);
-      if (m < rows) out[m * N + (c >> 1)] = FromFloat<T>(acc[j][c]);
-    }
+  for (int c = 0; c < 4; ++c) {
+    const int m = 2 * t + (c & 1);
+    if (m < rows) out[m * N + (c >> 1)] = FromFloat<T>(acc[0][c]);
+  }
 }
 
-template <typename T, int NT, typename Scales>
+template <typename T, typename Scales>
 cudaError_t LaunchGemvTensorCoreRows(GemvArgs<Scales> a, int64_t groups, cudaStream_t stream) {
   const int64_t row_groups = (a.pairs + 7) / 8;
   const int64_t steps = a.cols / kTcSpan;
@@ -550,7 +529,7 @@ cudaError_t LaunchGemvTensorCoreRows(GemvArgs<Scales> a, int64_t groups, cudaStr
     splits *= 2;
   a.splits = splits;
   a.ctas_per_group = (row_groups + kWarps / splits - 1) / (kWarps / splits);
-  GemvTensorCoreKernel<T, NT, Scales>
+  GemvTensorCoreKernel<T, Scales>
       <<<dim3(unsigned(a.ctas_per_group * groups)), kThreads, 0, stream>>>(a);
   return cudaGetLastError();
 }
@@ -837,7 +816,7 @@ cudaError_t LaunchGemvTensorCore(GemvArgs<Scales> a, int64_t groups, int sms, bo
     return LaunchGemvBytePairRows<T, 2, Scales>(a, groups, sms, stream);
   cudaError_t err = cudaSuccess;
   for (a.m0 = 0; a.m0 < a.m_total && err == cudaSuccess; a.m0 += 8)
-    err = LaunchGemvTensorCoreRows<T, 1, Scales>(a, groups, stream);
+    err = LaunchGemvTensorCoreRows<T, Scales>(a, groups, stream);
   return err;
 }
 
