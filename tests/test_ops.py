@@ -301,6 +301,27 @@ def test_matmul_tiled_grid(rng, platform, device, dtype, m, n, k, block_size):
     assert_matmul_close(y, x, packed, absmax, block_size, platform)
 
 
+@pytest.mark.parametrize("platform_name, dtype, block_size, rows", [
+    ("cuda", jnp.bfloat16, 64, 128), ("cuda", np.float16, 256, 128),
+    ("cuda", np.float32, 64, 8), ("cuda", jnp.bfloat16, 48, 8), ("cuda", jnp.bfloat16, 32, 8),
+    ("cpu", jnp.bfloat16, 64, 8), ("cpu", np.float32, 64, 8)])
+def test_fused_max_rows(platform_name, dtype, block_size, rows):
+    """The documented routing: tensor-core kernels to M = 128 on CUDA, 8 rows elsewhere."""
+    from jax_nf4._lowering import fused_max_rows
+    assert fused_max_rows(platform_name, dtype, block_size) == rows
+
+
+@pytest.mark.parametrize("m, fused", [(8, True), (9, False)])
+def test_matmul_lowering_by_rows_on_cpu(rng, m, fused):
+    """On CPU M <= 8 lowers to the fused custom call, larger M to dequantize + an XLA dot."""
+    q = jax_nf4.quantize(random_weight(rng, (16, 128), np.float32), 64)
+    x = jnp.asarray(random_activations(rng, (m, 128), np.float32))
+    with jax.default_device(jax.devices("cpu")[0]):
+        hlo = jax.jit(jax_nf4.matmul).lower(x, q).as_text()
+    assert ("jax_nf4_nf4_matmul" in hlo) == fused
+    assert ("jax_nf4_nf4_dequantize" in hlo) == (not fused)
+
+
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("m", [3, 40])
 def test_matmul_is_deterministic(rng, device, dtype, m):
