@@ -9,8 +9,9 @@
 #   examples   examples/inference.py and examples/qlora_finetune.py
 #   bench      the kernel benchmark table (args go to bench/bench_matmul.py)
 #   decode     bench/bench_decode.py (8B decode, 70B shard timing)
-#   profile    Nsight Compute on the M = 1 GEMV of 28672x8192 and 4096x4096 (speed of light,
-#              memory workload, warp stalls; the kernel's own duration, without launch gaps)
+#   profile    Nsight Compute on the M = 1 GEMV of 28672x8192 and 4096x4096 and the tiled
+#              kernel at M = 64 (speed of light, memory workload, warp stalls; the kernel's
+#              own duration, without launch gaps)
 #   check      = build,tests,sanitize,examples
 # Logs go to $OUT (the device tool's output folder) or /tmp/jax_nf4_out.
 set -uo pipefail
@@ -69,12 +70,14 @@ bench() {
 }
 
 profile() {
-  for shape in 28672x8192 4096x4096; do
-    ncu --clock-control none -k regex:Gemv --launch-skip 2 --launch-count 1 \
+  for case in 28672x8192:1 4096x4096:1 28672x8192:64; do
+    local shape=${case%:*} rows=${case#*:}
+    ncu --clock-control none -k regex:'Gemv|GemmTile' --launch-skip 2 --launch-count 1 \
       --section SpeedOfLight --section MemoryWorkloadAnalysis --section WarpStateStats \
       --section LaunchStats --section Occupancy \
-      python3 bench/profile_gemv.py --shape $shape > "$OUT/ncu_$shape.txt" 2>&1
-    echo "ncu $shape: exit $? | $(grep -E 'Duration|DRAM Throughput' "$OUT/ncu_$shape.txt" | tr -s ' ' | tr '\n' ';')"
+      python3 bench/profile_gemv.py --shape $shape --rows $rows > "$OUT/ncu_${shape}_m$rows.txt" 2>&1
+    echo "ncu $shape M=$rows: exit $? | $(grep -E 'Duration|DRAM Throughput|Compute \(SM\)' \
+      "$OUT/ncu_${shape}_m$rows.txt" | tr -s ' ' | tr '\n' ';')"
   done
 }
 
