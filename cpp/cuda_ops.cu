@@ -398,24 +398,50 @@ __device__ __forceinline__ void SumSplits(float (&acc)[NT][4], float (*partial)[
 constexpr int kTcSpan = 64;    // contraction elements per quad per step
 constexpr int kTcUnroll = 4;   // steps whose loads are issued together
 
+// The 16-row-tile decode, shared by the 16-row-tile GEMV and the tiled kernel: a table of the
+// 256 (low-nibble value, high-nibble value) pairs in the activation dtype, one copy per bank
+// (entry e for lane l at word 32e + l, 32 KB), and the A fragment of one mma step from a word
+// of 4 code bytes (two k of row pair g: low nibbles are row 2g, high nibbles row 2g + 1).
+constexpr int kPairTableBytes = 256 * 8 * 16;
+template <typename T>
+struct PairTable {
+  uint32_t lane_entry0;  // shared address of this lane's copy of entry 0
+
+  __device__ explicit PairTable(uint4* table)
+      : lane_entry0(static_cast<uint32_t>(__cvta_generic_to_shared(table)) +
+                    4 * (threadIdx.x % 32)) {}
+  static __device__ void Fill(uint4* table) {
+    for (int e = threadIdx.x; e < 256; e += blockDim.x) {
+      const uint32_t v = MmaType<T>::Pack(kDeviceCodebook[e & 15], kDeviceCodebook[e >> 4]);
+#pragma unroll
+      for (int c = 0; c < 8; ++c) table[e * 8 + c] = make_uint4(v, v, v, v);
+    }
+  }
+  __device__ uint32_t operator()(uint32_t entry) const {  // a shift-add and one LDS
+    uint32_t v;
+    asm volatile("ld.shared.u32 %0, [%1];" : "=r"(v) : "r"(lane_entry0 + (entry << 7)));
+    return v;
+  }
+  // Table indices: low nibbles of bytes (0, 1) and (2, 3) for row 2g, high nibbles for row
+  // 2g + 1, each pair merged into one byte.
+  __device__ void Fragment(uint32_t word, uint32_t (&frag)[4]) const {
+    const uint32_t lo = word & 0x0f0f0f0fu, hi = (word >> 4) & 0x0f0f0f0fu;
+    const uint32_t lo_pairs = lo | (lo >> 4), hi_pairs = hi | (hi >> 4);
+    frag[0] = (*this)(__byte_perm(lo_pairs, 0, 0x4440));
+    frag[1] = (*this)(__byte_perm(hi_pairs, 0, 0x4440));
+    frag[2] = (*this)(__byte_perm(lo_pairs, 0, 0x4442));
+    frag[3] = (*this)(__byte_perm(hi_pairs, 0, 0x4442));
+  }
+};
+
+
 template <typename T, typename Scales>
 __global__ void __launch_bounds__(kThreads, 2) GemvTensorCoreKernel(GemvArgs<Scales> a) {
-  __shared__ uint4 pair_table[256 * 8];  // entry e for lane l: word e * 32 + l
+  __shared__ uint4 pair_table_storage[kPairTableBytes / 16];
   __shared__ float partial[kWarps][32][4];
-  for (int e = threadIdx.x; e < 256; e += blockDim.x) {
-    const uint32_t v = MmaType<T>::Pack(kDeviceCodebook[e & 15], kDeviceCodebook[e >> 4]);
-#pragma unroll
-    for (int c = 0; c < 8; ++c) pair_table[e * 8 + c] = make_uint4(v, v, v, v);
-  }
+  PairTable<T>::Fill(pair_table_storage);
   __syncthreads();
-  // 32-bit shared-memory address of this lane's copy of entry 0: a lookup is shift-add + load.
-  const uint32_t lane_table =
-      static_cast<uint32_t>(__cvta_generic_to_shared(pair_table)) + 4 * (threadIdx.x % 32);
-  auto table_at = [lane_table](uint32_t entry) {
-    uint32_t v;
-    asm volatile("ld.shared.u32 %0, [%1];" : "=r"(v) : "r"(lane_table + (entry << 7)));
-    return v;
-  };
+  const PairTable<T> pair_table(pair_table_storage);
 
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, g = lane / 4, t = lane % 4;
   const int splits = a.splits;
@@ -480,15 +506,8 @@ __global__ void __launch_bounds__(kThreads, 2) GemvTensorCoreKernel(GemvArgs<Sca
       const uint32_t words[4] = {w[u].x, w[u].y, w[u].z, w[u].w};
 #pragma unroll
       for (int s = 0; s < 4; ++s) {
-        // Table indices: low nibbles of bytes (0, 1) and (2, 3) for row 2g, high nibbles for
-        // row 2g + 1, each pair merged into one byte.
-        const uint32_t v = words[s];
-        const uint32_t lo = v & 0x0f0f0f0fu, hi = (v >> 4) & 0x0f0f0f0fu;
-        const uint32_t lo_pairs = lo | (lo >> 4), hi_pairs = hi | (hi >> 4);
-        const uint32_t frag[4] = {table_at(__byte_perm(lo_pairs, 0, 0x4440)),
-                                  table_at(__byte_perm(hi_pairs, 0, 0x4440)),
-                                  table_at(__byte_perm(lo_pairs, 0, 0x4442)),
-                                  table_at(__byte_perm(hi_pairs, 0, 0x4442))};
+        uint32_t frag[4];
+        pair_table.Fragment(words[s], frag);
         const uint32_t* xw = reinterpret_cast<const uint32_t*>(&xv[u][0]);
         MmaType<T>::Mma(part, frag, xw[2 * s], xw[2 * s + 1]);
       }
@@ -837,13 +856,12 @@ cudaError_t LaunchGemvTensorCore(GemvArgs<Scales> a, int64_t groups, int sms, bo
 constexpr int kGtWarps = 8;
 constexpr int kGtStageSpans = 4;                      // 64-element spans per stage
 constexpr int kGtRowStride = kGtStageSpans * 64 + 8;  // activation row stride in shared memory
-constexpr int kGtTableBytes = 256 * 8 * 16;           // 256 pair entries x 32 lanes
 constexpr int kGtRing = 3;                            // stages in shared memory
 constexpr int kGtWeightBytes = kGtWarps * kGtStageSpans * 32 * 16;  // one stage's weights
 template <int NT>
 constexpr int kGtSlotBytes = 8 * NT * kGtRowStride * 2 + kGtWeightBytes;
 template <int NT>
-constexpr int kGtSharedBytes = kGtTableBytes + kGtRing * kGtSlotBytes<NT>;
+constexpr int kGtSharedBytes = kPairTableBytes + kGtRing * kGtSlotBytes<NT>;
 
 template <typename Scales>
 struct TileArgs {
@@ -872,16 +890,10 @@ template <typename T, int NT, typename Scales>
 __global__ void __launch_bounds__(32 * kGtWarps, 1) GemmTileKernel(TileArgs<Scales> a) {
   constexpr int S = kGtStageSpans, MT = 8 * NT;
   extern __shared__ __align__(16) unsigned char dynamic_shared[];
-  uint4* pair_table = reinterpret_cast<uint4*>(dynamic_shared);  // entry e, lane l: word 32e + l
-  unsigned char* ring = dynamic_shared + kGtTableBytes;  // slot: x [MT][kGtRowStride], weights
+  uint4* pair_table_storage = reinterpret_cast<uint4*>(dynamic_shared);
+  const PairTable<T> pair_table(pair_table_storage);
+  unsigned char* ring = dynamic_shared + kPairTableBytes;  // slots: x [MT][kGtRowStride], weights
   const uint32_t ring_base = static_cast<uint32_t>(__cvta_generic_to_shared(ring));
-  const uint32_t lane_table =
-      static_cast<uint32_t>(__cvta_generic_to_shared(pair_table)) + 4 * (threadIdx.x % 32);
-  auto table_at = [lane_table](uint32_t entry) {
-    uint32_t v;
-    asm volatile("ld.shared.u32 %0, [%1];" : "=r"(v) : "r"(lane_table + (entry << 7)));
-    return v;
-  };
 
   int64_t b = blockIdx.x;
   const int64_t mt = b % a.m_tiles;
@@ -952,16 +964,7 @@ __global__ void __launch_bounds__(32 * kGtWarps, 1) GemmTileKernel(TileArgs<Scal
       uint32_t frag[4][4];
       const uint32_t words[4] = {w.x, w.y, w.z, w.w};
 #pragma unroll
-      for (int s = 0; s < 4; ++s) {
-        // Low nibbles of bytes (0, 1) and (2, 3) for row 2g, high nibbles for row 2g + 1,
-        // each pair merged into one table index.
-        const uint32_t lo = words[s] & 0x0f0f0f0fu, hi = (words[s] >> 4) & 0x0f0f0f0fu;
-        const uint32_t lo_pairs = lo | (lo >> 4), hi_pairs = hi | (hi >> 4);
-        frag[s][0] = table_at(__byte_perm(lo_pairs, 0, 0x4440));
-        frag[s][1] = table_at(__byte_perm(hi_pairs, 0, 0x4440));
-        frag[s][2] = table_at(__byte_perm(lo_pairs, 0, 0x4442));
-        frag[s][3] = table_at(__byte_perm(hi_pairs, 0, 0x4442));
-      }
+      for (int s = 0; s < 4; ++s) pair_table.Fragment(words[s], frag[s]);
       const float se = scale_even.Decode(sc.even[u], (s0 + u) >> step_shift);
       const float so = scale_odd.Decode(sc.odd[u], (s0 + u) >> step_shift);
 #pragma unroll
@@ -988,11 +991,7 @@ __global__ void __launch_bounds__(32 * kGtWarps, 1) GemmTileKernel(TileArgs<Scal
   const int stages = (end - begin + S - 1) / S;
   issue(0, sa);
   issue(1, sb);
-  for (int e = threadIdx.x; e < 256; e += 32 * kGtWarps) {
-    const uint32_t v = MmaType<T>::Pack(kDeviceCodebook[e & 15], kDeviceCodebook[e >> 4]);
-#pragma unroll
-    for (int c = 0; c < 8; ++c) pair_table[e * 8 + c] = make_uint4(v, v, v, v);
-  }
+  PairTable<T>::Fill(pair_table_storage);
   auto step = [&](int stage, const Scale& now, Scale& ahead) {
     __syncthreads();
     issue(stage + 2, ahead);
