@@ -84,6 +84,22 @@ struct Codebook {
 };
 constexpr Codebook kCodebook;
 
+// Float32 dot product of a[0..n) and b[0..n) in a fixed order: 16 interleaved partial sums
+// (lane i takes the elements k = i mod 16, which compilers turn into SIMD adds), then the
+// partial sums pairwise, then the tail. The same order on every call and thread count.
+float Dot(const float* a, const float* b, int64_t n) {
+  constexpr int kLanes = 16;
+  float lane[kLanes] = {};
+  const int64_t body = n - n % kLanes;
+  for (int64_t k = 0; k < body; k += kLanes)
+    for (int i = 0; i < kLanes; ++i) lane[i] += a[k + i] * b[k + i];
+  for (int width = kLanes / 2; width > 0; width /= 2)
+    for (int i = 0; i < width; ++i) lane[i] += lane[i + width];
+  float sum = lane[0];
+  for (int64_t k = body; k < n; ++k) sum += a[k] * b[k];
+  return sum;
+}
+
 // Dequantizes one row into float32: row[k] = CodeValue(code(n, k)) * scale(n, k / bs).
 template <typename ScaleRow>
 void DequantizeRow(const uint8_t* packed_row, int nibble, const ScaleRow& scale_of,
@@ -173,18 +189,15 @@ ffi::Error Matmul(ffi::ThreadPool& pool, ffi::AnyBuffer x, ffi::AnyBuffer packed
     for (int64_t g = 0; g < d.groups; ++g) {
       const T* xg = xs + g * m_rows * d.cols;
       for (int64_t i = 0; i < m_rows * d.cols; ++i) xf[i] = ToFloat(xg[i]);
-      // Weight rows in parallel; each output element is one sequential float32 dot product.
+      // Weight rows in parallel; each output element is one float32 dot product (Dot's order).
       ParallelFor(pool, d.rows, (m_rows + 1) * d.cols, [&](int64_t begin, int64_t end) {
         std::vector<float> row(static_cast<size_t>(d.cols));
         for (int64_t n = begin; n < end; ++n) {
           DequantizeRow(src + (g * (d.rows / 2) + n / 2) * d.cols, static_cast<int>(n % 2),
                         scales.RowOf(g, n, d.rows, d.blocks()), d, row.data());
-          for (int64_t m = 0; m < m_rows; ++m) {
-            const float* xm = xf.data() + m * d.cols;
-            float acc = 0.0f;
-            for (int64_t k = 0; k < d.cols; ++k) acc += row[k] * xm[k];
-            ys[(g * m_rows + m) * d.rows + n] = FromFloat<T>(acc);
-          }
+          for (int64_t m = 0; m < m_rows; ++m)
+            ys[(g * m_rows + m) * d.rows + n] =
+                FromFloat<T>(Dot(row.data(), xf.data() + m * d.cols, d.cols));
         }
       });
     }
