@@ -434,7 +434,6 @@ struct PairTable {
   }
 };
 
-
 template <typename T, typename Scales>
 __global__ void __launch_bounds__(kThreads, 2) GemvTensorCoreKernel(GemvArgs<Scales> a) {
   __shared__ uint4 pair_table_storage[kPairTableBytes / 16];
@@ -801,9 +800,9 @@ cudaError_t LaunchGemvBytePair(GemvArgs<Scales> a, int64_t groups, int sms, cuda
   }
   a.splits = splits;
   a.steps_per_split = int(spans_per_split(splits));
-  a.groups = groups;
-  a.ctas_per_group = units_for(splits) / groups;
   const int64_t units = units_for(splits);
+  a.groups = groups;
+  a.ctas_per_group = units / groups;
   auto kernel = GemvBytePairKernel<T, NT, U, Scales>;
   cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
                                          kBpSharedBytes<NT>);
@@ -1035,9 +1034,8 @@ __global__ void __launch_bounds__(kThreads) SumKSplitsKernel(const float* partia
 }
 
 // The grid of the tiled kernel: n-tiles per CTA (8 rows each) from M (at most max_nt, what the
-// CTA's shared memory allows), then the K split that
-// minimizes rounds x (spans per CTA + ~4 spans of fill, drain and store), rounds =
-// ceil(CTAs / SMs), with at least two stages per CTA.
+// CTA's shared memory allows), then the K split that minimizes rounds x (spans per CTA + ~4
+// spans of fill, drain and store), rounds = ceil(CTAs / SMs), with at least two stages per CTA.
 struct TilePlan {
   int nt = 8;
   int64_t row_blocks = 0, m_tiles = 0;
@@ -1300,10 +1298,13 @@ ffi::Error Matmul(cudaStream_t stream, ffi::ScratchAllocator& scratch, ffi::AnyB
   const int block_shift = Log2IfPowerOfTwo(d.block_size);
   const bool tensor_cores = x.element_type() != ffi::DataType::F32 &&
                             d.block_size % kTcSpan == 0 && block_shift >= 0;
-  int device = 0, sms = 0, optin = 0;
-  cudaGetDevice(&device);
-  cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device);
-  cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, device);
+  int sms = 0, optin = 0;  // what the tensor-core kernels are sized by
+  if (tensor_cores) {
+    int device = 0;
+    cudaGetDevice(&device);
+    cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device);
+    cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, device);
+  }
   // The tiled kernel's widest tile that fits a CTA's shared memory (0: none, sm_86 / sm_89).
   const int max_nt = optin >= kGtSharedBytes<8> ? 8 : optin >= kGtSharedBytes<4> ? 4
                      : optin >= kGtSharedBytes<2> ? 2 : 0;

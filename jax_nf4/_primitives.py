@@ -16,12 +16,12 @@ Lowerings live in ``_lowering.py``; autodiff rules in ``_autodiff.py``.
 
 from __future__ import annotations
 
+import jax
+import jax.numpy as jnp
 import numpy as np
 from jax.extend.core import Primitive
 from jax.interpreters import batching
 from jax.interpreters.xla import apply_primitive
-import jax
-import jax.numpy as jnp
 from jax.core import ShapedArray
 
 from jax_nf4 import _shapes

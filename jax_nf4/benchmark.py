@@ -6,12 +6,12 @@ For each weight shape N x K and each M it times, on JAX's default device:
   dense bf16      jnp.dot on the unquantized bf16 weight
   dequant + dot   jax_nf4.dequantize, then the dense dot (M >= 16: the unfused large-M baseline)
   jnp nf4         NF4 written in plain jnp (codebook gather * absmax, then dot) under jit
-and per shape jax_nf4.dequantize (bf16 out) and jax_nf4.quantize (bf16 in). Matmuls run chained under jax.jit: each call's output is the
-next call's input (a non-square N x K weight is paired with a K x N one),
-so XLA can neither fold nor de-duplicate them, and weight copies are rotated so that more than
-``min_bytes`` of weights are touched per pass (the L2 cache cannot serve them). Times are wall
-clock over many chained calls after a warm-up, divided by the number of calls (the launch gap
-between dependent kernels included). With --kernel-times the matmuls are also traced once with
+and per shape jax_nf4.dequantize (bf16 out) and jax_nf4.quantize (bf16 in). Matmuls run chained
+under jax.jit: each call's output is the next call's input (a non-square N x K weight is paired
+with a K x N one), so XLA can neither fold nor de-duplicate them, and weight copies are rotated
+so that more than ``min_bytes`` of weights are touched per pass (the L2 cache cannot serve
+them). Times are wall clock over many chained calls after a warm-up, divided by the number of
+calls (the launch gap between dependent kernels included). With --kernel-times the matmuls are also traced once with
 jax.profiler: "kernel us" is the time the GPU streams were busy per call (no gaps).
 """
 
