@@ -24,11 +24,20 @@
     latency of 10 us per all-reduce (--nvlink-gbps, --allreduce-latency-us). Per model: times
     n_layers (embedding and lm_head left out).
 
+(d) Measured tensor parallelism, when the machine has several GPUs: greedy decoding of the
+    llama3-70b shape (NF4, batch 1, 16-token prompt, ``--tp-tokens`` new tokens) on one GPU,
+    then tensor-parallel over the first tp GPUs (``llama.shard_model``: jax.shard_map, one
+    float32 all-reduce after each row-parallel layer, an all-gather of the logits) for
+    tp = 2, 4, ... up to the device count: tokens/s, scaling = tokens/s(tp) / (tp *
+    tokens/s(1)), each GPU's peak memory, and the share of tokens equal to the one-GPU run's
+    (bf16 partial sums may round differently). The model is built once on GPU 0; the last
+    placement donates its arrays so the peak stays near one model.
+
 Every result is printed (flushed) as soon as it is known and the JSON file (--json) is
 rewritten, so a timeout keeps what was done. Stages go to stderr. --quick runs the tiny
-preset (one layer in (a)) in place of both models (seconds on a CPU; a test runs it).
+preset (one layer in (a)) in place of the models (seconds on a CPU; a test runs it).
 
-    python bench/bench_decode.py --json decode.json [--skip-8b] [--skip-70b] [--quick]
+    python bench/bench_decode.py --json decode.json [--skip-8b] [--skip-70b] [--skip-tp] [--quick]
 """
 
 from __future__ import annotations
@@ -45,26 +54,12 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
 from jax_nf4.models import llama
 
 BF16 = jnp.bfloat16
-
-
-def shard_config(config: llama.LlamaConfig, tp: int) -> llama.LlamaConfig:
-    """The per-GPU shard of ``config``'s layers under tensor parallelism ``tp``: ``n_heads``,
-    ``n_kv_heads`` and ``d_ff`` divided by ``tp``; ``d_model`` and ``head_dim`` kept."""
-    c = config
-    if tp < 1 or c.n_kv_heads % tp or c.d_ff % tp:
-        raise ValueError(f"tp={tp} must divide n_kv_heads ({c.n_kv_heads}) and d_ff ({c.d_ff})")
-    n_heads, d_ff = c.n_heads // tp, c.d_ff // tp
-    for name, k in (("n_heads * head_dim / tp", n_heads * c.head_dim), ("d_ff / tp", d_ff)):
-        if k % c.block_size:
-            raise ValueError(f"tp={tp}: the row-parallel input {name} = {k} is not a multiple "
-                             f"of block_size {c.block_size}")
-    return dataclasses.replace(c, n_heads=n_heads, n_kv_heads=c.n_kv_heads // tp, d_ff=d_ff,
-                               head_dim=c.head_dim)
 
 
 @functools.partial(jax.jit, static_argnums=(0, 5))
@@ -126,6 +121,61 @@ def tensor_parallel_estimate(t_full: float, t_shard: float, tp: int, *, batch: i
             "model_ms_per_token_with_comm": 1e3 * n_layers * layer_s}
 
 
+def decode_tensor_parallel(config: llama.LlamaConfig, tps: Sequence[int], *, batch: int = 1,
+                           prompt_len: int = 16, new_tokens: int = 64, iters: int = 2,
+                           seed: int = 0) -> list[dict]:
+    """Tokens/s of NF4 greedy decoding of ``config`` on one device (``tps[0] == 1``, plain
+    :func:`llama.generate`) and tensor-parallel over the first ``tp`` devices for each later
+    ``tp`` (:func:`llama.shard_model`), best of ``iters`` timed runs after a compiling one."""
+    if list(tps) != sorted(set(tps)) or tps[0] != 1 or tps[-1] > len(jax.devices()):
+        raise ValueError(f"tps must ascend from 1 to at most {len(jax.devices())}, got {tps}")
+    cfg = dataclasses.replace(config, max_len=prompt_len + new_tokens)
+    t0 = time.perf_counter()
+    model = llama.Llama(cfg, nf4=True, dtype=BF16, rngs=nnx.Rngs(seed))
+    jax.block_until_ready(nnx.state(model))
+    build_s = time.perf_counter() - t0
+    prompt = jax.random.randint(jax.random.PRNGKey(seed), (batch, prompt_len), 0,
+                                cfg.vocab_size, jnp.int32)
+    rows, first = [], None
+    for i, tp in enumerate(tps):
+        print(f"  {config.n_layers}-layer model, tp={tp}: place, compile, time", file=sys.stderr,
+              flush=True)
+        t0 = time.perf_counter()
+        if tp == 1:
+            target = model
+        else:
+            mesh = jax.make_mesh((tp,), ("tp",), devices=jax.devices()[:tp])
+            target = llama.shard_model(model, mesh, donate=i == len(tps) - 1)
+        jax.block_until_ready(target.leaves if tp > 1 else nnx.state(model))
+        place_s = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        tokens = np.asarray(llama.generate(target, prompt, new_tokens))
+        compile_s = time.perf_counter() - t0
+        times = []
+        for _ in range(iters):
+            t0 = time.perf_counter()
+            jax.block_until_ready(llama.generate(target, prompt, new_tokens))
+            times.append(time.perf_counter() - t0)
+        first = tokens if first is None else first
+        peaks = [(d.memory_stats() or {}).get("peak_bytes_in_use") for d in jax.devices()[:tp]]
+        rows.append({"tp": tp, "batch": batch, "new_tokens": new_tokens,
+                     "seconds": min(times), "tokens_per_s": batch * new_tokens / min(times),
+                     "build_s": build_s, "place_s": place_s, "compile_s": compile_s,
+                     "tokens_equal_to_tp1": float((tokens == first).mean()),
+                     "peak_bytes_per_device": peaks})
+        rows[-1]["scaling"] = rows[-1]["tokens_per_s"] / (tp * rows[0]["tokens_per_s"])
+        del target
+    return rows
+
+
+def _shardable(name: str, tp: int) -> bool:
+    try:
+        llama.shard_config(llama.get_config(name), tp)
+    except ValueError:
+        return False
+    return True
+
+
 def _stage(label: str, done: int, total: int, what: str) -> None:
     print(f"  {label}: {what}", file=sys.stderr, flush=True)
 
@@ -138,6 +188,9 @@ def main(argv: Sequence[str] | None = None) -> dict:
     p.add_argument("--quick", action="store_true", help="the tiny preset only (CPU, seconds)")
     p.add_argument("--skip-8b", action="store_true", help="skip (a), the 8B decoding")
     p.add_argument("--skip-70b", action="store_true", help="skip (b) and (c), the 70B layers")
+    p.add_argument("--skip-tp", action="store_true", help="skip (d), tensor-parallel decoding")
+    p.add_argument("--tp-tokens", type=int, default=None, metavar="N",
+                   help="tokens per sequence in (d) (default 64; --quick 4)")
     p.add_argument("--new-tokens", type=int, default=None, metavar="N",
                    help="tokens per sequence in (a) (default 128; --quick 4)")
     p.add_argument("--iters", type=int, default=3, metavar="N", help="timed runs in (a)")
@@ -146,7 +199,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
     p.add_argument("--allreduce-latency-us", type=float, default=10.0,
                    help="assumed fixed cost of one all-reduce, microseconds (default 10)")
     args = p.parse_args(argv)
-    for name in ("new_tokens", "iters"):
+    for name in ("new_tokens", "iters", "tp_tokens"):
         value = getattr(args, name)
         if value is not None and value < 1:
             p.error(f"--{name.replace('_', '-')} must be >= 1")
@@ -157,7 +210,8 @@ def main(argv: Sequence[str] | None = None) -> dict:
                         "allreduce_latency_us": args.allreduce_latency_us,
                         "allreduce": "ring, 2*(tp-1)/tp of the buffer sent per GPU; 2 per "
                                      "layer (o_proj, down_proj) of batch*d_model bf16 values"},
-        "decode": [], "decode_ratio": [], "layers": [], "tensor_parallel": []}
+        "decode": [], "decode_ratio": [], "layers": [], "tensor_parallel": [],
+        "tensor_parallel_decode": []}
 
     def emit(line: str) -> None:
         print(line, flush=True)
@@ -207,7 +261,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
         times = {}
         for tp in tps:
             print(f"  {name} layer 1/{tp}: build, compile, time", file=sys.stderr, flush=True)
-            shard = shard_config(config, tp)
+            shard = llama.shard_config(config, tp)
             r = {"config": name, "tp": tp, "n_heads": shard.n_heads,
                  "n_kv_heads": shard.n_kv_heads, "d_ff": shard.d_ff,
                  **time_layer(shard, **layer_kw)}
@@ -232,6 +286,25 @@ def main(argv: Sequence[str] | None = None) -> dict:
                  f"all-reduce, assumed): {e['scaling_with_comm']:.2f} (speedup "
                  f"{e['speedup_with_comm']:.2f}x, {e['model_ms_per_token_with_comm']:.2f} "
                  f"ms/token for {config.n_layers} layers)")
+
+    name = "tiny" if args.quick else "llama3-70b"
+    tps = [tp for tp in (1, 2, 4, 8) if tp <= len(jax.devices()) and _shardable(name, tp)]
+    if not args.skip_tp and len(tps) > 1:
+        rows = decode_tensor_parallel(llama.get_config(name), tps,
+                                      new_tokens=args.tp_tokens or (4 if args.quick else 64),
+                                      prompt_len=4 if args.quick else 16,
+                                      iters=1 if args.quick else 2)
+        for r in rows:
+            results["tensor_parallel_decode"].append(r)
+            peaks = ", ".join("-" if b is None else f"{b / 2**30:.1f}"
+                              for b in r["peak_bytes_per_device"])
+            emit(f"(d) {name} NF4 batch {r['batch']}, tp={r['tp']}: {r['tokens_per_s']:8.2f} "
+                 f"tokens/s ({1e3 * r['seconds'] / r['new_tokens']:.2f} ms/token), scaling "
+                 f"{r['scaling']:.2f}, tokens equal to tp=1: {100 * r['tokens_equal_to_tp1']:.0f}"
+                 f"%, peak GiB per GPU [{peaks}], build {r['build_s']:.0f} s, place "
+                 f"{r['place_s']:.1f} s, compile {r['compile_s']:.1f} s")
+    elif not args.skip_tp:
+        emit(f"(d) skipped: {len(jax.devices())} device (tensor parallelism needs 2 or more)")
     return results
 
 

@@ -9,6 +9,7 @@
 #   examples   examples/inference.py and examples/qlora_finetune.py
 #   bench      the kernel benchmark table (args go to bench/bench_matmul.py)
 #   decode     bench/bench_decode.py (8B decode, 70B shard timing)
+#   tp         bench/bench_decode.py (d): 70B decoding on 1 GPU and tensor-parallel on all GPUs
 #   profile    Nsight Compute on the M = 1 GEMV of 28672x8192 and 4096x4096 and the tiled
 #              kernel at M = 64 (speed of light, memory workload, warp stalls; the kernel's
 #              own duration, without launch gaps)
@@ -82,15 +83,20 @@ profile() {
 }
 
 decode() {
-  python3 bench/bench_decode.py --json "$OUT/decode.json" 2>&1 | tee "$OUT/decode.log"
+  python3 bench/bench_decode.py --skip-tp --json "$OUT/decode.json" 2>&1 | tee "$OUT/decode.log"
+}
+
+tp() {  # the 70B NF4 model (44 GB) and a shard of it on GPU 0 at once: let XLA have 92%
+  XLA_PYTHON_CLIENT_MEM_FRACTION=0.92 python3 bench/bench_decode.py --skip-8b --skip-70b \
+    --json "$OUT/decode_tp.json" 2>&1 | tee "$OUT/decode_tp.log"
 }
 
 [[ $stages == check ]] && stages=build,tests,sanitize,examples
 for stage in ${stages//,/ }; do
   case $stage in
-    build|tests|quick|sanitize|examples|decode|profile) $stage ;;
+    build|tests|quick|sanitize|examples|decode|tp|profile) $stage ;;
     bench) bench "$@" ;;
     *) echo "usage: bash bench/gpu_run.sh STAGE[,STAGE...] [bench args]" \
-            "(build tests quick sanitize examples bench decode profile check)" >&2; exit 2 ;;
+            "(build tests quick sanitize examples bench decode tp profile check)" >&2; exit 2 ;;
   esac
 done

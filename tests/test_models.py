@@ -255,11 +255,18 @@ def test_tensor_parallel_formulas():
                                      gbps=450.0, latency_us=0.0)
     assert e4["ring_bytes_sent_per_gpu_per_layer"] == 2 * 2 * 3 / 4 * 8 * buffer
     assert e4["scaling_no_comm"] == pytest.approx(1.0)
-    shard = bd.shard_config(llama.get_config("llama3-70b"), 4)
+    shard = llama.shard_config(llama.get_config("llama3-70b"), 4)
     assert (shard.n_heads, shard.n_kv_heads, shard.d_ff, shard.head_dim, shard.d_model) == (
         16, 2, 7168, 128, 8192)
+    assert (shard.tp, shard.tp_axis, shard.vocab_size) == (4, None, 128_256)
+    assert llama.shard_config(llama.get_config("llama3-70b"), 2, "tp").tp_axis == "tp"
     with pytest.raises(ValueError, match="tp=3"):
-        bd.shard_config(llama.get_config("llama3-70b"), 3)
+        llama.shard_config(llama.get_config("llama3-70b"), 3)
+    with pytest.raises(ValueError, match="tp=2.*block_size 64"):
+        llama.shard_config(llama.get_config("tiny", n_heads=2, n_kv_heads=2), 2)
+    with pytest.raises(ValueError, match="already a 1/2 shard"):
+        llama.shard_config(shard_half := llama.shard_config(TINY, 2), 2)
+    assert shard_half.tp == 2
 
 
 def test_bench_decode_quick(tmp_path, capsys):
@@ -269,6 +276,7 @@ def test_bench_decode_quick(tmp_path, capsys):
     printed = capsys.readouterr().out
     assert printed.count("(a) tiny") == 5 and printed.count("(b) tiny") == 2
     assert "(c) tp=2" in printed
+    assert "(d) skipped: 1 device" in printed and results["tensor_parallel_decode"] == []
     decode = {(r["weights"], r["batch"]): r for r in results["decode"]}
     assert set(decode) == {("nf4", 1), ("nf4", 8), ("bfloat16", 1), ("bfloat16", 8),
                            ("nf4+lm_head", 1)}

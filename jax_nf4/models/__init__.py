@@ -1,8 +1,9 @@
 """Small reference models built on :mod:`jax_nf4.flax` (needs ``flax``)."""
 
-from jax_nf4.models.llama import (CONFIGS, KVCache, Llama, LlamaConfig, benchmark_decode,
-                                  compare_decode, dequantized_copy, generate, get_config,
-                                  peak_device_bytes)
+from jax_nf4.models.llama import (CONFIGS, KVCache, Llama, LlamaConfig, ShardedLlama,
+                                  benchmark_decode, compare_decode, dequantized_copy, generate,
+                                  get_config, peak_device_bytes, shard_config, shard_model)
 
-__all__ = ["CONFIGS", "KVCache", "Llama", "LlamaConfig", "benchmark_decode", "compare_decode",
-           "dequantized_copy", "generate", "get_config", "peak_device_bytes"]
+__all__ = ["CONFIGS", "KVCache", "Llama", "LlamaConfig", "ShardedLlama", "benchmark_decode",
+           "compare_decode", "dequantized_copy", "generate", "get_config", "peak_device_bytes",
+           "shard_config", "shard_model"]

@@ -34,12 +34,15 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 from flax import nnx
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
 
 from jax_nf4.flax import NF4Linear
 from jax_nf4.ops import dequantize
 
-__all__ = ["CONFIGS", "KVCache", "Llama", "LlamaConfig", "benchmark_decode", "compare_decode",
-           "dequantized_copy", "generate", "get_config", "peak_device_bytes"]
+__all__ = ["CONFIGS", "KVCache", "Llama", "LlamaConfig", "ShardedLlama", "benchmark_decode",
+           "compare_decode", "dequantized_copy", "generate", "get_config", "peak_device_bytes",
+           "shard_config", "shard_model"]
 
 Array = jax.Array
 
@@ -56,7 +59,8 @@ class LlamaConfig:
     the resolved value is stored, so ``dataclasses.replace`` keeps it. Setting it explicitly
     describes, e.g., the shard of a layer that one GPU holds under tensor parallelism
     (``n_heads``, ``n_kv_heads`` and ``d_ff`` divided, ``d_model`` and ``head_dim`` kept).
-    ``max_len`` is the number of KV cache slots (prompt + generated tokens).
+    ``max_len`` is the number of KV cache slots (prompt + generated tokens). ``tp`` and
+    ``tp_axis`` describe one tensor-parallel shard; :func:`shard_config` sets them.
     """
 
     vocab_size: int
@@ -71,6 +75,8 @@ class LlamaConfig:
     block_size: int = 64
     nf4_lm_head: bool = False  # quantize lm_head too (bitsandbytes keeps it dense)
     head_dim: int | None = None  # None: d_model // n_heads
+    tp: int = 1  # tensor-parallel shards: lm_head holds vocab_size / tp columns (shard_config)
+    tp_axis: str | None = None  # mesh axis of the collectives of a shard (shard_config)
 
     def __post_init__(self):
         if self.n_heads % self.n_kv_heads:
@@ -84,6 +90,9 @@ class LlamaConfig:
         if self.head_dim % 2:
             raise ValueError(f"LlamaConfig: rotary embeddings need an even head_dim, got "
                              f"{self.head_dim}")
+        if self.tp < 1 or self.vocab_size % self.tp:
+            raise ValueError(f"LlamaConfig: tp must be >= 1 and divide vocab_size "
+                             f"{self.vocab_size}, got {self.tp}")
 
 
 CONFIGS: dict[str, LlamaConfig] = {
@@ -101,6 +110,40 @@ def get_config(name: str, **overrides: Any) -> LlamaConfig:
     if name not in CONFIGS:
         raise ValueError(f"unknown config {name!r}; choose one of {', '.join(CONFIGS)}")
     return dataclasses.replace(CONFIGS[name], **overrides)
+
+
+def shard_config(config: LlamaConfig, tp: int, axis: str | None = None) -> LlamaConfig:
+    """The shard of ``config`` that one of ``tp`` devices holds under tensor parallelism.
+
+    Megatron-style: q/k/v/gate/up and lm_head column-parallel (their outputs split ``tp``
+    ways), o_proj and down_proj row-parallel (their inputs split), so ``n_heads``,
+    ``n_kv_heads``, ``d_ff`` and lm_head's ``vocab_size`` columns are divided by ``tp`` while
+    ``d_model``, ``head_dim``, the embedding and the norms stay whole. With ``axis`` (a mesh
+    axis name) the shard's forward pass adds its collectives: a psum of the o_proj and
+    down_proj partial outputs (in float32) and an all-gather of the logits, so it must run
+    inside ``jax.shard_map`` over that axis (:func:`shard_model` does that). Without
+    ``axis`` it is what one device computes, without communication (for timing).
+    """
+    c = config
+    if c.tp != 1:
+        raise ValueError(f"shard_config: config is already a 1/{c.tp} shard")
+    if tp < 1 or c.n_kv_heads % tp or c.d_ff % tp or c.vocab_size % tp:
+        raise ValueError(f"shard_config: tp={tp} must divide n_kv_heads ({c.n_kv_heads}), "
+                         f"d_ff ({c.d_ff}) and vocab_size ({c.vocab_size})")
+    n_heads, n_kv_heads, d_ff = c.n_heads // tp, c.n_kv_heads // tp, c.d_ff // tp
+    for name, k in (("n_heads * head_dim / tp", n_heads * c.head_dim), ("d_ff / tp", d_ff)):
+        if k % c.block_size:
+            raise ValueError(f"shard_config: tp={tp}: the row-parallel input {name} = {k} is "
+                             f"not a multiple of block_size {c.block_size}")
+    return dataclasses.replace(c, n_heads=n_heads, n_kv_heads=n_kv_heads, d_ff=d_ff,
+                               head_dim=c.head_dim, tp=tp, tp_axis=axis)
+
+
+def _reduce_shards(x: Array, config: LlamaConfig) -> Array:
+    """The sum over the tensor-parallel shards of a row-parallel layer's partial output."""
+    if config.tp_axis is None:
+        return x
+    return jax.lax.psum(x.astype(jnp.float32), config.tp_axis).astype(x.dtype)
 
 
 # ----------------------------------------------------------------------------- layers
@@ -194,7 +237,8 @@ class Attention(nnx.Module):
         scores = jnp.where(mask, scores, jnp.finfo(jnp.float32).min)
         probs = jax.nn.softmax(scores, axis=-1).astype(q.dtype)
         out = jnp.einsum("bkgst,btkd->bskgd", probs, values.astype(q.dtype))
-        return self.o_proj(out.reshape(b, s, c.n_heads * c.head_dim)), (k, v)
+        out = self.o_proj(out.reshape(b, s, c.n_heads * c.head_dim))
+        return _reduce_shards(out, c), (k, v)
 
 
 class MLP(nnx.Module):
@@ -203,13 +247,15 @@ class MLP(nnx.Module):
     def __init__(self, config: LlamaConfig, nf4: bool, *, dtype: Any, param_dtype: Any,
                  rngs: nnx.Rngs):
         c = config
+        self.config = c
         kw = {"dtype": dtype, "param_dtype": param_dtype, "rngs": rngs}
         self.gate_proj = _linear(c, nf4, c.d_model, c.d_ff, **kw)
         self.up_proj = _linear(c, nf4, c.d_model, c.d_ff, **kw)
         self.down_proj = _linear(c, nf4, c.d_ff, c.d_model, **kw)
 
     def __call__(self, x: Array) -> Array:
-        return self.down_proj(jax.nn.silu(self.gate_proj(x)) * self.up_proj(x))
+        out = self.down_proj(jax.nn.silu(self.gate_proj(x)) * self.up_proj(x))
+        return _reduce_shards(out, self.config)
 
 
 class Block(nnx.Module):
@@ -249,8 +295,8 @@ class Llama(nnx.Module):
         self.norm = RMSNorm(config.d_model, eps=config.norm_eps, dtype=dtype,
                             param_dtype=param_dtype)
         self.lm_head = _linear(config, nf4 and config.nf4_lm_head, config.d_model,
-                               config.vocab_size, dtype=dtype, param_dtype=param_dtype,
-                               rngs=rngs)
+                               config.vocab_size // config.tp, dtype=dtype,
+                               param_dtype=param_dtype, rngs=rngs)
 
     def init_cache(self, batch: int, dtype: Any = None) -> KVCache:
         return KVCache.zeros(self.config, batch, self.dtype if dtype is None else dtype)
@@ -271,13 +317,15 @@ class Llama(nnx.Module):
                     jax.lax.dynamic_update_slice(cache.k, k[None].astype(cache.k.dtype), start),
                     jax.lax.dynamic_update_slice(cache.v, v[None].astype(cache.v.dtype), start))
         logits = self.lm_head(self.norm(x)).astype(jnp.float32)
+        if self.config.tp_axis is not None:   # each shard holds vocab_size / tp columns
+            logits = jax.lax.all_gather(logits, self.config.tp_axis, axis=-1, tiled=True)
         return logits, cache
 
 
 # ----------------------------------------------------------------------------- decoding
 
-@functools.partial(jax.jit, static_argnums=(0, 3))
-def _generate(graphdef, state, prompt: Array, new_tokens: int) -> Array:
+def _decode(graphdef, state, prompt: Array, new_tokens: int) -> Array:
+    """The greedy decoding of :func:`generate` (traced inside ``jit`` / ``shard_map``)."""
     model = nnx.merge(graphdef, state)
     batch, prompt_len = prompt.shape
     logits, cache = model(prompt, model.init_cache(batch), 0)      # prefill
@@ -294,10 +342,84 @@ def _generate(graphdef, state, prompt: Array, new_tokens: int) -> Array:
     return jnp.concatenate([first[:, None], rest.T], axis=1)
 
 
-def generate(model: Llama, prompt: Array, new_tokens: int) -> Array:
+_generate = jax.jit(_decode, static_argnums=(0, 3))
+
+
+@functools.partial(jax.jit, static_argnums=(0, 1, 2, 3, 6))
+def _generate_sharded(graphdef, treedef, mesh, specs, leaves, prompt, new_tokens):
+    def shard(leaves, prompt):
+        return _decode(graphdef, jax.tree.unflatten(treedef, leaves), prompt, new_tokens)
+
+    # Unchecked: the tokens come from all-gathered logits, the same on every shard.
+    return jax.shard_map(shard, mesh=mesh, in_specs=(list(specs), P()), out_specs=P(),
+                         check_vma=False)(list(leaves), prompt)
+
+
+class ShardedLlama(NamedTuple):
+    """A :class:`Llama` placed on a mesh for tensor parallelism (made by :func:`shard_model`).
+
+    ``leaves`` are the model's arrays (global shapes) with their ``NamedSharding``; ``graphdef``
+    and ``treedef`` describe one shard (:func:`shard_config` ``config``), whose layers run
+    inside ``jax.shard_map`` on the local blocks ``specs`` cut out.
+    """
+
+    config: LlamaConfig
+    mesh: Mesh
+    graphdef: Any
+    treedef: Any
+    specs: tuple[P, ...]
+    leaves: tuple[Array, ...]
+
+
+def shard_model(model: Llama, mesh: Mesh, axis: str = "tp", *, donate: bool = False
+                ) -> ShardedLlama:
+    """Places ``model``'s weights on ``mesh`` for tensor parallelism over mesh axis ``axis``.
+
+    Each NF4 or dense projection is split along its output (q/k/v/gate/up, lm_head) or input
+    (o_proj, down_proj) features into ``mesh.shape[axis]`` contiguous shards (whole heads,
+    whole scale blocks and packed row pairs; :func:`shard_config` checks the sizes); the
+    embedding and norms are replicated. :func:`generate` then runs one shard per device with a
+    float32 all-reduce after each row-parallel layer and an all-gather of the logits: per token
+    and layer, two all-reduces of ``batch * d_model`` values. ``donate=True`` frees each of
+    ``model``'s split arrays as soon as its shards exist (``model`` is unusable afterwards),
+    which keeps the peak memory of a model built on one device near its size. Double-quantized
+    weights are not supported (their nested scale blocks run across the rows of a shard).
+    """
+    if axis not in mesh.shape:
+        raise ValueError(f"shard_model: mesh has no axis {axis!r} (axes {tuple(mesh.shape)})")
+    tp = mesh.shape[axis]
+    config = shard_config(model.config, tp, axis)
+    param_dtype = model.norm.scale.get_value().dtype
+    local = nnx.eval_shape(lambda: Llama(config, nf4=model.nf4, dtype=model.dtype,
+                                         param_dtype=param_dtype, rngs=nnx.Rngs(0)))
+    graphdef, local_state = nnx.split(local)
+    paths_leaves, treedef = jax.tree_util.tree_flatten_with_path(nnx.state(model))
+    local_leaves, local_treedef = jax.tree.flatten(local_state)
+    if len(local_leaves) != len(paths_leaves):
+        raise ValueError("shard_model: the model's weights do not have the structure of a "
+                         f"Llama({'NF4' if model.nf4 else 'dense'}) with plain NF4 scales "
+                         "(double-quantized weights are not supported)")
+    specs = []
+    for (path, x), part in zip(paths_leaves, local_leaves):
+        split = [d for d, (g, loc) in enumerate(zip(x.shape, part.shape)) if g != loc]
+        if len(x.shape) != len(part.shape) or len(split) > 1 or (
+                split and x.shape[split[0]] != tp * part.shape[split[0]]):
+            raise ValueError(f"shard_model: {jax.tree_util.keystr(path)} has shape {x.shape}, "
+                             f"which does not split into {tp} shards of {part.shape}")
+        specs.append(P(*(axis if d in split else None for d in range(x.ndim))))
+    leaves = []
+    for (_, x), spec in zip(paths_leaves, specs):
+        leaves.append(jax.device_put(x, NamedSharding(mesh, spec), donate=donate))
+        if donate and axis in spec and not x.is_deleted():
+            x.delete()  # split into fresh shards; a replicated copy may share x's buffer
+    return ShardedLlama(config, mesh, graphdef, local_treedef, tuple(specs), tuple(leaves))
+
+
+def generate(model: Llama | ShardedLlama, prompt: Array, new_tokens: int) -> Array:
     """Greedy decoding: ``new_tokens`` token ids ``[B, new_tokens]`` (int32) following
     ``prompt [B, P]``. One jitted program (recompiled per model structure, prompt shape and
-    ``new_tokens``); needs ``P + new_tokens - 1 <= config.max_len``."""
+    ``new_tokens``); needs ``P + new_tokens - 1 <= config.max_len``. A :class:`ShardedLlama`
+    decodes tensor-parallel on its mesh (the same tokens up to rounding)."""
     prompt = jnp.asarray(prompt, jnp.int32)
     if prompt.ndim != 2 or prompt.shape[1] < 1:
         raise ValueError(f"prompt must be [batch, length >= 1] token ids, got {prompt.shape}")
@@ -307,6 +429,9 @@ def generate(model: Llama, prompt: Array, new_tokens: int) -> Array:
     if needed > model.config.max_len:
         raise ValueError(f"prompt length {prompt.shape[1]} + {new_tokens} new tokens need "
                          f"{needed} cache slots, config.max_len is {model.config.max_len}")
+    if isinstance(model, ShardedLlama):
+        return _generate_sharded(model.graphdef, model.treedef, model.mesh, model.specs,
+                                 model.leaves, prompt, int(new_tokens))
     graphdef, state = nnx.split(model)
     return _generate(graphdef, state, prompt, int(new_tokens))
 

@@ -1,0 +1,144 @@
+"""Tensor-parallel decoding of the Llama-style model (``llama.shard_model``) on 8 virtual CPU
+devices: the same tokens as one device, NF4 and dense, tp = 1, 2, 4; collectives in the HLO
+(all-reduces, no all-gather of a weight); the errors; bench/bench_decode.py's measured (d).
+
+JAX reads ``--xla_force_host_platform_device_count`` only when it first starts its backends, so
+the checks run in one subprocess that prints one JSON line per check (as tests/test_sharding.py).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("flax")
+
+import jax_nf4  # noqa: E402
+
+_REPO = Path(__file__).resolve().parents[1]
+
+_SCRIPT = r'''
+import dataclasses, importlib.util, json, re, sys
+import numpy as np
+import jax, jax.numpy as jnp
+from flax import nnx
+import jax_nf4
+from jax_nf4.models import llama
+
+assert len(jax.devices()) == 8, jax.devices()
+
+def report(name, **kw):
+    print("RESULT " + json.dumps(dict(name=name, **kw)), flush=True)
+
+def error(fn):
+    try:
+        fn()
+    except ValueError as e:
+        return str(e)
+    return None
+
+# head_dim 32 with block 32, so that tp = 4 keeps whole scale blocks in o_proj's shards
+config = llama.get_config("tiny", n_kv_heads=4, block_size=32)
+prompt = jax.random.randint(jax.random.PRNGKey(1), (2, 5), 0, config.vocab_size, jnp.int32)
+with jax.default_matmul_precision("highest"):
+    for nf4 in (True, False):
+        model = llama.Llama(config, nf4=nf4, dtype=jnp.float32, rngs=nnx.Rngs(0))
+        want = np.asarray(llama.generate(model, prompt, 8))
+        for tp in (1, 2, 4):
+            mesh = jax.make_mesh((tp,), ("tp",), devices=jax.devices()[:tp])
+            sharded = llama.shard_model(model, mesh)
+            got = np.asarray(llama.generate(sharded, prompt, 8))
+            paths = [jax.tree_util.keystr(p) for p, _ in
+                     jax.tree_util.tree_flatten_with_path(nnx.state(model))[0]]
+            q = sharded.leaves[[i for i, p in enumerate(paths) if "q_proj" in p][0]]
+            hlo = llama._generate_sharded.lower(
+                sharded.graphdef, sharded.treedef, mesh, sharded.specs, sharded.leaves, prompt,
+                8).compile().as_text()
+            report(f"tokens_{nf4}_{tp}", equal=bool((got == want).all()),
+                   specs=[list(s) for s in set(sharded.specs)],
+                   q_split=int(np.prod(q.shape) // np.prod(q.addressable_shards[0].data.shape)),
+                   all_reduce=len(re.findall(r"all-reduce(-start)?\(", hlo)),
+                   weight_gather=any(re.search(r"=\s*(u8|f32)\[\d+,\d+\][^=]*all-gather", l)
+                                     for l in hlo.splitlines()))
+
+model = llama.Llama(config, nf4=True, dtype=jnp.float32, rngs=nnx.Rngs(0))
+mesh2 = jax.make_mesh((2,), ("tp",), devices=jax.devices()[:2])
+report("errors",
+       axis=error(lambda: llama.shard_model(model, mesh2, "model")),
+       tp3=error(lambda: llama.shard_model(model, jax.make_mesh((3,), ("tp",),
+                                                                devices=jax.devices()[:3]))),
+       sharded_twice=error(lambda: llama.shard_model(
+           llama.Llama(llama.shard_config(config, 2), rngs=nnx.Rngs(0)), mesh2)))
+w = np.random.default_rng(0).standard_normal((128, 128)).astype(np.float32)
+model.layers[0].attn.q_proj.kernel.set_value(jax_nf4.quantize(w, 32, double_quant=True))
+report("errors_dq", dq=error(lambda: llama.shard_model(model, mesh2)))
+donor = llama.Llama(config, nf4=True, dtype=jnp.float32, rngs=nnx.Rngs(0))
+placed = llama.shard_model(donor, mesh2, donate=True)
+split = [x for x, s in zip(jax.tree.leaves(nnx.state(donor)), placed.specs) if "tp" in s]  # 2 layers x 7 NF4 (packed, absmax) + lm_head
+report("donate", split=len(split), deleted=all(x.is_deleted() for x in split),
+       placed_alive=not any(x.is_deleted() for x in placed.leaves))
+
+spec = importlib.util.spec_from_file_location("bench_decode", sys.argv[1])
+bd = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(bd)
+res = bd.main(["--quick", "--skip-8b", "--skip-70b", "--iters", "1"])
+report("bench", rows=res["tensor_parallel_decode"])
+print("DONE", flush=True)
+'''
+
+
+@pytest.fixture(scope="module")
+def results() -> dict:
+    env = dict(os.environ, JAX_PLATFORMS="cpu",
+               XLA_FLAGS=(os.environ.get("XLA_FLAGS", "") +
+                          " --xla_force_host_platform_device_count=8").strip(),
+               PYTHONPATH=str(Path(jax_nf4.__file__).resolve().parent.parent))
+    proc = subprocess.run([sys.executable, "-c", _SCRIPT, str(_REPO / "bench" / "bench_decode.py")],
+                          env=env, capture_output=True, text=True, timeout=600, check=False,
+                          cwd=_REPO.parent)
+    assert proc.returncode == 0 and "DONE" in proc.stdout, (
+        f"subprocess failed (rc {proc.returncode}):\n{proc.stdout[-4000:]}\n"
+        f"{proc.stderr[-8000:]}")
+    return {r["name"]: r for r in (json.loads(line[len("RESULT "):])
+                                   for line in proc.stdout.splitlines()
+                                   if line.startswith("RESULT "))}
+
+
+@pytest.mark.parametrize("tp", [1, 2, 4])
+@pytest.mark.parametrize("nf4", [True, False], ids=["nf4", "dense"])
+def test_same_tokens_as_one_device(results, nf4, tp):
+    r = results[f"tokens_{nf4}_{tp}"]
+    assert r["equal"]
+    assert r["q_split"] == tp      # q_proj's weight really is split tp ways
+    assert not r["weight_gather"]
+    if tp > 1:
+        # Row-parallel outputs are all-reduced: 2 per layer per step (prefill, scan body).
+        assert r["all_reduce"] >= 4
+        assert ["tp", None] in r["specs"] and [None, "tp"] in r["specs"]
+
+
+def test_errors(results):
+    r = results["errors"]
+    assert "no axis 'model'" in r["axis"]
+    assert "tp=3 must divide" in r["tp3"]
+    assert "already a 1/2 shard" in r["sharded_twice"]
+    assert "double-quantized weights are not supported" in results["errors_dq"]["dq"]
+
+
+def test_donate_frees_the_model(results):
+    r = results["donate"]
+    assert r["split"] == 2 * 7 * 2 + 1 and r["deleted"] and r["placed_alive"]
+
+
+def test_bench_measured_tensor_parallel(results):
+    rows = results["bench"]["rows"]
+    assert [r["tp"] for r in rows] == [1, 2]   # the tiny preset has 2 KV heads
+    assert rows[0]["scaling"] == 1.0 and all(r["tokens_per_s"] > 0 for r in rows)
+    assert rows[1]["scaling"] == pytest.approx(rows[1]["tokens_per_s"] /
+                                               (2 * rows[0]["tokens_per_s"]))
+    assert all(0.0 <= r["tokens_equal_to_tp1"] <= 1.0 for r in rows)   # bf16 may round apart
