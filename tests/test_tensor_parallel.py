@@ -93,14 +93,14 @@ print("DONE", flush=True)
 
 
 @pytest.fixture(scope="module")
-def results() -> dict:
+def results(tmp_path_factory) -> dict:
     env = dict(os.environ, JAX_PLATFORMS="cpu",
                XLA_FLAGS=(os.environ.get("XLA_FLAGS", "") +
                           " --xla_force_host_platform_device_count=8").strip(),
                PYTHONPATH=str(Path(jax_nf4.__file__).resolve().parent.parent))
     proc = subprocess.run([sys.executable, "-c", _SCRIPT, str(_REPO / "bench" / "bench_decode.py")],
                           env=env, capture_output=True, text=True, timeout=600, check=False,
-                          cwd=_REPO.parent)
+                          cwd=tmp_path_factory.mktemp("cwd"))  # no checkout on sys.path
     assert proc.returncode == 0 and "DONE" in proc.stdout, (
         f"subprocess failed (rc {proc.returncode}):\n{proc.stdout[-4000:]}\n"
         f"{proc.stderr[-8000:]}")
