@@ -11,6 +11,7 @@ import argparse
 import json
 import math
 import sys
+from pathlib import Path
 from collections.abc import Sequence
 from types import ModuleType
 
@@ -109,14 +110,18 @@ def _build_parser() -> _Parser:
     i.add_argument("--json", action="store_true", help="print the rows as JSON")
 
     g = sub.add_parser(
-        "generate", help="greedy decoding with a small Llama-style model (random weights)",
-        description="Build a Llama-style decoder (jax_nf4.models.llama) with random weights, "
-        "NF4 projections (or dense ones with --dense), and decode greedily from a random "
+        "generate", help="greedy decoding with a Llama-style model (random or checkpoint weights)",
+        description="Build a Llama-style decoder (jax_nf4.models.llama) with random weights "
+        "(or those of --checkpoint), NF4 projections (or dense ones with --dense; NF4 "
+        "checkpoint weights are then dequantized), and decode greedily from a random "
         "prompt with a static KV cache, in one jitted program. Prints the generated token ids "
         "and tokens/s (prefill included, compile excluded). --bench prints the NF4-vs-dense "
         "table of `jax-nf4 bench --model` instead. The llama3-* presets are meant for a GPU.")
     g.add_argument("--config", default="tiny", choices=_MODEL_CONFIGS,
                    help="model preset (default tiny)")
+    g.add_argument("--checkpoint", default=None, metavar="PATH",
+                   help="a Hugging Face Llama folder (dense or bitsandbytes NF4) to take the "
+                        "weights and shapes from instead of --config's random ones")
     _add_decode_options(g, new_tokens=16, prompt_len=8)
     g.add_argument("--dense", action="store_true",
                    help="dense projections (nnx.Linear in --dtype) instead of NF4")
@@ -262,17 +267,22 @@ def _decode_setup(args) -> tuple[ModuleType, dict]:
         if getattr(args, name) < 1:
             raise ValueError(f"--{name.replace('_', '-')} must be >= 1")
     kw = {"prompt_len": args.prompt_len, "dtype": jnp.dtype(args.dtype), "iters": args.iters,
-          "seed": args.seed}
+          "seed": args.seed, "checkpoint": getattr(args, "checkpoint", None)}
     return llama, kw
+
+
+def _model_name(args) -> str:
+    checkpoint = getattr(args, "checkpoint", None)
+    return args.config if checkpoint is None else Path(checkpoint).name
 
 
 def _compare_decode(args) -> int:
     """``bench --model`` and ``generate --bench``: NF4 vs dense decoding, tokens/s and memory."""
     llama, kw = _decode_setup(args)
-    config = llama.get_config(args.config)
+    name = _model_name(args)
     rows = llama.compare_decode(args.config, args.batch, args.new_tokens,
-                                progress=_ProgressBar(args.config), **kw)
-    print(f"{args.config}: {config.n_layers} layers, d_model {config.d_model}, batch "
+                                progress=_ProgressBar(name), **kw)
+    print(f"{name}: {rows[0]['n_layers']} layers, d_model {rows[0]['d_model']}, batch "
           f"{args.batch}, prompt {args.prompt_len}, {args.new_tokens} new tokens")
     print(f"{'weights':<9} {'tokens/s':>10} {'ms/token':>9} {'compile s':>9} "
           f"{'weights':>10} {'projections':>11} {'peak mem':>10}")
@@ -295,7 +305,7 @@ def _generate(args) -> int:
     r = llama.benchmark_decode(args.config, args.batch, args.new_tokens, not args.dense, **kw)
     for row in r["tokens"].tolist():
         print(" ".join(map(str, row)))
-    print(f"{args.config} ({r['weights']} weights, {_fmt_bytes(r['weight_bytes'])}): "
+    print(f"{_model_name(args)} ({r['weights']} weights, {_fmt_bytes(r['weight_bytes'])}): "
           f"{args.batch} x {args.new_tokens} tokens in {r['seconds'] * 1e3:.1f} ms, "
           f"{r['tokens_per_s']:.1f} tokens/s (compile {r['compile_s']:.1f} s)")
     return 0

@@ -295,3 +295,162 @@ def test_bench_decode_quick(tmp_path, capsys):
     assert tp2["scaling_no_comm"] == pytest.approx(
         layers[1]["seconds"] / (2 * layers[2]["seconds"]))
     assert tp2["scaling_with_comm"] < tp2["scaling_no_comm"]
+
+
+# ----------------------------------------------------------------------------- checkpoints
+
+_HF_CONFIG = {"model_type": "llama", "vocab_size": TINY.vocab_size, "hidden_size": TINY.d_model,
+              "num_hidden_layers": TINY.n_layers, "num_attention_heads": TINY.n_heads,
+              "num_key_value_heads": TINY.n_kv_heads, "intermediate_size": TINY.d_ff,
+              "max_position_embeddings": TINY.max_len, "rope_theta": TINY.rope_theta,
+              "rms_norm_eps": TINY.norm_eps, "hidden_act": "silu",
+              "tie_word_embeddings": False}
+
+
+def _hf_tensors(model: llama.Llama) -> dict[str, np.ndarray]:
+    """A dense model's weights under Hugging Face LlamaForCausalLM names ((out, in) weights)."""
+    t = {"model.embed_tokens.weight": model.embed.embedding.get_value()}
+    for i, layer in enumerate(model.layers):
+        p = f"model.layers.{i}."
+        t[p + "input_layernorm.weight"] = layer.attn_norm.scale.get_value()
+        for name in ("q_proj", "k_proj", "v_proj", "o_proj"):
+            t[p + f"self_attn.{name}.weight"] = getattr(layer.attn, name).kernel.get_value().T
+        t[p + "post_attention_layernorm.weight"] = layer.mlp_norm.scale.get_value()
+        for name in ("gate_proj", "up_proj", "down_proj"):
+            t[p + f"mlp.{name}.weight"] = getattr(layer.mlp, name).kernel.get_value().T
+    t["model.norm.weight"] = model.norm.scale.get_value()
+    t["lm_head.weight"] = model.lm_head.kernel.get_value().T
+    return {k: np.asarray(v) for k, v in t.items()}
+
+
+@pytest.fixture(scope="module")
+def hf_folders(tmp_path_factory):
+    """A dense tiny model written as a two-shard Hugging Face folder, and its NF4 conversion
+    by `jax-nf4 quantize` (embedding, norms and lm_head left dense)."""
+    from jax_nf4.convert import quantize_checkpoint
+    from jax_nf4.safetensors_io import save_file
+
+    dense = llama.Llama(TINY, nf4=False, dtype=jnp.float32, rngs=nnx.Rngs(0))
+    src = tmp_path_factory.mktemp("hf") / "dense"
+    src.mkdir()
+    tensors = _hf_tensors(dense)
+    names = list(tensors)
+    shards = {"model-00001-of-00002.safetensors": names[: len(names) // 2],
+              "model-00002-of-00002.safetensors": names[len(names) // 2:]}
+    for shard, keys in shards.items():
+        save_file({k: tensors[k] for k in keys}, src / shard)
+    (src / "model.safetensors.index.json").write_text(json.dumps(
+        {"metadata": {}, "weight_map": {k: s for s, keys in shards.items() for k in keys}}))
+    (src / "config.json").write_text(json.dumps(_HF_CONFIG))
+    dst = src.parent / "nf4"
+    quantize_checkpoint(src, dst)
+    return dense, src, dst
+
+
+def _states_equal(a: nnx.Module, b: nnx.Module) -> bool:
+    la, lb = jax.tree.leaves(nnx.state(a)), jax.tree.leaves(nnx.state(b))
+    return len(la) == len(lb) and all(
+        x.shape == y.shape and x.dtype == y.dtype and np.array_equal(np.asarray(x), np.asarray(y))
+        for x, y in zip(la, lb))
+
+
+def test_hf_config():
+    assert llama.hf_config(_HF_CONFIG) == TINY
+    assert llama.hf_config(_HF_CONFIG, max_len=16).max_len == 16
+    for key, value, match in (("model_type", "qwen2", "model_type"),
+                              ("rope_scaling", {"rope_type": "llama3"}, "rope_scaling"),
+                              ("attention_bias", True, "attention_bias"),
+                              ("hidden_act", "gelu", "hidden_act")):
+        with pytest.raises(ValueError, match=match):
+            llama.hf_config({**_HF_CONFIG, key: value})
+    with pytest.raises(ValueError, match="missing 'hidden_size'"):
+        llama.hf_config({k: v for k, v in _HF_CONFIG.items() if k != "hidden_size"})
+
+
+def test_from_checkpoint_nf4_is_the_models_own_quantization(models, hf_folders, prompt):
+    """`jax-nf4 quantize` of the dense weights loads into exactly the NF4 model that
+    quantizes the same weights itself (same codes, scales and dense tensors)."""
+    nf4_model, _ = models
+    _, _, nf4_folder = hf_folders
+    loaded = llama.from_checkpoint(nf4_folder, dtype=jnp.float32)
+    assert loaded.config == TINY and loaded.nf4
+    assert isinstance(loaded.layers[1].mlp.down_proj, NF4Linear)
+    assert _states_equal(loaded, nf4_model)
+    np.testing.assert_array_equal(np.asarray(llama.generate(loaded, prompt, 4)),
+                                  np.asarray(llama.generate(nf4_model, prompt, 4)))
+
+
+def test_from_checkpoint_dense(models, hf_folders):
+    dense, src, nf4_folder = hf_folders
+    assert _states_equal(llama.from_checkpoint(src, nf4=False, dtype=jnp.float32), dense)
+    # NF4 weights dequantized into a dense model: the NF4 model's dequantized copy
+    assert _states_equal(llama.from_checkpoint(nf4_folder, nf4=False, dtype=jnp.float32),
+                         models[1])
+    # dense projections quantized at load: the NF4 model again
+    assert _states_equal(llama.from_checkpoint(src, dtype=jnp.float32), models[0])
+
+
+def test_from_checkpoint_tied_and_nf4_lm_head(tmp_path, hf_folders):
+    from jax_nf4.convert import quantize_checkpoint
+
+    dense, src, _ = hf_folders
+    tied = tmp_path / "tied"
+    tied.mkdir()
+    tensors = _hf_tensors(dense)
+    del tensors["lm_head.weight"]
+    from jax_nf4.safetensors_io import save_file
+    save_file(tensors, tied / "model.safetensors")
+    (tied / "config.json").write_text(json.dumps({**_HF_CONFIG, "tie_word_embeddings": True}))
+    model = llama.from_checkpoint(tied, nf4=False, dtype=jnp.float32)
+    np.testing.assert_array_equal(np.asarray(model.lm_head.kernel.get_value()),
+                                  np.asarray(dense.embed.embedding.get_value()).T)
+    # lm_head quantized too (not skipped): an NF4 lm_head
+    head = tmp_path / "head"
+    quantize_checkpoint(src, head, skip=["embed", "norm"], default_skip=False)
+    model = llama.from_checkpoint(head, dtype=jnp.float32)
+    assert model.config.nf4_lm_head and isinstance(model.lm_head, NF4Linear)
+
+
+def test_from_checkpoint_errors(tmp_path, hf_folders):
+    from jax_nf4.checkpoint import CheckpointError
+    from jax_nf4.safetensors_io import save_file
+
+    dense, _, _ = hf_folders
+    tensors = _hf_tensors(dense)
+    cases = {"missing": ({k: v for k, v in tensors.items() if "layers.1.mlp.up" not in k},
+                         _HF_CONFIG, "model.layers.1.mlp.up_proj.weight.*missing key"),
+             "shape": (tensors, {**_HF_CONFIG, "intermediate_size": 512},
+                       r"gate_proj.weight.*shape \(256, 128\) does not fit config.json "
+                       r"\(expected \(512, 128\)\)"),
+             "untied": ({k: v for k, v in tensors.items() if k != "lm_head.weight"},
+                        _HF_CONFIG, "lm_head.weight.*missing key")}
+    for name, (t, config, match) in cases.items():
+        folder = tmp_path / name
+        folder.mkdir()
+        save_file(t, folder / "model.safetensors")
+        (folder / "config.json").write_text(json.dumps(config))
+        with pytest.raises(CheckpointError, match=match):
+            llama.from_checkpoint(folder, dtype=jnp.float32)
+    with pytest.raises(CheckpointError, match="config.json is needed"):  # a file, not a folder
+        llama.from_checkpoint(tmp_path / "missing" / "model.safetensors")
+
+
+def test_cli_generate_from_checkpoint(capsys, hf_folders, prompt):
+    _, _, nf4_folder = hf_folders
+    argv = ["generate", "--checkpoint", str(nf4_folder), "--dtype", "float32", "--batch", "2",
+            "--prompt-len", "3", "--new-tokens", "4", "--iters", "1"]
+    assert main(argv) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert len(lines) == 3 and all(len(line.split()) == 4 for line in lines[:2])
+    assert lines[2].startswith("nf4 (nf4 weights")
+    # the same tokens as the model loaded directly, from the CLI's prompt (seed 0)
+    model = llama.from_checkpoint(nf4_folder, dtype=jnp.float32)
+    cli_prompt = jax.random.randint(jax.random.PRNGKey(0), (2, 3), 0, TINY.vocab_size, jnp.int32)
+    want = np.asarray(llama.generate(model, cli_prompt, 4))
+    assert [list(map(int, line.split())) for line in lines[:2]] == want.tolist()
+    assert main(argv + ["--bench"]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith(f"nf4: {TINY.n_layers} layers, d_model {TINY.d_model}")
+    assert "\nnf4 " in out and "\nfloat32 " in out
+    assert main(["generate", "--checkpoint", str(nf4_folder / "nope")]) == 1
+    assert "no such file or directory" in capsys.readouterr().err

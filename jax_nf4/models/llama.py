@@ -37,12 +37,13 @@ from flax import nnx
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
+from jax_nf4._weight import NF4Weight
 from jax_nf4.flax import NF4Linear
 from jax_nf4.ops import dequantize
 
 __all__ = ["CONFIGS", "KVCache", "Llama", "LlamaConfig", "ShardedLlama", "benchmark_decode",
-           "compare_decode", "dequantized_copy", "generate", "get_config", "peak_device_bytes",
-           "shard_config", "shard_model"]
+           "compare_decode", "dequantized_copy", "from_checkpoint", "generate", "get_config",
+           "hf_config", "peak_device_bytes", "shard_config", "shard_model"]
 
 Array = jax.Array
 
@@ -322,6 +323,104 @@ class Llama(nnx.Module):
         return logits, cache
 
 
+# ----------------------------------------------------------------------------- checkpoints
+
+#: Hugging Face ``LlamaForCausalLM`` tensor names of one layer's modules, by module path here.
+_HF_LAYER_NAMES = {
+    ("attn", "q_proj"): "self_attn.q_proj", ("attn", "k_proj"): "self_attn.k_proj",
+    ("attn", "v_proj"): "self_attn.v_proj", ("attn", "o_proj"): "self_attn.o_proj",
+    ("mlp", "gate_proj"): "mlp.gate_proj", ("mlp", "up_proj"): "mlp.up_proj",
+    ("mlp", "down_proj"): "mlp.down_proj", ("attn_norm",): "input_layernorm",
+    ("mlp_norm",): "post_attention_layernorm"}
+
+
+def hf_config(hf: dict[str, Any], **overrides: Any) -> LlamaConfig:
+    """A :class:`LlamaConfig` from a Hugging Face Llama ``config.json`` (``max_len`` defaults to
+    ``max_position_embeddings``). Raises ``ValueError`` for what this model does not implement:
+    another ``model_type``, ``rope_scaling``, attention or MLP biases, an activation other
+    than SiLU."""
+    if hf.get("model_type", "llama") != "llama":
+        raise ValueError(f"config.json: model_type {hf['model_type']!r} is not supported "
+                         "(llama only)")
+    for key, ok in (("rope_scaling", None), ("attention_bias", False), ("mlp_bias", False),
+                    ("hidden_act", "silu")):
+        if hf.get(key, ok) != ok:
+            raise ValueError(f"config.json: {key} = {hf[key]!r} is not supported (only {ok!r})")
+    try:
+        kw = {"vocab_size": hf["vocab_size"], "d_model": hf["hidden_size"],
+              "n_layers": hf["num_hidden_layers"], "n_heads": hf["num_attention_heads"],
+              "d_ff": hf["intermediate_size"]}
+    except KeyError as e:
+        raise ValueError(f"config.json: missing {e.args[0]!r}") from None
+    kw.update(n_kv_heads=hf.get("num_key_value_heads") or kw["n_heads"],
+              max_len=hf.get("max_position_embeddings", 2048),
+              rope_theta=float(hf.get("rope_theta", 10_000.0)),
+              norm_eps=float(hf.get("rms_norm_eps", 1e-6)), head_dim=hf.get("head_dim"))
+    return LlamaConfig(**{**kw, **overrides})
+
+
+def from_checkpoint(path: Any, *, nf4: bool = True, dtype: Any = jnp.bfloat16,
+                    param_dtype: Any = None, max_len: int | None = None) -> Llama:
+    """A :class:`Llama` with the weights of a Hugging Face Llama checkpoint folder.
+
+    The folder holds ``config.json`` (:func:`hf_config`) and safetensors shards, dense or
+    bitsandbytes NF4 (``jax-nf4 quantize`` output, ``*-bnb-4bit`` models), read with
+    :class:`jax_nf4.checkpoint.Checkpoint` one tensor at a time (host memory bounded by the
+    largest tensor). With ``nf4=True`` NF4 weights are used as they are (plain or
+    double-quantized, any block size) and dense projections are quantized with block 64;
+    ``lm_head`` is NF4 when the checkpoint's is. With ``nf4=False`` NF4 weights are
+    dequantized to ``param_dtype`` (default ``dtype``). With ``tie_word_embeddings`` and no
+    ``lm_head.weight``, lm_head is the embedding. Raises :class:`jax_nf4.checkpoint.CheckpointError` (a ``ValueError``)
+    naming the tensor for a missing key or a shape that does not fit ``config.json``.
+    """
+    from jax_nf4 import quantize
+    from jax_nf4.checkpoint import Checkpoint, CheckpointError
+
+    ck = Checkpoint(path)
+    if ck.config is None:
+        raise CheckpointError("a model folder with config.json is needed", path=ck.path)
+    entries = {e.name: e for e in ck.entries()}
+    tied = "lm_head.weight" not in entries and ck.config.get("tie_word_embeddings", False)
+    head_key = "model.embed_tokens.weight" if tied else "lm_head.weight"
+    param_dtype = dtype if param_dtype is None else param_dtype
+    config = hf_config(ck.config, **({} if max_len is None else {"max_len": max_len}),
+                       nf4_lm_head=nf4 and head_key in entries and
+                       entries[head_key].kind != "dense")
+    model = nnx.eval_shape(lambda: Llama(config, nf4=nf4, dtype=dtype, param_dtype=param_dtype,
+                                         rngs=nnx.Rngs(0)))
+    # (checkpoint key, variable, whether the tensor is a Linear weight: HF stores (out, in))
+    targets = [("model.embed_tokens.weight", model.embed.embedding, False),
+               ("model.norm.weight", model.norm.scale, False),
+               (head_key, model.lm_head.kernel, True)]
+    for i, layer in enumerate(model.layers):
+        for where, name in _HF_LAYER_NAMES.items():
+            module = functools.reduce(getattr, where, layer)
+            var = module.scale if len(where) == 1 else module.kernel
+            targets.append((f"model.layers.{i}.{name}.weight", var, len(where) == 2))
+    for key, var, linear in targets:
+        if key not in entries:
+            raise CheckpointError("missing key", path=ck.source_of(key), key=key)
+        want = var.get_value()
+        nf4_target = isinstance(want, NF4Weight)
+        expected = want.shape[::-1] if linear and not nf4_target else want.shape
+        value = ck.load_entry(entries[key])
+        if tuple(value.shape) != tuple(expected):
+            raise CheckpointError(f"shape {tuple(value.shape)} does not fit config.json "
+                                  f"(expected {tuple(expected)})", path=ck.source_of(key),
+                                  key=key)
+        if isinstance(value, NF4Weight):
+            value = jax.tree.map(jnp.asarray, value)
+            if not nf4_target:
+                value = dequantize(value, param_dtype)
+        elif nf4_target:
+            value = quantize(jnp.asarray(value, param_dtype), block_size=config.block_size)
+        if not isinstance(value, NF4Weight):
+            value = jnp.asarray(value, param_dtype)
+            value = value.T if linear else value    # nnx.Linear kernels are (in, out)
+        var.set_value(value)
+    return model
+
+
 # ----------------------------------------------------------------------------- decoding
 
 def _decode(graphdef, state, prompt: Array, new_tokens: int) -> Array:
@@ -473,7 +572,7 @@ Progress = Callable[[int, int, str], None]
 def benchmark_decode(config_name: str, batch: int = 1, new_tokens: int = 64, nf4: bool = True,
                      *, prompt_len: int = 16, dtype: Any = jnp.bfloat16, iters: int = 3,
                      seed: int = 0, config: LlamaConfig | None = None,
-                     progress: Progress | None = None) -> dict:
+                     checkpoint: Any = None, progress: Progress | None = None) -> dict:
     """Times greedy decoding of one preset with NF4 (``nf4=True``) or dense ``dtype`` weights.
 
     The cache gets ``max_len = prompt_len + new_tokens``. Building the model is timed as
@@ -486,20 +585,27 @@ def benchmark_decode(config_name: str, batch: int = 1, new_tokens: int = 64, nf4
     given, is called as ``progress(done, total, "WEIGHTS STAGE")`` when each stage (build,
     compile, each timed run) starts and once at the end (``done == total``). ``weights`` in the
     result names the weights: ``"nf4"``, ``"nf4+lm_head"`` (``config.nf4_lm_head``) or the
-    dense dtype.
+    dense dtype. With ``checkpoint`` (a Hugging Face Llama folder) the weights come from
+    :func:`from_checkpoint` (loading timed as ``build_s``) instead of ``config_name``'s preset.
     """
     total = 2 + max(1, iters)
-    base = config if config is not None else get_config(config_name)
-    weights = ("nf4+lm_head" if base.nf4_lm_head else "nf4") if nf4 else jnp.dtype(dtype).name
+    max_len = prompt_len + new_tokens
+    t0 = time.perf_counter()
+    if checkpoint is not None:
+        model = from_checkpoint(checkpoint, nf4=nf4, dtype=dtype, max_len=max_len)
+        cfg = model.config
+    else:
+        base = config if config is not None else get_config(config_name)
+        cfg = dataclasses.replace(base, max_len=max_len)
+    weights = ("nf4+lm_head" if cfg.nf4_lm_head else "nf4") if nf4 else jnp.dtype(dtype).name
 
     def report(done: int, stage: str) -> None:
         if progress is not None:
             progress(done, total, f"{weights} {stage}")
 
-    cfg = dataclasses.replace(base, max_len=prompt_len + new_tokens)
-    report(0, "build")
-    t0 = time.perf_counter()
-    model = Llama(cfg, nf4=nf4, dtype=dtype, rngs=nnx.Rngs(seed))
+    report(0, "build" if checkpoint is None else "load")
+    if checkpoint is None:
+        model = Llama(cfg, nf4=nf4, dtype=dtype, rngs=nnx.Rngs(seed))
     jax.block_until_ready(nnx.state(model))
     build_s = time.perf_counter() - t0
     linear_types = (NF4Linear, nnx.Linear)
@@ -519,7 +625,9 @@ def benchmark_decode(config_name: str, batch: int = 1, new_tokens: int = 64, nf4
         times.append(time.perf_counter() - t0)
     report(total, "done")
     seconds = min(times)
-    return {"config": config_name, "weights": weights,
+    return {"config": config_name if checkpoint is None else str(checkpoint),
+            "weights": weights, "n_layers": cfg.n_layers,
+            "d_model": cfg.d_model,
             "batch": batch, "prompt_len": prompt_len, "new_tokens": new_tokens,
             "seconds": seconds, "tokens_per_s": batch * new_tokens / seconds,
             "build_s": build_s, "compile_s": compile_s, "weight_bytes": _weight_bytes(model),
