@@ -2,7 +2,8 @@
 
 (a) llama3-8b greedy decoding at batch 1 and 8 with NF4 and with bf16 weights (same shapes,
     same prompt): tokens/s (prefill of 16 tokens included, compile excluded), the ratio,
-    weight bytes and the device's peak memory. The runs go from the smallest memory use to
+    weight bytes and the device's peak memory; on a GPU also the device time per token of
+    one traced run by kernel class (jax_nf4's kernels, GEMMs, the rest) and the idle time. The runs go from the smallest memory use to
     the largest (NF4 b1, NF4 b8, bf16 b1, bf16 b8) because the peak is process-wide; a last
     run quantizes lm_head too ("nf4+lm_head", batch 1; bitsandbytes keeps it dense).
 (b) llama3-70b shapes: the decode time of one decoder layer (batch 1, one token, a KV cache of
@@ -233,6 +234,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
                                  (False, 8, False), (True, 1, True)):
             config = dataclasses.replace(base, nf4_lm_head=head)
             r = llama.benchmark_decode(name, batch, new_tokens, nf4, **kw, config=config,
+                                       profile=True,
                                        progress=functools.partial(_stage, f"{name} b{batch}"))
             r = {k: v for k, v in r.items() if k != "tokens"}
             rows[r["weights"], batch] = r
@@ -242,6 +244,11 @@ def main(argv: Sequence[str] | None = None) -> dict:
                  f"({1e3 * r['seconds'] / new_tokens:.2f} ms/step), weights "
                  f"{r['weight_bytes'] / 2**30:.2f} GiB, peak {peak}, build {r['build_s']:.1f} "
                  f"s, compile {r['compile_s']:.1f} s")
+            if r["device_ms_per_token"] is not None:
+                d, wall = r["device_ms_per_token"], 1e3 * r["seconds"] / new_tokens
+                emit(f"    per token (one traced run): {d['nf4']:.2f} ms jax_nf4 kernels, "
+                     f"{d['gemm']:.2f} ms GEMMs, {d['other']:.2f} ms other kernels; device "
+                     f"busy {d['busy']:.2f} ms of {wall:.2f} ms (idle {wall - d['busy']:.2f})")
         for weights, batch in (("nf4", 1), ("nf4", 8), ("nf4+lm_head", 1)):
             nf4, dense = rows[weights, batch], rows["bfloat16", batch]
             ratio = {"batch": batch, "nf4_weights": weights,

@@ -24,6 +24,7 @@ import gzip
 import json
 import math
 import os
+import re
 import tempfile
 import time
 from typing import Callable, Sequence
@@ -89,31 +90,58 @@ def _dequant_dot(x, q: NF4Weight):
     return _dense_matmul(x, dequantize(q, x.dtype))
 
 
-def device_busy_us(trace: dict) -> float | None:
-    """Microseconds the device streams were busy in a ``jax.profiler`` perfetto trace: the
-    union of the event intervals on the threads named ``Stream #...`` of the ``/device:...``
-    processes (kernels and copies; the gaps between them do not count). None when the trace
-    has no device streams (a CPU run)."""
+def _device_spans(trace: dict) -> list[tuple[float, float, str]]:
+    """``(start, end, name)`` in microseconds of the events on the threads named
+    ``Stream #...`` of the ``/device:...`` processes of a ``jax.profiler`` perfetto trace."""
     events = trace.get("traceEvents", [])
     devices = {e["pid"] for e in events if e.get("ph") == "M" and e.get("name") == "process_name"
                and str(e.get("args", {}).get("name", "")).startswith("/device:")}
     streams = {(e["pid"], e["tid"]) for e in events
                if e.get("ph") == "M" and e.get("name") == "thread_name" and e.get("pid") in devices
                and str(e.get("args", {}).get("name", "")).startswith("Stream #")}
-    spans = sorted((e["ts"], e["ts"] + e["dur"]) for e in events
-                   if e.get("ph") == "X" and (e.get("pid"), e.get("tid")) in streams)
+    return sorted((e["ts"], e["ts"] + e["dur"], str(e.get("name", ""))) for e in events
+                  if e.get("ph") == "X" and (e.get("pid"), e.get("tid")) in streams)
+
+
+def device_busy_us(trace: dict) -> float | None:
+    """Microseconds the device streams were busy in a ``jax.profiler`` perfetto trace: the
+    union of the event intervals on the threads named ``Stream #...`` of the ``/device:...``
+    processes (kernels and copies; the gaps between them do not count). None when the trace
+    has no device streams (a CPU run)."""
+    spans = _device_spans(trace)
     if not spans:
         return None
-    busy, start, end = 0.0, *spans[0]
-    for s0, s1 in spans[1:]:
+    busy, (start, end, _) = 0.0, spans[0]
+    for s0, s1, _ in spans[1:]:
         if s0 > end:
             busy, start = busy + end - start, s0
         end = max(end, s1)
     return busy + end - start
 
 
-def _traced_busy_us(fn: Callable, *args) -> float | None:
-    """GPU busy microseconds of one call of ``fn(*args)`` (see :func:`device_busy_us`)."""
+#: Kernel classes of :func:`device_us_by_kind` (first match of the name, case-insensitive).
+KERNEL_KINDS = {"nf4": re.compile(r"jax_nf4|gemv|gemmtile|ksplits", re.I),
+                "gemm": re.compile(r"gemm|nvjet|cutlass|xmma|cublas", re.I)}
+
+
+def device_us_by_kind(trace: dict) -> dict[str, float] | None:
+    """Device microseconds of a trace by kernel class: ``nf4`` (jax_nf4's kernels), ``gemm``
+    (cuBLAS / CUTLASS matrix products), ``other`` (XLA's fusions, copies, collectives) summed
+    over their events, and ``busy`` (:func:`device_busy_us`). None without device streams."""
+    spans = _device_spans(trace)
+    if not spans:
+        return None
+    out = dict.fromkeys([*KERNEL_KINDS, "other"], 0.0)
+    for s0, s1, name in spans:
+        kind = next((k for k, pattern in KERNEL_KINDS.items() if pattern.search(name)), "other")
+        out[kind] += s1 - s0
+    out["busy"] = device_busy_us(trace)
+    return out
+
+
+def trace_call(fn: Callable, *args) -> dict | None:
+    """The ``jax.profiler`` perfetto trace (parsed JSON) of one call ``fn(*args)``, or None
+    when the profiler wrote none."""
     with tempfile.TemporaryDirectory() as d:
         with jax.profiler.trace(d, create_perfetto_trace=True):
             jax.block_until_ready(fn(*args))
@@ -121,7 +149,13 @@ def _traced_busy_us(fn: Callable, *args) -> float | None:
         if not paths:
             return None
         with gzip.open(paths[0]) as f:
-            return device_busy_us(json.load(f))
+            return json.load(f)
+
+
+def _traced_busy_us(fn: Callable, *args) -> float | None:
+    """GPU busy microseconds of one call of ``fn(*args)`` (see :func:`device_busy_us`)."""
+    trace = trace_call(fn, *args)
+    return None if trace is None else device_busy_us(trace)
 
 
 def _time_chain(op: Callable, weights: Sequence, x, iters: int, reps: int,

@@ -66,6 +66,25 @@ def test_device_busy_time_is_the_union_of_stream_events():
     # [10, 17) and [30, 32.5): the module span and host events do not count, nor the gap
     assert benchmark.device_busy_us({"traceEvents": events}) == 9.5
     assert benchmark.device_busy_us({"traceEvents": events[:2] + events[-1:]}) is None
+    # by kernel class: the two GemvKernel events, the copy; sums of durations, and the union
+    assert benchmark.device_us_by_kind({"traceEvents": events}) == {
+        "nf4": 7.5, "gemm": 0.0, "other": 5.0, "busy": 9.5}
+    assert benchmark.device_us_by_kind({"traceEvents": events[:2]}) is None
+
+
+def test_kernel_kinds():
+    def kind(name):
+        trace = {"traceEvents": [_meta(2, "/device:GPU:0"), _meta(2, "Stream #1", tid=1),
+                                 {"ph": "X", "pid": 2, "tid": 1, "ts": 0.0, "dur": 1.0,
+                                  "name": name}]}
+        return next(k for k, v in benchmark.device_us_by_kind(trace).items() if v)
+
+    assert kind("void jax_nf4::(anonymous namespace)::GemvBytePairKernel<__nv_bfloat16, 2, "
+                "4, jax_nf4::PlainScales>(jax_nf4::GemvArgs<jax_nf4::PlainScales>)") == "nf4"
+    assert kind("void jax_nf4::(anonymous namespace)::SumKSplitsKernel<float>()") == "nf4"
+    assert kind("nvjet_tst_128x64_64x8_1x2_h_bz_coopA_NTN") == "gemm"
+    assert kind("sm90_xmma_gemm_bf16bf16_bf16f32_f32_tn_n_tilesize128x128x64") == "gemm"
+    assert kind("loop_multiply_fusion_3") == "other"
 
 
 def test_kernel_times_on_cpu_are_absent():

@@ -572,7 +572,8 @@ Progress = Callable[[int, int, str], None]
 def benchmark_decode(config_name: str, batch: int = 1, new_tokens: int = 64, nf4: bool = True,
                      *, prompt_len: int = 16, dtype: Any = jnp.bfloat16, iters: int = 3,
                      seed: int = 0, config: LlamaConfig | None = None,
-                     checkpoint: Any = None, progress: Progress | None = None) -> dict:
+                     checkpoint: Any = None, profile: bool = False,
+                     progress: Progress | None = None) -> dict:
     """Times greedy decoding of one preset with NF4 (``nf4=True``) or dense ``dtype`` weights.
 
     The cache gets ``max_len = prompt_len + new_tokens``. Building the model is timed as
@@ -587,6 +588,9 @@ def benchmark_decode(config_name: str, batch: int = 1, new_tokens: int = 64, nf4
     result names the weights: ``"nf4"``, ``"nf4+lm_head"`` (``config.nf4_lm_head``) or the
     dense dtype. With ``checkpoint`` (a Hugging Face Llama folder) the weights come from
     :func:`from_checkpoint` (loading timed as ``build_s``) instead of ``config_name``'s preset.
+    With ``profile``, one more run is traced with ``jax.profiler`` and ``device_ms_per_token``
+    holds its device time per generated token by kernel class (``nf4``, ``gemm``, ``other``,
+    ``busy``; :func:`jax_nf4.benchmark.device_us_by_kind`), None on a CPU.
     """
     total = 2 + max(1, iters)
     max_len = prompt_len + new_tokens
@@ -623,6 +627,14 @@ def benchmark_decode(config_name: str, batch: int = 1, new_tokens: int = 64, nf4
         t0 = time.perf_counter()
         jax.block_until_ready(generate(model, prompt, new_tokens))
         times.append(time.perf_counter() - t0)
+    device_ms = None
+    if profile:
+        from jax_nf4.benchmark import device_us_by_kind, trace_call
+
+        trace = trace_call(generate, model, prompt, new_tokens)
+        kinds = None if trace is None else device_us_by_kind(trace)
+        device_ms = None if kinds is None else {k: v / 1e3 / new_tokens
+                                                for k, v in kinds.items()}
     report(total, "done")
     seconds = min(times)
     return {"config": config_name if checkpoint is None else str(checkpoint),
@@ -631,7 +643,8 @@ def benchmark_decode(config_name: str, batch: int = 1, new_tokens: int = 64, nf4
             "batch": batch, "prompt_len": prompt_len, "new_tokens": new_tokens,
             "seconds": seconds, "tokens_per_s": batch * new_tokens / seconds,
             "build_s": build_s, "compile_s": compile_s, "weight_bytes": _weight_bytes(model),
-            "linear_bytes": linear_bytes, "peak_bytes": peak_device_bytes(), "tokens": tokens}
+            "linear_bytes": linear_bytes, "peak_bytes": peak_device_bytes(),
+            "device_ms_per_token": device_ms, "tokens": tokens}
 
 
 def compare_decode(config_name: str, batch: int = 1, new_tokens: int = 64, **kwargs: Any
