@@ -89,6 +89,13 @@ decode() {
 tp() {  # the 70B NF4 model (44 GB) and a shard of it on GPU 0 at once: let XLA have 92%
   XLA_PYTHON_CLIENT_MEM_FRACTION=0.92 python3 bench/bench_decode.py --skip-8b --skip-70b \
     --json "$OUT/decode_tp.json" 2>&1 | tee "$OUT/decode_tp.log"
+  # Then with XLA's one-shot all-reduce kernel (peer access, no NVLink multicast) for the two
+  # small all-reduces per layer, whose latency is most of the tp = 2 loss.
+  echo "with --xla_gpu_unsupported_use_all_reduce_one_shot_kernel=true:"
+  XLA_PYTHON_CLIENT_MEM_FRACTION=0.92 \
+    XLA_FLAGS="${XLA_FLAGS:-} --xla_gpu_unsupported_use_all_reduce_one_shot_kernel=true" \
+    python3 bench/bench_decode.py --skip-8b --skip-70b --json "$OUT/decode_tp_one_shot.json" \
+    2>&1 | tee "$OUT/decode_tp_one_shot.log"
 }
 
 [[ $stages == check ]] && stages=build,tests,sanitize,examples
