@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import json
 import os
+import subprocess
 import sys
 import zlib
 from pathlib import Path
@@ -60,3 +62,30 @@ def device(platform: str) -> jax.Device:
 def rng(request) -> np.random.Generator:
     """A generator seeded from the test id, so every parametrization draws its own data."""
     return np.random.default_rng(zlib.crc32(request.node.nodeid.encode()))
+
+
+@pytest.fixture(scope="module")
+def run_on_8_cpu_devices(tmp_path_factory):
+    """``run(script, *args)``: runs ``python -c script args`` on 8 virtual CPU devices and
+    returns ``{name: result}`` of the JSON lines ``RESULT {"name": ...}`` it prints; the script
+    must print ``DONE`` last. (JAX reads ``--xla_force_host_platform_device_count`` only when
+    its backends start, which other test modules do first, hence a subprocess; it runs in an
+    empty folder so that no checkout shadows the installed package.)"""
+    import jax_nf4
+
+    def run(script: str, *args: str, timeout: int = 600) -> dict:
+        env = dict(os.environ, JAX_PLATFORMS="cpu",
+                   XLA_FLAGS=(os.environ.get("XLA_FLAGS", "") +
+                              " --xla_force_host_platform_device_count=8").strip(),
+                   PYTHONPATH=str(Path(jax_nf4.__file__).resolve().parent.parent))
+        proc = subprocess.run([sys.executable, "-c", script, *args], env=env,
+                              capture_output=True, text=True, timeout=timeout, check=False,
+                              cwd=tmp_path_factory.mktemp("cwd"))
+        assert proc.returncode == 0 and "DONE" in proc.stdout, (
+            f"subprocess failed (rc {proc.returncode}):\n{proc.stdout[-4000:]}\n"
+            f"{proc.stderr[-8000:]}")
+        return {r["name"]: r for r in (json.loads(line[len("RESULT "):])
+                                       for line in proc.stdout.splitlines()
+                                       if line.startswith("RESULT "))}
+
+    return run

@@ -1,17 +1,12 @@
 """jax_nf4.sharding on 8 virtual CPU devices.
 
-JAX reads ``--xla_force_host_platform_device_count`` only when it first starts its backends, and
-other test modules start them first, so the checks run in one subprocess (``_SCRIPT``), which
-prints one JSON line per check; the tests below assert on those results.
+The checks run in one subprocess on 8 virtual CPU devices (``_SCRIPT``, through the
+``run_on_8_cpu_devices`` fixture), which prints one JSON line per check; the tests below assert
+on those results.
 """
 
 from __future__ import annotations
 
-import json
-import os
-import subprocess
-import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -169,23 +164,8 @@ print("DONE", flush=True)
 
 
 @pytest.fixture(scope="module")
-def results(tmp_path_factory) -> dict:
-    env = dict(os.environ, JAX_PLATFORMS="cpu",
-               XLA_FLAGS=(os.environ.get("XLA_FLAGS", "") +
-                          " --xla_force_host_platform_device_count=8").strip(),
-               PYTHONPATH=str(Path(jax_nf4.__file__).resolve().parent.parent))
-    proc = subprocess.run([sys.executable, "-c", _SCRIPT], env=env, capture_output=True,
-                          text=True, timeout=300, check=False,
-                          cwd=tmp_path_factory.mktemp("cwd"))  # no checkout on sys.path
-    assert proc.returncode == 0 and "DONE" in proc.stdout, (
-        f"sharding subprocess failed (rc {proc.returncode}):\n{proc.stdout[-4000:]}\n"
-        f"{proc.stderr[-8000:]}")
-    out = {}
-    for line in proc.stdout.splitlines():
-        if line.startswith("RESULT "):
-            r = json.loads(line[len("RESULT "):])
-            out[r["name"]] = r
-    return out
+def results(run_on_8_cpu_devices) -> dict:
+    return run_on_8_cpu_devices(_SCRIPT, timeout=300)
 
 
 @pytest.mark.parametrize("name", ["col", "col_auto", "col_lead", "col_linear"])

@@ -2,23 +2,17 @@
 devices: the same tokens as one device, NF4 and dense, tp = 1, 2, 4; collectives in the HLO
 (all-reduces, no all-gather of a weight); the errors; bench/bench_decode.py's measured (d).
 
-JAX reads ``--xla_force_host_platform_device_count`` only when it first starts its backends, so
-the checks run in one subprocess that prints one JSON line per check (as tests/test_sharding.py).
+The checks run in one subprocess (the ``run_on_8_cpu_devices`` fixture) that prints one JSON line
+per check.
 """
 
 from __future__ import annotations
 
-import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
 pytest.importorskip("flax")
-
-import jax_nf4  # noqa: E402
 
 _REPO = Path(__file__).resolve().parents[1]
 
@@ -93,20 +87,8 @@ print("DONE", flush=True)
 
 
 @pytest.fixture(scope="module")
-def results(tmp_path_factory) -> dict:
-    env = dict(os.environ, JAX_PLATFORMS="cpu",
-               XLA_FLAGS=(os.environ.get("XLA_FLAGS", "") +
-                          " --xla_force_host_platform_device_count=8").strip(),
-               PYTHONPATH=str(Path(jax_nf4.__file__).resolve().parent.parent))
-    proc = subprocess.run([sys.executable, "-c", _SCRIPT, str(_REPO / "bench" / "bench_decode.py")],
-                          env=env, capture_output=True, text=True, timeout=600, check=False,
-                          cwd=tmp_path_factory.mktemp("cwd"))  # no checkout on sys.path
-    assert proc.returncode == 0 and "DONE" in proc.stdout, (
-        f"subprocess failed (rc {proc.returncode}):\n{proc.stdout[-4000:]}\n"
-        f"{proc.stderr[-8000:]}")
-    return {r["name"]: r for r in (json.loads(line[len("RESULT "):])
-                                   for line in proc.stdout.splitlines()
-                                   if line.startswith("RESULT "))}
+def results(run_on_8_cpu_devices) -> dict:
+    return run_on_8_cpu_devices(_SCRIPT, str(_REPO / "bench" / "bench_decode.py"))
 
 
 @pytest.mark.parametrize("tp", [1, 2, 4])
