@@ -66,17 +66,17 @@ BF16 = jnp.bfloat16
 @functools.partial(jax.jit, static_argnums=(0, 5))
 def _chained_decode(graphdef, state, x, k, v, steps: int):
     """``steps`` decode steps of one token through every block of ``state`` in turn, each
-    writing its keys / values into its cache slot ``pos`` (the last ``steps`` slots)."""
+    writing its keys / values into slot ``pos`` (the last ``steps`` slots) of its cache
+    (``k``, ``v``: one ``[B, slots, kv, D]`` array per block)."""
     blocks = nnx.merge(graphdef, state)
-    slots = k.shape[2]
+    slots = k[0].shape[1]
 
     def step(carry, pos):
         x, k, v = carry
+        k, v = list(k), list(v)
         for i, block in enumerate(blocks):
-            x, (nk, nv) = block(x, pos[None], (k[i], v[i]))
-            k = jax.lax.dynamic_update_slice(k, nk[None].astype(k.dtype), (i, 0, pos, 0, 0))
-            v = jax.lax.dynamic_update_slice(v, nv[None].astype(v.dtype), (i, 0, pos, 0, 0))
-        return (x, k, v), None
+            x, (k[i], v[i]) = block(x, pos[None], (k[i], v[i]))
+        return (x, tuple(k), tuple(v)), None
 
     (x, _, _), _ = jax.lax.scan(step, (x, k, v), jnp.arange(slots - steps, slots))
     return x
@@ -92,7 +92,8 @@ def time_layer(config: llama.LlamaConfig, *, batch: int = 1, cache_len: int = 51
     blocks += [llama.Block(config, True, dtype=BF16, param_dtype=BF16,
                            rngs=nnx.Rngs(seed + i)) for i in range(1, copies)]
     graphdef, state = nnx.split(nnx.List(blocks))
-    cache = jnp.zeros((copies, batch, cache_len, config.n_kv_heads, config.head_dim), BF16)
+    cache = tuple(jnp.zeros((batch, cache_len, config.n_kv_heads, config.head_dim), BF16)
+                  for _ in range(copies))
     x = jax.random.normal(jax.random.PRNGKey(seed), (batch, 1, config.d_model), BF16)
     jax.block_until_ready(_chained_decode(graphdef, state, x, cache, cache, steps))  # compile
     times = []

@@ -100,19 +100,19 @@ def test_nf4_logits_match_dequantized_dense(models, prompt):
 def test_cache_shapes_and_prefill(models, prompt):
     model, _ = models
     cache = model.init_cache(2)
-    shape = (TINY.n_layers, 2, TINY.max_len, TINY.n_kv_heads, TINY.head_dim)
-    assert cache.k.shape == cache.v.shape == shape
-    assert cache.k.dtype == jnp.float32
-    assert model.init_cache(3, jnp.bfloat16).k.shape == (TINY.n_layers, 3) + shape[2:]
+    shape = (2, TINY.max_len, TINY.n_kv_heads, TINY.head_dim)   # one per layer
+    assert len(cache.k) == len(cache.v) == TINY.n_layers
+    assert {a.shape for a in cache.k + cache.v} == {shape}
+    assert {a.dtype for a in cache.k + cache.v} == {jnp.dtype(jnp.float32)}
+    assert model.init_cache(3, jnp.bfloat16).k[0].shape == (3,) + shape[1:]
     with jax.default_matmul_precision("highest"):
         logits, filled = forward(model, prompt, cache, 0)
         full, none = forward(model, prompt)
     assert none is None
-    assert filled.k.shape == filled.v.shape == shape
-    k = np.asarray(filled.k)
+    assert {a.shape for a in filled.k + filled.v} == {shape}
+    k, v = np.stack(filled.k), np.stack(filled.v)
     assert (np.abs(k[:, :, :PROMPT_LEN]).sum(axis=(-1, -2)) > 0).all()
-    assert not np.asarray(filled.k[:, :, PROMPT_LEN:]).any()
-    assert not np.asarray(filled.v[:, :, PROMPT_LEN:]).any()
+    assert not k[:, :, PROMPT_LEN:].any() and not v[:, :, PROMPT_LEN:].any()
     np.testing.assert_allclose(logits, full, rtol=1e-5, atol=1e-5)
     # one more token through the cache = the last row of a full pass over prompt + token
     nxt = jnp.argmax(logits[:, -1], -1).astype(jnp.int32)[:, None]
@@ -120,7 +120,7 @@ def test_cache_shapes_and_prefill(models, prompt):
         step, after = forward(model, nxt, filled, PROMPT_LEN)
         ref, _ = forward(model, jnp.concatenate([prompt, nxt], 1))
     assert step.shape == (2, 1, TINY.vocab_size)
-    assert (np.abs(np.asarray(after.k[:, :, PROMPT_LEN])).sum(axis=(-1, -2)) > 0).all()
+    assert (np.abs(np.stack(after.k)[:, :, PROMPT_LEN]).sum(axis=(-1, -2)) > 0).all()
     np.testing.assert_allclose(step[:, 0], ref[:, -1], rtol=1e-4, atol=1e-4)
 
 

@@ -186,16 +186,19 @@ def rope(x: Array, positions: Array, theta: float) -> Array:
 
 
 class KVCache(NamedTuple):
-    """Static KV cache: ``k`` and ``v`` are ``[n_layers, batch, max_len, n_kv_heads, head_dim]``;
-    slot ``t`` holds the keys / values of position ``t``."""
+    """Static KV cache: ``k`` and ``v`` hold one ``[batch, max_len, n_kv_heads, head_dim]``
+    array per layer; slot ``t`` holds the keys / values of position ``t``. (Separate buffers,
+    not one stacked array: a decode step then writes each layer's new slot in place and the
+    attention reads the same buffer, with no copy of the layer's cache.)"""
 
-    k: Array
-    v: Array
+    k: tuple[Array, ...]
+    v: tuple[Array, ...]
 
     @classmethod
     def zeros(cls, config: LlamaConfig, batch: int, dtype: Any) -> KVCache:
-        shape = (config.n_layers, batch, config.max_len, config.n_kv_heads, config.head_dim)
-        return cls(jnp.zeros(shape, dtype), jnp.zeros(shape, dtype))
+        shape = (batch, config.max_len, config.n_kv_heads, config.head_dim)
+        return cls(*(tuple(jnp.zeros(shape, dtype) for _ in range(config.n_layers))
+                     for _ in "kv"))
 
 
 class Attention(nnx.Module):
@@ -216,7 +219,8 @@ class Attention(nnx.Module):
         """``x [B, S, d_model]`` at ``positions [S]`` (consecutive). Without a cache, attends
         causally within ``x``; with this layer's cache ``(k, v)`` ``[B, max_len, kv, D]``, puts
         the new keys / values at ``positions`` and attends to every slot ``<=`` the query's.
-        Returns the output and the new (rotated) keys and values ``[B, S, kv, D]``."""
+        Returns the output and the keys and values attended to: the updated cache, or
+        without one the (rotated) keys and values of ``x`` ``[B, S, kv, D]``."""
         c = self.config
         b, s, _ = x.shape
         q = rope(self.q_proj(x).reshape(b, s, c.n_heads, c.head_dim), positions, c.rope_theta)
@@ -239,7 +243,7 @@ class Attention(nnx.Module):
         probs = jax.nn.softmax(scores, axis=-1).astype(q.dtype)
         out = jnp.einsum("bkgst,btkd->bskgd", probs, values.astype(q.dtype))
         out = self.o_proj(out.reshape(b, s, c.n_heads * c.head_dim))
-        return _reduce_shards(out, c), (k, v)
+        return _reduce_shards(out, c), (keys, values)
 
 
 class MLP(nnx.Module):
@@ -309,14 +313,13 @@ class Llama(nnx.Module):
         pass over ``tokens`` (``pos`` still shifts the rotary positions)."""
         positions = pos + jnp.arange(tokens.shape[1], dtype=jnp.int32)
         x = self.embed(tokens)
+        ks, vs = [], []
         for i, layer in enumerate(self.layers):
             x, (k, v) = layer(x, positions,
                               None if cache is None else (cache.k[i], cache.v[i]))
-            if cache is not None:  # write only the new slots (in place under jit)
-                start = (i, 0, positions[0], 0, 0)
-                cache = KVCache(
-                    jax.lax.dynamic_update_slice(cache.k, k[None].astype(cache.k.dtype), start),
-                    jax.lax.dynamic_update_slice(cache.v, v[None].astype(cache.v.dtype), start))
+            ks.append(k)
+            vs.append(v)
+        cache = None if cache is None else KVCache(tuple(ks), tuple(vs))
         logits = self.lm_head(self.norm(x)).astype(jnp.float32)
         if self.config.tp_axis is not None:   # each shard holds vocab_size / tp columns
             logits = jax.lax.all_gather(logits, self.config.tp_axis, axis=-1, tiled=True)
