@@ -71,15 +71,18 @@ def test_presets():
 
 def test_linear_layers_follow_the_flag(models):
     model, dense = models
-    per_model = 7 * TINY.n_layers  # q k v o gate up down
+    per_model = 5 * TINY.n_layers  # q, kv (stacked), o, gate_up (stacked), down
     nf4_layers = [m for _, m in nnx.iter_modules(model) if isinstance(m, NF4Linear)]
     assert len(nf4_layers) == per_model
     assert all(isinstance(m.kernel.get_value(), NF4Weight) for m in nf4_layers)
     assert isinstance(model.lm_head, nnx.Linear)  # lm_head stays dense by default
     assert not any(isinstance(m, NF4Linear) for _, m in nnx.iter_modules(dense))
     assert sum(isinstance(m, nnx.Linear) for _, m in nnx.iter_modules(dense)) == per_model + 1
-    q = model.layers[0].attn.k_proj.kernel.get_value()
-    assert q.shape == (TINY.n_kv_heads * TINY.head_dim, TINY.d_model)
+    kv = model.layers[0].attn.kv_proj.kernel.get_value()
+    assert kv.shape == (TINY.n_kv_heads * TINY.head_dim, TINY.d_model) and kv.stack_shape == (2,)
+    assert model.layers[0].mlp.gate_up_proj.kernel.get_value().stack_shape == (2,)
+    assert dense.layers[0].mlp.gate_up_proj.kernel.get_value().shape == (2, TINY.d_model,
+                                                                         TINY.d_ff)
 
 
 def test_nf4_logits_match_dequantized_dense(models, prompt):
@@ -313,11 +316,14 @@ def _hf_tensors(model: llama.Llama) -> dict[str, np.ndarray]:
     for i, layer in enumerate(model.layers):
         p = f"model.layers.{i}."
         t[p + "input_layernorm.weight"] = layer.attn_norm.scale.get_value()
-        for name in ("q_proj", "k_proj", "v_proj", "o_proj"):
-            t[p + f"self_attn.{name}.weight"] = getattr(layer.attn, name).kernel.get_value().T
+        t[p + "self_attn.q_proj.weight"] = layer.attn.q_proj.kernel.get_value().T
+        k, v = layer.attn.kv_proj.kernel.get_value()          # stacked [2, in, out]
+        t[p + "self_attn.k_proj.weight"], t[p + "self_attn.v_proj.weight"] = k.T, v.T
+        t[p + "self_attn.o_proj.weight"] = layer.attn.o_proj.kernel.get_value().T
         t[p + "post_attention_layernorm.weight"] = layer.mlp_norm.scale.get_value()
-        for name in ("gate_proj", "up_proj", "down_proj"):
-            t[p + f"mlp.{name}.weight"] = getattr(layer.mlp, name).kernel.get_value().T
+        gate, up = layer.mlp.gate_up_proj.kernel.get_value()
+        t[p + "mlp.gate_proj.weight"], t[p + "mlp.up_proj.weight"] = gate.T, up.T
+        t[p + "mlp.down_proj.weight"] = layer.mlp.down_proj.kernel.get_value().T
     t["model.norm.weight"] = model.norm.scale.get_value()
     t["lm_head.weight"] = model.lm_head.kernel.get_value().T
     return {k: np.asarray(v) for k, v in t.items()}

@@ -3,10 +3,13 @@
 RMSNorm, rotary attention with grouped-query heads (``n_heads`` query heads sharing
 ``n_kv_heads`` key/value heads) and a static KV cache, a SwiGLU MLP. Every projection is a
 :class:`jax_nf4.flax.NF4Linear` (``nf4=True``) or an ``nnx.Linear`` (``nf4=False``, the dense
-baseline); the rest of the code is shared. The embedding, the norms and (by default) ``lm_head``
-stay dense, as in bitsandbytes / ``jax-nf4 quantize`` checkpoints. Weights are random (no
-downloads): with the same ``rngs`` seed the NF4 model's kernels are the quantization of the
-dense model's.
+baseline); the rest of the code is shared. The k and v projections share one module with a
+stacked kernel (``kv_proj``), as do gate and up (``gate_up_proj``): one matmul launch each (the
+NF4 kernels run a stack as groups of one launch). The embedding, the norms and (by default)
+``lm_head`` stay dense, as in bitsandbytes / ``jax-nf4 quantize`` checkpoints. Weights are
+random (no downloads; with the same ``rngs`` seed the NF4 model's kernels are the quantization
+of the dense model's) or those of a Hugging Face checkpoint folder (:func:`from_checkpoint`).
+Tensor parallelism: :func:`shard_model`.
 
 Decoding (:func:`generate`) is greedy and jitted as one program: the prompt fills the cache in
 one forward pass (prefill), then ``lax.scan`` runs one token per step against the static cache
@@ -150,13 +153,27 @@ def _reduce_shards(x: Array, config: LlamaConfig) -> Array:
 # ----------------------------------------------------------------------------- layers
 
 def _linear(config: LlamaConfig, nf4: bool, in_features: int, out_features: int, *,
-            dtype: Any, param_dtype: Any, rngs: nnx.Rngs) -> nnx.Module:
-    """The one switch between NF4 and dense weights (no bias, as in Llama)."""
+            dtype: Any, param_dtype: Any, rngs: nnx.Rngs, stack: int = 0) -> nnx.Module:
+    """The one switch between NF4 and dense weights (no bias, as in Llama). ``stack > 0``:
+    ``stack`` projections of the same shape in one module (its kernel has a leading stack
+    dim; call it through :func:`_stacked`), so that one kernel launch computes all of them."""
+    kw: dict[str, Any] = {}
+    if stack:
+        init = nnx.initializers.lecun_normal(batch_axis=(0,))
+        kw["kernel_init"] = lambda key, shape, dt: init(key, (stack, *shape), dt)
     if nf4:
         return NF4Linear(in_features, out_features, use_bias=False, dtype=dtype,
-                         param_dtype=param_dtype, block_size=config.block_size, rngs=rngs)
+                         param_dtype=param_dtype, block_size=config.block_size, rngs=rngs,
+                         **kw)
     return nnx.Linear(in_features, out_features, use_bias=False, dtype=dtype,
-                      param_dtype=param_dtype, rngs=rngs)
+                      param_dtype=param_dtype, rngs=rngs, **kw)
+
+
+def _stacked(module: nnx.Module, x: Array) -> Array:
+    """The outputs ``[stack, ..., out]`` of a stacked :func:`_linear` (``jax.vmap`` over its
+    state: the NF4 matmul's batching rule makes it one launch for the whole stack)."""
+    graphdef, state = nnx.split(module)
+    return jax.vmap(lambda s: nnx.merge(graphdef, s)(x))(state)
 
 
 class RMSNorm(nnx.Module):
@@ -202,7 +219,8 @@ class KVCache(NamedTuple):
 
 
 class Attention(nnx.Module):
-    """Grouped-query self-attention with rotary embeddings."""
+    """Grouped-query self-attention with rotary embeddings; k and v projections stacked in
+    ``kv_proj`` (one matmul)."""
 
     def __init__(self, config: LlamaConfig, nf4: bool, *, dtype: Any, param_dtype: Any,
                  rngs: nnx.Rngs):
@@ -210,8 +228,7 @@ class Attention(nnx.Module):
         self.config = c
         kw = {"dtype": dtype, "param_dtype": param_dtype, "rngs": rngs}
         self.q_proj = _linear(c, nf4, c.d_model, c.n_heads * c.head_dim, **kw)
-        self.k_proj = _linear(c, nf4, c.d_model, c.n_kv_heads * c.head_dim, **kw)
-        self.v_proj = _linear(c, nf4, c.d_model, c.n_kv_heads * c.head_dim, **kw)
+        self.kv_proj = _linear(c, nf4, c.d_model, c.n_kv_heads * c.head_dim, **kw, stack=2)
         self.o_proj = _linear(c, nf4, c.n_heads * c.head_dim, c.d_model, **kw)
 
     def __call__(self, x: Array, positions: Array, kv: tuple[Array, Array] | None
@@ -224,9 +241,8 @@ class Attention(nnx.Module):
         c = self.config
         b, s, _ = x.shape
         q = rope(self.q_proj(x).reshape(b, s, c.n_heads, c.head_dim), positions, c.rope_theta)
-        k = rope(self.k_proj(x).reshape(b, s, c.n_kv_heads, c.head_dim), positions,
-                 c.rope_theta)
-        v = self.v_proj(x).reshape(b, s, c.n_kv_heads, c.head_dim)
+        k, v = _stacked(self.kv_proj, x).reshape(2, b, s, c.n_kv_heads, c.head_dim)
+        k = rope(k, positions, c.rope_theta)
         if kv is None:
             keys, values, key_pos = k, v, positions
         else:
@@ -247,19 +263,19 @@ class Attention(nnx.Module):
 
 
 class MLP(nnx.Module):
-    """SwiGLU: ``down(silu(gate(x)) * up(x))``."""
+    """SwiGLU: ``down(silu(gate(x)) * up(x))``, gate and up stacked in ``gate_up_proj``."""
 
     def __init__(self, config: LlamaConfig, nf4: bool, *, dtype: Any, param_dtype: Any,
                  rngs: nnx.Rngs):
         c = config
         self.config = c
         kw = {"dtype": dtype, "param_dtype": param_dtype, "rngs": rngs}
-        self.gate_proj = _linear(c, nf4, c.d_model, c.d_ff, **kw)
-        self.up_proj = _linear(c, nf4, c.d_model, c.d_ff, **kw)
+        self.gate_up_proj = _linear(c, nf4, c.d_model, c.d_ff, **kw, stack=2)
         self.down_proj = _linear(c, nf4, c.d_ff, c.d_model, **kw)
 
     def __call__(self, x: Array) -> Array:
-        out = self.down_proj(jax.nn.silu(self.gate_proj(x)) * self.up_proj(x))
+        gate, up = _stacked(self.gate_up_proj, x)
+        out = self.down_proj(jax.nn.silu(gate) * up)
         return _reduce_shards(out, self.config)
 
 
@@ -328,13 +344,15 @@ class Llama(nnx.Module):
 
 # ----------------------------------------------------------------------------- checkpoints
 
-#: Hugging Face ``LlamaForCausalLM`` tensor names of one layer's modules, by module path here.
+#: Hugging Face ``LlamaForCausalLM`` tensor names of one layer's modules, by module path here
+#: (two names: the projections stacked in one module).
 _HF_LAYER_NAMES = {
-    ("attn", "q_proj"): "self_attn.q_proj", ("attn", "k_proj"): "self_attn.k_proj",
-    ("attn", "v_proj"): "self_attn.v_proj", ("attn", "o_proj"): "self_attn.o_proj",
-    ("mlp", "gate_proj"): "mlp.gate_proj", ("mlp", "up_proj"): "mlp.up_proj",
-    ("mlp", "down_proj"): "mlp.down_proj", ("attn_norm",): "input_layernorm",
-    ("mlp_norm",): "post_attention_layernorm"}
+    ("attn", "q_proj"): ("self_attn.q_proj",),
+    ("attn", "kv_proj"): ("self_attn.k_proj", "self_attn.v_proj"),
+    ("attn", "o_proj"): ("self_attn.o_proj",),
+    ("mlp", "gate_up_proj"): ("mlp.gate_proj", "mlp.up_proj"),
+    ("mlp", "down_proj"): ("mlp.down_proj",),
+    ("attn_norm",): ("input_layernorm",), ("mlp_norm",): ("post_attention_layernorm",)}
 
 
 def hf_config(hf: dict[str, Any], **overrides: Any) -> LlamaConfig:
@@ -391,36 +409,47 @@ def from_checkpoint(path: Any, *, nf4: bool = True, dtype: Any = jnp.bfloat16,
                        entries[head_key].kind != "dense")
     model = nnx.eval_shape(lambda: Llama(config, nf4=nf4, dtype=dtype, param_dtype=param_dtype,
                                          rngs=nnx.Rngs(0)))
-    # (checkpoint key, variable, whether the tensor is a Linear weight: HF stores (out, in))
-    targets = [("model.embed_tokens.weight", model.embed.embedding, False),
-               ("model.norm.weight", model.norm.scale, False),
-               (head_key, model.lm_head.kernel, True)]
+    # (checkpoint keys, variable, whether they are Linear weights: HF stores (out, in))
+    targets = [(("model.embed_tokens.weight",), model.embed.embedding, False),
+               (("model.norm.weight",), model.norm.scale, False),
+               ((head_key,), model.lm_head.kernel, True)]
     for i, layer in enumerate(model.layers):
-        for where, name in _HF_LAYER_NAMES.items():
+        for where, names in _HF_LAYER_NAMES.items():
             module = functools.reduce(getattr, where, layer)
             var = module.scale if len(where) == 1 else module.kernel
-            targets.append((f"model.layers.{i}.{name}.weight", var, len(where) == 2))
-    for key, var, linear in targets:
-        if key not in entries:
-            raise CheckpointError("missing key", path=ck.source_of(key), key=key)
+            targets.append((tuple(f"model.layers.{i}.{n}.weight" for n in names), var,
+                            len(where) == 2))
+    for keys, var, linear in targets:
         want = var.get_value()
         nf4_target = isinstance(want, NF4Weight)
-        expected = want.shape[::-1] if linear and not nf4_target else want.shape
-        value = ck.load_entry(entries[key])
-        if tuple(value.shape) != tuple(expected):
-            raise CheckpointError(f"shape {tuple(value.shape)} does not fit config.json "
-                                  f"(expected {tuple(expected)})", path=ck.source_of(key),
-                                  key=key)
-        if isinstance(value, NF4Weight):
-            value = jax.tree.map(jnp.asarray, value)
-            if not nf4_target:
-                value = dequantize(value, param_dtype)
-        elif nf4_target:
-            value = quantize(jnp.asarray(value, param_dtype), block_size=config.block_size)
-        if not isinstance(value, NF4Weight):
-            value = jnp.asarray(value, param_dtype)
-            value = value.T if linear else value    # nnx.Linear kernels are (in, out)
-        var.set_value(value)
+        # one matrix as the checkpoint holds it
+        expected = want.shape if nf4_target else want.shape[-2:][::-1] if linear else want.shape
+        values = []
+        for key in keys:
+            if key not in entries:
+                raise CheckpointError("missing key", path=ck.source_of(key), key=key)
+            value = ck.load_entry(entries[key])
+            if tuple(value.shape) != tuple(expected):
+                raise CheckpointError(f"shape {tuple(value.shape)} does not fit config.json "
+                                      f"(expected {tuple(expected)})", path=ck.source_of(key),
+                                      key=key)
+            if isinstance(value, NF4Weight):
+                value = jax.tree.map(jnp.asarray, value)
+                if not nf4_target:
+                    value = dequantize(value, param_dtype)
+            elif nf4_target:
+                value = quantize(jnp.asarray(value, param_dtype), block_size=config.block_size)
+            if not isinstance(value, NF4Weight):
+                value = jnp.asarray(value, param_dtype)
+                value = value.T if linear else value    # nnx.Linear kernels are (in, out)
+            values.append(value)
+        if len(values) > 1:  # projections stacked in one module
+            if nf4_target and len({jax.tree.structure(v) for v in values}) > 1:
+                raise CheckpointError(f"{' and '.join(keys)} have different block sizes or "
+                                      "scale forms; this model stacks them in one NF4 kernel",
+                                      path=ck.source_of(keys[0]), key=keys[0])
+            value = jax.tree.map(lambda *a: jnp.stack(a), *values)
+        var.set_value(values[0] if len(values) == 1 else value)
     return model
 
 
@@ -550,7 +579,7 @@ def dequantized_copy(model: Llama) -> Llama:
     for path, m in nnx.iter_modules(model):
         if isinstance(m, NF4Linear):
             w = dequantize(m.kernel.get_value(), norm_scale.dtype)          # (out, in)
-            modules[path].kernel.set_value(w.T)
+            modules[path].kernel.set_value(jnp.swapaxes(w, -1, -2))
     return dense
 
 
