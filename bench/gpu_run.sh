@@ -13,6 +13,7 @@
 #   profile    Nsight Compute on the M = 1 GEMV of 28672x8192 and 4096x4096 and the tiled
 #              kernel at M = 64 (speed of light, memory workload, warp stalls; the kernel's
 #              own duration, without launch gaps)
+#   probe      bench/wgmma_probe.cu: the wgmma register-A / descriptor conventions (sm_90a)
 #   check      = build,tests,sanitize,examples
 # Logs go to $OUT (the device tool's output folder) or /tmp/jax_nf4_out.
 set -uo pipefail
@@ -82,6 +83,12 @@ profile() {
   done
 }
 
+probe() {
+  nvcc -std=c++17 -O2 -gencode arch=compute_90a,code=sm_90a bench/wgmma_probe.cu \
+    -o /tmp/wgmma_probe && /tmp/wgmma_probe
+  echo "wgmma probe: exit $?"
+}
+
 decode() {
   python3 bench/bench_decode.py --skip-tp --json "$OUT/decode.json" 2>&1 | tee "$OUT/decode.log"
 }
@@ -101,9 +108,9 @@ tp() {  # the 70B NF4 model (44 GB) and a shard of it on GPU 0 at once: let XLA 
 [[ $stages == check ]] && stages=build,tests,sanitize,examples
 for stage in ${stages//,/ }; do
   case $stage in
-    build|tests|quick|sanitize|examples|decode|tp|profile) $stage ;;
+    build|tests|quick|sanitize|examples|decode|tp|profile|probe) $stage ;;
     bench) bench "$@" ;;
     *) echo "usage: bash bench/gpu_run.sh STAGE[,STAGE...] [bench args]" \
-            "(build tests quick sanitize examples bench decode tp profile check)" >&2; exit 2 ;;
+            "(build tests quick sanitize examples bench decode tp profile probe check)" >&2; exit 2 ;;
   esac
 done
