@@ -60,8 +60,14 @@ with jax.default_matmul_precision("highest"):
                    weight_gather=any(re.search(r"=\s*(u8|f32)\[\d+,\d+\][^=]*all-gather", l)
                                      for l in hlo.splitlines()))
 
-model = llama.Llama(config, nf4=True, dtype=jnp.float32, rngs=nnx.Rngs(0))
 mesh2 = jax.make_mesh((2,), ("tp",), devices=jax.devices()[:2])
+with jax.default_matmul_precision("highest"):  # an NF4 lm_head, split by vocabulary rows
+    head = llama.Llama(dataclasses.replace(config, nf4_lm_head=True), dtype=jnp.float32,
+                       rngs=nnx.Rngs(0))
+    report("nf4_lm_head", equal=bool((np.asarray(llama.generate(head, prompt, 8)) == np.asarray(
+        llama.generate(llama.shard_model(head, mesh2), prompt, 8))).all()))
+
+model = llama.Llama(config, nf4=True, dtype=jnp.float32, rngs=nnx.Rngs(0))
 report("errors",
        axis=error(lambda: llama.shard_model(model, mesh2, "model")),
        tp3=error(lambda: llama.shard_model(model, jax.make_mesh((3,), ("tp",),
@@ -102,6 +108,10 @@ def test_same_tokens_as_one_device(results, nf4, tp):
         # Row-parallel outputs are all-reduced: 2 per layer per step (prefill, scan body).
         assert r["all_reduce"] >= 4
         assert ["tp", None] in r["specs"] and [None, "tp"] in r["specs"]
+
+
+def test_nf4_lm_head(results):
+    assert results["nf4_lm_head"]["equal"]
 
 
 def test_errors(results):
