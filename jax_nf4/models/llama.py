@@ -524,7 +524,7 @@ def shard_model(model: Llama, mesh: Mesh, axis: str = "tp", *, donate: bool = Fa
     local = nnx.eval_shape(lambda: Llama(config, nf4=model.nf4, dtype=model.dtype,
                                          param_dtype=param_dtype, rngs=nnx.Rngs(0)))
     graphdef, local_state = nnx.split(local)
-    paths_leaves, treedef = jax.tree_util.tree_flatten_with_path(nnx.state(model))
+    paths_leaves, _ = jax.tree_util.tree_flatten_with_path(nnx.state(model))
     local_leaves, local_treedef = jax.tree.flatten(local_state)
     if len(local_leaves) != len(paths_leaves):
         raise ValueError("shard_model: the model's weights do not have the structure of a "
