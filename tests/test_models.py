@@ -71,7 +71,7 @@ def test_presets():
 
 def test_linear_layers_follow_the_flag(models):
     model, dense = models
-    per_model = 5 * TINY.n_layers  # q, kv (stacked), o, gate_up (stacked), down
+    per_model = 5 * TINY.n_layers  # q, kv (interleaved), o, gate_up (interleaved), down
     nf4_layers = [m for _, m in nnx.iter_modules(model) if isinstance(m, NF4Linear)]
     assert len(nf4_layers) == per_model
     assert all(isinstance(m.kernel.get_value(), NF4Weight) for m in nf4_layers)
@@ -79,10 +79,11 @@ def test_linear_layers_follow_the_flag(models):
     assert not any(isinstance(m, NF4Linear) for _, m in nnx.iter_modules(dense))
     assert sum(isinstance(m, nnx.Linear) for _, m in nnx.iter_modules(dense)) == per_model + 1
     kv = model.layers[0].attn.kv_proj.kernel.get_value()
-    assert kv.shape == (TINY.n_kv_heads * TINY.head_dim, TINY.d_model) and kv.stack_shape == (2,)
-    assert model.layers[0].mlp.gate_up_proj.kernel.get_value().stack_shape == (2,)
-    assert dense.layers[0].mlp.gate_up_proj.kernel.get_value().shape == (2, TINY.d_model,
-                                                                         TINY.d_ff)
+    assert kv.shape == (2 * TINY.n_kv_heads * TINY.head_dim, TINY.d_model)
+    assert model.layers[0].mlp.gate_up_proj.kernel.get_value().shape == (2 * TINY.d_ff,
+                                                                        TINY.d_model)
+    assert dense.layers[0].mlp.gate_up_proj.kernel.get_value().shape == (TINY.d_model,
+                                                                         2 * TINY.d_ff)
 
 
 def test_nf4_logits_match_dequantized_dense(models, prompt):
@@ -317,12 +318,14 @@ def _hf_tensors(model: llama.Llama) -> dict[str, np.ndarray]:
         p = f"model.layers.{i}."
         t[p + "input_layernorm.weight"] = layer.attn_norm.scale.get_value()
         t[p + "self_attn.q_proj.weight"] = layer.attn.q_proj.kernel.get_value().T
-        k, v = layer.attn.kv_proj.kernel.get_value()          # stacked [2, in, out]
-        t[p + "self_attn.k_proj.weight"], t[p + "self_attn.v_proj.weight"] = k.T, v.T
+        kv = layer.attn.kv_proj.kernel.get_value()          # [in, 2 out]: k, v interleaved
+        t[p + "self_attn.k_proj.weight"] = kv[:, 0::2].T
+        t[p + "self_attn.v_proj.weight"] = kv[:, 1::2].T
         t[p + "self_attn.o_proj.weight"] = layer.attn.o_proj.kernel.get_value().T
         t[p + "post_attention_layernorm.weight"] = layer.mlp_norm.scale.get_value()
-        gate, up = layer.mlp.gate_up_proj.kernel.get_value()
-        t[p + "mlp.gate_proj.weight"], t[p + "mlp.up_proj.weight"] = gate.T, up.T
+        gate_up = layer.mlp.gate_up_proj.kernel.get_value()
+        t[p + "mlp.gate_proj.weight"] = gate_up[:, 0::2].T
+        t[p + "mlp.up_proj.weight"] = gate_up[:, 1::2].T
         t[p + "mlp.down_proj.weight"] = layer.mlp.down_proj.kernel.get_value().T
     t["model.norm.weight"] = model.norm.scale.get_value()
     t["lm_head.weight"] = model.lm_head.kernel.get_value().T
@@ -460,3 +463,26 @@ def test_cli_generate_from_checkpoint(capsys, hf_folders, prompt):
     assert "\nnf4 " in out and "\nfloat32 " in out
     assert main(["generate", "--checkpoint", str(nf4_folder / "nope")]) == 1
     assert "no such file or directory" in capsys.readouterr().err
+
+
+def test_from_checkpoint_double_quant(tmp_path, hf_folders):
+    """Double-quantized k/v weights interleave into one NF4 weight with their decoded scales:
+    its rows dequantize exactly as the checkpoint's k and v do."""
+    from jax_nf4 import load_checkpoint
+    from jax_nf4.convert import quantize_checkpoint
+    from jax_nf4.ops import dequantize
+
+    _, src, _ = hf_folders
+    dq = tmp_path / "dq"
+    quantize_checkpoint(src, dq, double_quant=True)
+    model = llama.from_checkpoint(dq, dtype=jnp.float32)
+    kv = model.layers[1].attn.kv_proj.kernel.get_value()
+    assert not kv.double_quant and kv.shape == (2 * TINY.n_kv_heads * TINY.head_dim,
+                                                TINY.d_model)
+    flat = load_checkpoint(dq, nested=False)
+    k, v = (flat[f"model.layers.1.self_attn.{n}_proj.weight"] for n in "kv")
+    assert k.double_quant
+    both = np.asarray(dequantize(kv, jnp.float32))
+    np.testing.assert_array_equal(both[0::2], np.asarray(dequantize(k, jnp.float32)))
+    np.testing.assert_array_equal(both[1::2], np.asarray(dequantize(v, jnp.float32)))
+    assert llama.generate(model, jnp.zeros((1, 2), jnp.int32), 2).shape == (1, 2)

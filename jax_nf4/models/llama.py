@@ -3,9 +3,10 @@
 RMSNorm, rotary attention with grouped-query heads (``n_heads`` query heads sharing
 ``n_kv_heads`` key/value heads) and a static KV cache, a SwiGLU MLP. Every projection is a
 :class:`jax_nf4.flax.NF4Linear` (``nf4=True``) or an ``nnx.Linear`` (``nf4=False``, the dense
-baseline); the rest of the code is shared. The k and v projections share one module with a
-stacked kernel (``kv_proj``), as do gate and up (``gate_up_proj``): one matmul launch each (the
-NF4 kernels run a stack as groups of one launch). The embedding, the norms and (by default)
+baseline); the rest of the code is shared. The k and v projections are one layer
+(``kv_proj``) whose output features interleave them (feature ``2 i`` is k's ``i``, ``2 i + 1``
+v's), as are gate and up (``gate_up_proj``): one matmul each, and a contiguous split of the
+features (tensor parallelism) keeps matching pairs together. The embedding, the norms and (by default)
 ``lm_head`` stay dense, as in bitsandbytes / ``jax-nf4 quantize`` checkpoints. Weights are
 random (no downloads; with the same ``rngs`` seed the NF4 model's kernels are the quantization
 of the dense model's) or those of a Hugging Face checkpoint folder (:func:`from_checkpoint`).
@@ -153,27 +154,13 @@ def _reduce_shards(x: Array, config: LlamaConfig) -> Array:
 # ----------------------------------------------------------------------------- layers
 
 def _linear(config: LlamaConfig, nf4: bool, in_features: int, out_features: int, *,
-            dtype: Any, param_dtype: Any, rngs: nnx.Rngs, stack: int = 0) -> nnx.Module:
-    """The one switch between NF4 and dense weights (no bias, as in Llama). ``stack > 0``:
-    ``stack`` projections of the same shape in one module (its kernel has a leading stack
-    dim; call it through :func:`_stacked`), so that one kernel launch computes all of them."""
-    kw: dict[str, Any] = {}
-    if stack:
-        init = nnx.initializers.lecun_normal(batch_axis=(0,))
-        kw["kernel_init"] = lambda key, shape, dt: init(key, (stack, *shape), dt)
+            dtype: Any, param_dtype: Any, rngs: nnx.Rngs) -> nnx.Module:
+    """The one switch between NF4 and dense weights (no bias, as in Llama)."""
     if nf4:
         return NF4Linear(in_features, out_features, use_bias=False, dtype=dtype,
-                         param_dtype=param_dtype, block_size=config.block_size, rngs=rngs,
-                         **kw)
+                         param_dtype=param_dtype, block_size=config.block_size, rngs=rngs)
     return nnx.Linear(in_features, out_features, use_bias=False, dtype=dtype,
-                      param_dtype=param_dtype, rngs=rngs, **kw)
-
-
-def _stacked(module: nnx.Module, x: Array) -> Array:
-    """The outputs ``[stack, ..., out]`` of a stacked :func:`_linear` (``jax.vmap`` over its
-    state: the NF4 matmul's batching rule makes it one launch for the whole stack)."""
-    graphdef, state = nnx.split(module)
-    return jax.vmap(lambda s: nnx.merge(graphdef, s)(x))(state)
+                      param_dtype=param_dtype, rngs=rngs)
 
 
 class RMSNorm(nnx.Module):
@@ -219,8 +206,8 @@ class KVCache(NamedTuple):
 
 
 class Attention(nnx.Module):
-    """Grouped-query self-attention with rotary embeddings; k and v projections stacked in
-    ``kv_proj`` (one matmul)."""
+    """Grouped-query self-attention with rotary embeddings; k and v projections interleaved
+    in ``kv_proj`` (one matmul)."""
 
     def __init__(self, config: LlamaConfig, nf4: bool, *, dtype: Any, param_dtype: Any,
                  rngs: nnx.Rngs):
@@ -228,7 +215,7 @@ class Attention(nnx.Module):
         self.config = c
         kw = {"dtype": dtype, "param_dtype": param_dtype, "rngs": rngs}
         self.q_proj = _linear(c, nf4, c.d_model, c.n_heads * c.head_dim, **kw)
-        self.kv_proj = _linear(c, nf4, c.d_model, c.n_kv_heads * c.head_dim, **kw, stack=2)
+        self.kv_proj = _linear(c, nf4, c.d_model, 2 * c.n_kv_heads * c.head_dim, **kw)
         self.o_proj = _linear(c, nf4, c.n_heads * c.head_dim, c.d_model, **kw)
 
     def __call__(self, x: Array, positions: Array, kv: tuple[Array, Array] | None
@@ -241,8 +228,9 @@ class Attention(nnx.Module):
         c = self.config
         b, s, _ = x.shape
         q = rope(self.q_proj(x).reshape(b, s, c.n_heads, c.head_dim), positions, c.rope_theta)
-        k, v = _stacked(self.kv_proj, x).reshape(2, b, s, c.n_kv_heads, c.head_dim)
-        k = rope(k, positions, c.rope_theta)
+        k_v = self.kv_proj(x).reshape(b, s, c.n_kv_heads, c.head_dim, 2)
+        k = rope(k_v[..., 0], positions, c.rope_theta)
+        v = k_v[..., 1]
         if kv is None:
             keys, values, key_pos = k, v, positions
         else:
@@ -263,19 +251,19 @@ class Attention(nnx.Module):
 
 
 class MLP(nnx.Module):
-    """SwiGLU: ``down(silu(gate(x)) * up(x))``, gate and up stacked in ``gate_up_proj``."""
+    """SwiGLU: ``down(silu(gate(x)) * up(x))``, gate and up interleaved in ``gate_up_proj``."""
 
     def __init__(self, config: LlamaConfig, nf4: bool, *, dtype: Any, param_dtype: Any,
                  rngs: nnx.Rngs):
         c = config
         self.config = c
         kw = {"dtype": dtype, "param_dtype": param_dtype, "rngs": rngs}
-        self.gate_up_proj = _linear(c, nf4, c.d_model, c.d_ff, **kw, stack=2)
+        self.gate_up_proj = _linear(c, nf4, c.d_model, 2 * c.d_ff, **kw)
         self.down_proj = _linear(c, nf4, c.d_ff, c.d_model, **kw)
 
     def __call__(self, x: Array) -> Array:
-        gate, up = _stacked(self.gate_up_proj, x)
-        out = self.down_proj(jax.nn.silu(gate) * up)
+        gate_up = self.gate_up_proj(x).reshape(*x.shape[:-1], -1, 2)
+        out = self.down_proj(jax.nn.silu(gate_up[..., 0]) * gate_up[..., 1])
         return _reduce_shards(out, self.config)
 
 
@@ -345,7 +333,7 @@ class Llama(nnx.Module):
 # ----------------------------------------------------------------------------- checkpoints
 
 #: Hugging Face ``LlamaForCausalLM`` tensor names of one layer's modules, by module path here
-#: (two names: the projections stacked in one module).
+#: (two names: the projections whose output features one module interleaves).
 _HF_LAYER_NAMES = {
     ("attn", "q_proj"): ("self_attn.q_proj",),
     ("attn", "kv_proj"): ("self_attn.k_proj", "self_attn.v_proj"),
@@ -353,6 +341,27 @@ _HF_LAYER_NAMES = {
     ("mlp", "gate_up_proj"): ("mlp.gate_proj", "mlp.up_proj"),
     ("mlp", "down_proj"): ("mlp.down_proj",),
     ("attn_norm",): ("input_layernorm",), ("mlp_norm",): ("post_attention_layernorm",)}
+
+
+def _interleave_rows(weights: list[NF4Weight], keys: tuple[str, ...], ck: Any) -> NF4Weight:
+    """Two NF4 weights (out, in) as one (2 out, in) whose row 2i is the first's row i and row
+    2i + 1 the second's (the same codes and scales; double-quantized scales are decoded to
+    float32 first, as their nested blocks run across rows)."""
+    from jax_nf4.checkpoint import CheckpointError
+
+    a, b = weights
+    if a.block_size != b.block_size:
+        raise CheckpointError(f"{keys[0]} and {keys[1]} have block sizes {a.block_size} and "
+                              f"{b.block_size}; this model interleaves their rows in one "
+                              "NF4 weight", path=ck.source_of(keys[0]), key=keys[0])
+
+    def codes(q: NF4Weight) -> Array:  # [out, in] 4-bit codes: packed row j holds rows 2j, 2j+1
+        return jnp.stack([q.packed & 15, q.packed >> 4], axis=1).reshape(q.shape)
+
+    n, k = a.shape
+    packed = (codes(a) | (codes(b) << 4)).astype(jnp.uint8)
+    absmax = jnp.stack([a.scales(), b.scales()], axis=1).reshape(2 * n, -1)
+    return NF4Weight(packed, absmax, (2 * n, k), a.block_size, a.dtype)
 
 
 def hf_config(hf: dict[str, Any], **overrides: Any) -> LlamaConfig:
@@ -422,34 +431,30 @@ def from_checkpoint(path: Any, *, nf4: bool = True, dtype: Any = jnp.bfloat16,
     for keys, var, linear in targets:
         want = var.get_value()
         nf4_target = isinstance(want, NF4Weight)
-        # one matrix as the checkpoint holds it
-        expected = want.shape if nf4_target else want.shape[-2:][::-1] if linear else want.shape
+        # the module's matrix and each checkpoint tensor as the checkpoint holds them: (out, in)
+        full = tuple(want.shape if nf4_target or not linear else want.shape[::-1])
+        expected = (full[0] // len(keys), *full[1:])
         values = []
         for key in keys:
             if key not in entries:
                 raise CheckpointError("missing key", path=ck.source_of(key), key=key)
             value = ck.load_entry(entries[key])
-            if tuple(value.shape) != tuple(expected):
+            if tuple(value.shape) != expected:
                 raise CheckpointError(f"shape {tuple(value.shape)} does not fit config.json "
-                                      f"(expected {tuple(expected)})", path=ck.source_of(key),
-                                      key=key)
+                                      f"(expected {expected})", path=ck.source_of(key), key=key)
             if isinstance(value, NF4Weight):
                 value = jax.tree.map(jnp.asarray, value)
                 if not nf4_target:
                     value = dequantize(value, param_dtype)
             elif nf4_target:
                 value = quantize(jnp.asarray(value, param_dtype), block_size=config.block_size)
-            if not isinstance(value, NF4Weight):
-                value = jnp.asarray(value, param_dtype)
-                value = value.T if linear else value    # nnx.Linear kernels are (in, out)
-            values.append(value)
-        if len(values) > 1:  # projections stacked in one module
-            if nf4_target and len({jax.tree.structure(v) for v in values}) > 1:
-                raise CheckpointError(f"{' and '.join(keys)} have different block sizes or "
-                                      "scale forms; this model stacks them in one NF4 kernel",
-                                      path=ck.source_of(keys[0]), key=keys[0])
-            value = jax.tree.map(lambda *a: jnp.stack(a), *values)
-        var.set_value(values[0] if len(values) == 1 else value)
+            values.append(value if nf4_target else jnp.asarray(value, param_dtype))
+        if len(values) > 1:
+            value = _interleave_rows(values, keys, ck) if nf4_target else (
+                jnp.stack(values, axis=1).reshape(full))
+        else:
+            value = values[0]
+        var.set_value(value.T if linear and not nf4_target else value)  # Linear: (in, out)
     return model
 
 
