@@ -1,11 +1,12 @@
 """Decode benchmark of the Llama-style model (jax_nf4.models.llama), for one GPU.
 
 (a) llama3-8b greedy decoding at batch 1 and 8 with NF4 and with bf16 weights (same shapes,
-    same prompt): tokens/s (prefill of 16 tokens included, compile excluded), the ratio,
-    weight bytes and the device's peak memory; on a GPU also the device time per token of
-    one traced run by kernel class (jax_nf4's kernels, GEMMs, the rest) and the idle time. The runs go from the smallest memory use to
-    the largest (NF4 b1, NF4 b8, bf16 b1, bf16 b8) because the peak is process-wide; a last
-    run quantizes lm_head too ("nf4+lm_head", batch 1; bitsandbytes keeps it dense).
+    same prompt): tokens/s (prefill of 16 tokens included, compile excluded), the ratio, weight
+    bytes and the device's peak memory; on a GPU also the device time per token of one traced run by
+    kernel class (jax_nf4's kernels, GEMMs, the rest) and the idle time. The runs go from the
+    smallest memory use to the largest (NF4 b1, NF4 b8, bf16 b1, bf16 b8) because the peak is
+    process-wide; a last run quantizes lm_head too ("nf4+lm_head", batch 1; bitsandbytes keeps it
+    dense).
 (b) llama3-70b shapes: the decode time of one decoder layer (batch 1, one token, a KV cache of
     512 slots, attention over all of them) at full width and at the 1/2 and 1/4 shard a GPU
     holds under tensor parallelism tp: q/k/v/gate/up column-parallel (N / tp), o_proj / down

@@ -79,7 +79,8 @@ model.layers[0].attn.q_proj.kernel.set_value(jax_nf4.quantize(w, 32, double_quan
 report("errors_dq", dq=error(lambda: llama.shard_model(model, mesh2)))
 donor = llama.Llama(config, nf4=True, dtype=jnp.float32, rngs=nnx.Rngs(0))
 placed = llama.shard_model(donor, mesh2, donate=True)
-split = [x for x, s in zip(jax.tree.leaves(nnx.state(donor)), placed.specs) if "tp" in s]  # 2 layers x 5 NF4 (packed, absmax) + lm_head
+# the split leaves: 2 layers x 5 NF4 layers (packed, absmax) + lm_head
+split = [x for x, s in zip(jax.tree.leaves(nnx.state(donor)), placed.specs) if "tp" in s]
 report("donate", split=len(split), deleted=all(x.is_deleted() for x in split),
        placed_alive=not any(x.is_deleted() for x in placed.leaves))
 

@@ -1,15 +1,15 @@
 """A small, readable Llama-style decoder in Flax NNX with NF4 (or dense) linear layers.
 
-RMSNorm, rotary attention with grouped-query heads (``n_heads`` query heads sharing
-``n_kv_heads`` key/value heads) and a static KV cache, a SwiGLU MLP. Every projection is a
+RMSNorm, rotary attention with grouped-query heads (``n_heads`` query heads sharing ``n_kv_heads``
+key/value heads) and a static KV cache, a SwiGLU MLP. Every projection is a
 :class:`jax_nf4.flax.NF4Linear` (``nf4=True``) or an ``nnx.Linear`` (``nf4=False``, the dense
-baseline); the rest of the code is shared. The k and v projections are one layer
-(``kv_proj``) whose output features interleave them (feature ``2 i`` is k's ``i``, ``2 i + 1``
-v's), as are gate and up (``gate_up_proj``): one matmul each, and a contiguous split of the
-features (tensor parallelism) keeps matching pairs together. The embedding, the norms and (by default)
-``lm_head`` stay dense, as in bitsandbytes / ``jax-nf4 quantize`` checkpoints. Weights are
-random (no downloads; with the same ``rngs`` seed the NF4 model's kernels are the quantization
-of the dense model's) or those of a Hugging Face checkpoint folder (:func:`from_checkpoint`).
+baseline); the rest of the code is shared. The k and v projections are one layer (``kv_proj``) whose
+output features interleave them (feature ``2 i`` is k's ``i``, ``2 i + 1`` v's), as are gate and up
+(``gate_up_proj``): one matmul each, and a contiguous split of the features (tensor parallelism)
+keeps matching pairs together. The embedding, the norms and (by default) ``lm_head`` stay dense, as
+in bitsandbytes / ``jax-nf4 quantize`` checkpoints. Weights are random (no downloads; with the same
+``rngs`` seed the NF4 model's kernels are the quantization of the dense model's) or those of a
+Hugging Face checkpoint folder (:func:`from_checkpoint`).
 Tensor parallelism: :func:`shard_model`.
 
 Decoding (:func:`generate`) is greedy and jitted as one program: the prompt fills the cache in
@@ -400,7 +400,8 @@ def from_checkpoint(path: Any, *, nf4: bool = True, dtype: Any = jnp.bfloat16,
     double-quantized, any block size) and dense projections are quantized with block 64;
     ``lm_head`` is NF4 when the checkpoint's is. With ``nf4=False`` NF4 weights are
     dequantized to ``param_dtype`` (default ``dtype``). With ``tie_word_embeddings`` and no
-    ``lm_head.weight``, lm_head is the embedding. Raises :class:`jax_nf4.checkpoint.CheckpointError` (a ``ValueError``)
+    ``lm_head.weight``, lm_head is the embedding. k and v (gate and up) go into one layer with
+    interleaved rows. Raises :class:`jax_nf4.checkpoint.CheckpointError` (a ``ValueError``)
     naming the tensor for a missing key or a shape that does not fit ``config.json``.
     """
     from jax_nf4 import quantize
