@@ -11,8 +11,9 @@ under jax.jit: each call's output is the next call's input (a non-square N x K w
 with a K x N one), so XLA can neither fold nor de-duplicate them, and weight copies are rotated
 so that more than ``min_bytes`` of weights are touched per pass (the L2 cache cannot serve
 them). Times are wall clock over many chained calls after a warm-up, divided by the number of
-calls (the launch gap between dependent kernels included). With --kernel-times the matmuls are also traced once with
-jax.profiler: "kernel us" is the time the GPU streams were busy per call (no gaps).
+calls (the launch gap between dependent kernels included). With --kernel-times the matmuls are
+also traced once with jax.profiler: "kernel us" is the time the GPU streams were busy per call
+(no gaps).
 """
 
 from __future__ import annotations
@@ -109,8 +110,11 @@ def device_busy_us(trace: dict) -> float | None:
     processes (kernels and copies; the gaps between them do not count). None when the trace
     has no device streams (a CPU run)."""
     spans = _device_spans(trace)
-    if not spans:
-        return None
+    return _union_us(spans) if spans else None
+
+
+def _union_us(spans: list[tuple[float, float, str]]) -> float:
+    """Length of the union of sorted, non-empty ``spans``."""
     busy, (start, end, _) = 0.0, spans[0]
     for s0, s1, _ in spans[1:]:
         if s0 > end:
@@ -135,7 +139,7 @@ def device_us_by_kind(trace: dict) -> dict[str, float] | None:
     for s0, s1, name in spans:
         kind = next((k for k, pattern in KERNEL_KINDS.items() if pattern.search(name)), "other")
         out[kind] += s1 - s0
-    out["busy"] = device_busy_us(trace)
+    out["busy"] = _union_us(spans)
     return out
 
 
@@ -284,8 +288,8 @@ def format_table(results: list[Row]) -> str:
                 f"{f'{dd.us / r.us:.2f}x' if dd else '-'} |")
         if kernel:
             both = r.kernel_us is not None and de.kernel_us is not None
-            line += (f" {r.kernel_us:.1f} | {de.kernel_us:.1f} | {de.kernel_us / r.kernel_us:.2f}x |"
-                     if both else " - | - | - |")
+            line += (f" {r.kernel_us:.1f} | {de.kernel_us:.1f} | "
+                     f"{de.kernel_us / r.kernel_us:.2f}x |" if both else " - | - | - |")
         lines.append(line)
     lines += ["", "| N x K | dequantize us | GB/s | quantize us | GB/s |", "|---|---|---|---|---|"]
     for (shape, m, op), r in by_key.items():

@@ -11,8 +11,8 @@ import argparse
 import json
 import math
 import sys
-from pathlib import Path
 from collections.abc import Sequence
+from pathlib import Path
 from types import ModuleType
 
 __all__ = ["main"]

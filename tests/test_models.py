@@ -17,8 +17,10 @@ import pytest
 pytest.importorskip("flax")
 from flax import nnx  # noqa: E402
 
-from jax_nf4 import NF4Weight, cli  # noqa: E402
+from jax_nf4 import NF4Weight, cli, dequantize, load_checkpoint  # noqa: E402
+from jax_nf4.checkpoint import CheckpointError  # noqa: E402
 from jax_nf4.cli import main  # noqa: E402
+from jax_nf4.convert import quantize_checkpoint  # noqa: E402
 from jax_nf4.flax import NF4Linear  # noqa: E402
 from jax_nf4.models import llama  # noqa: E402
 
@@ -332,25 +334,33 @@ def _hf_tensors(model: llama.Llama) -> dict[str, np.ndarray]:
     return {k: np.asarray(v) for k, v in t.items()}
 
 
+def _write_folder(folder: Path, shards: dict[str, dict[str, np.ndarray]], config: dict) -> Path:
+    """A model folder: ``config.json`` and the safetensors ``shards`` (name -> tensors), with
+    the shard index when there are several."""
+    from jax_nf4.safetensors_io import save_file
+
+    folder.mkdir()
+    for shard, tensors in shards.items():
+        save_file(tensors, folder / shard)
+    if len(shards) > 1:
+        (folder / "model.safetensors.index.json").write_text(json.dumps(
+            {"metadata": {}, "weight_map": {k: s for s, t in shards.items() for k in t}}))
+    (folder / "config.json").write_text(json.dumps(config))
+    return folder
+
+
 @pytest.fixture(scope="module")
 def hf_folders(tmp_path_factory):
     """A dense tiny model written as a two-shard Hugging Face folder, and its NF4 conversion
     by `jax-nf4 quantize` (embedding, norms and lm_head left dense)."""
-    from jax_nf4.convert import quantize_checkpoint
-    from jax_nf4.safetensors_io import save_file
-
     dense = llama.Llama(TINY, nf4=False, dtype=jnp.float32, rngs=nnx.Rngs(0))
-    src = tmp_path_factory.mktemp("hf") / "dense"
-    src.mkdir()
     tensors = _hf_tensors(dense)
     names = list(tensors)
     shards = {"model-00001-of-00002.safetensors": names[: len(names) // 2],
               "model-00002-of-00002.safetensors": names[len(names) // 2:]}
-    for shard, keys in shards.items():
-        save_file({k: tensors[k] for k in keys}, src / shard)
-    (src / "model.safetensors.index.json").write_text(json.dumps(
-        {"metadata": {}, "weight_map": {k: s for s, keys in shards.items() for k in keys}}))
-    (src / "config.json").write_text(json.dumps(_HF_CONFIG))
+    src = _write_folder(tmp_path_factory.mktemp("hf") / "dense",
+                        {s: {k: tensors[k] for k in keys} for s, keys in shards.items()},
+                        _HF_CONFIG)
     dst = src.parent / "nf4"
     quantize_checkpoint(src, dst)
     return dense, src, dst
@@ -400,16 +410,11 @@ def test_from_checkpoint_dense(models, hf_folders):
 
 
 def test_from_checkpoint_tied_and_nf4_lm_head(tmp_path, hf_folders):
-    from jax_nf4.convert import quantize_checkpoint
-
     dense, src, _ = hf_folders
-    tied = tmp_path / "tied"
-    tied.mkdir()
     tensors = _hf_tensors(dense)
     del tensors["lm_head.weight"]
-    from jax_nf4.safetensors_io import save_file
-    save_file(tensors, tied / "model.safetensors")
-    (tied / "config.json").write_text(json.dumps({**_HF_CONFIG, "tie_word_embeddings": True}))
+    tied = _write_folder(tmp_path / "tied", {"model.safetensors": tensors},
+                         {**_HF_CONFIG, "tie_word_embeddings": True})
     model = llama.from_checkpoint(tied, nf4=False, dtype=jnp.float32)
     np.testing.assert_array_equal(np.asarray(model.lm_head.kernel.get_value()),
                                   np.asarray(dense.embed.embedding.get_value()).T)
@@ -421,9 +426,6 @@ def test_from_checkpoint_tied_and_nf4_lm_head(tmp_path, hf_folders):
 
 
 def test_from_checkpoint_errors(tmp_path, hf_folders):
-    from jax_nf4.checkpoint import CheckpointError
-    from jax_nf4.safetensors_io import save_file
-
     dense, _, _ = hf_folders
     tensors = _hf_tensors(dense)
     cases = {"missing": ({k: v for k, v in tensors.items() if "layers.1.mlp.up" not in k},
@@ -434,17 +436,14 @@ def test_from_checkpoint_errors(tmp_path, hf_folders):
              "untied": ({k: v for k, v in tensors.items() if k != "lm_head.weight"},
                         _HF_CONFIG, "lm_head.weight.*missing key")}
     for name, (t, config, match) in cases.items():
-        folder = tmp_path / name
-        folder.mkdir()
-        save_file(t, folder / "model.safetensors")
-        (folder / "config.json").write_text(json.dumps(config))
+        folder = _write_folder(tmp_path / name, {"model.safetensors": t}, config)
         with pytest.raises(CheckpointError, match=match):
             llama.from_checkpoint(folder, dtype=jnp.float32)
     with pytest.raises(CheckpointError, match="config.json is needed"):  # a file, not a folder
         llama.from_checkpoint(tmp_path / "missing" / "model.safetensors")
 
 
-def test_cli_generate_from_checkpoint(capsys, hf_folders, prompt):
+def test_cli_generate_from_checkpoint(capsys, hf_folders):
     _, _, nf4_folder = hf_folders
     argv = ["generate", "--checkpoint", str(nf4_folder), "--dtype", "float32", "--batch", "2",
             "--prompt-len", "3", "--new-tokens", "4", "--iters", "1"]
@@ -468,10 +467,6 @@ def test_cli_generate_from_checkpoint(capsys, hf_folders, prompt):
 def test_from_checkpoint_double_quant(tmp_path, hf_folders):
     """Double-quantized k/v weights interleave into one NF4 weight with their decoded scales:
     its rows dequantize exactly as the checkpoint's k and v do."""
-    from jax_nf4 import load_checkpoint
-    from jax_nf4.convert import quantize_checkpoint
-    from jax_nf4.ops import dequantize
-
     _, src, _ = hf_folders
     dq = tmp_path / "dq"
     quantize_checkpoint(src, dq, double_quant=True)

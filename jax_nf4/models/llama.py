@@ -680,8 +680,7 @@ def benchmark_decode(config_name: str, batch: int = 1, new_tokens: int = 64, nf4
     report(total, "done")
     seconds = min(times)
     return {"config": config_name if checkpoint is None else str(checkpoint),
-            "weights": weights, "n_layers": cfg.n_layers,
-            "d_model": cfg.d_model,
+            "weights": weights, "n_layers": cfg.n_layers, "d_model": cfg.d_model,
             "batch": batch, "prompt_len": prompt_len, "new_tokens": new_tokens,
             "seconds": seconds, "tokens_per_s": batch * new_tokens / seconds,
             "build_s": build_s, "compile_s": compile_s, "weight_bytes": _weight_bytes(model),
