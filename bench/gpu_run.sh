@@ -14,6 +14,7 @@
 #              kernel at M = 64 (speed of light, memory workload, warp stalls; the kernel's
 #              own duration, without launch gaps)
 #   probe      bench/wgmma_probe.cu: the wgmma register-A / descriptor conventions (sm_90a)
+#   floor      bench/read_floor.cu: the read-only floor for the benchmark's weight byte counts
 #   check      = build,tests,sanitize,examples
 # Logs go to $OUT (the device tool's output folder) or /tmp/jax_nf4_out.
 set -uo pipefail
@@ -89,6 +90,11 @@ probe() {
   echo "wgmma probe: exit $?"
 }
 
+floor() {
+  nvcc -O3 -std=c++17 -gencode arch=compute_90,code=sm_90 bench/read_floor.cu -o /tmp/read_floor \
+    && /tmp/read_floor | tee "$OUT/read_floor.txt"
+}
+
 decode() {
   python3 bench/bench_decode.py --skip-tp --json "$OUT/decode.json" 2>&1 | tee "$OUT/decode.log"
 }
@@ -108,9 +114,9 @@ tp() {  # the 70B NF4 model (44 GB) and a shard of it on GPU 0 at once: let XLA 
 [[ $stages == check ]] && stages=build,tests,sanitize,examples
 for stage in ${stages//,/ }; do
   case $stage in
-    build|tests|quick|sanitize|examples|decode|tp|profile|probe) $stage ;;
+    build|tests|quick|sanitize|examples|decode|tp|profile|probe|floor) $stage ;;
     bench) bench "$@" ;;
     *) echo "usage: bash bench/gpu_run.sh STAGE[,STAGE...] [bench args]" \
-            "(build tests quick sanitize examples bench decode tp profile probe check)" >&2; exit 2 ;;
+            "(build tests quick sanitize examples bench decode tp profile probe floor check)" >&2; exit 2 ;;
   esac
 done

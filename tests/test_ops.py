@@ -487,6 +487,29 @@ def test_scan_over_stacked_weights(rng, platform, device, mode, dtype):
         assert_matmul_close(hs[i], inputs[i], packed[i], absmax[i], 32, platform)
 
 
+@pytest.mark.parametrize("m", [1, 5])
+def test_back_to_back_matmuls_read_what_the_kernel_before_wrote(rng, platform, device, m):
+    """Every operand of a matmul may be the output of the kernel right before it: a chain in
+    which each layer's weight is quantized, and its input computed, just before the matmul."""
+    layers, k = 6, 2048
+    dtype = np.dtype(jnp.bfloat16)
+    w = (rng.standard_normal((layers, k, k)) / np.sqrt(k)).astype(dtype)
+    x = random_activations(rng, (m, k), dtype)
+
+    def forward(h, w):
+        hs = []
+        for layer in range(layers):
+            h = jax_nf4.matmul(h, jax_nf4.quantize(w[layer], 64))
+            hs.append(h)
+        return hs
+
+    hs = jax.jit(forward)(jax.device_put(x, device), jax.device_put(w, device))
+    packed, absmax = reference.quantize(w, 64)
+    inputs = [x] + [np.asarray(h) for h in hs[:-1]]
+    for layer in range(layers):
+        assert_matmul_close(hs[layer], inputs[layer], packed[layer], absmax[layer], 64, platform)
+
+
 # ----------------------------------------------------------------------------- zero sizes
 
 @pytest.mark.parametrize("mode", MODES)

@@ -1,0 +1,129 @@
+// The read floor of this GPU for the weight byte counts of the matmul benchmark: the time per
+// call of a kernel that only streams the bytes (16-byte streaming loads, several in flight per
+// thread, an XOR that keeps them) and of an empty kernel, back to back on one stream, with
+// buffers rotated over > 256 MB so the L2 cannot serve them. The best launch shape of a sweep
+// (threads per CTA, CTAs per SM, loads in flight) is the floor an NF4 GEMV of that shape can
+// approach (it reads the same bytes and must also decode and multiply). Back-to-back launches
+// are also bounded by the host's launch rate: the empty kernel's time per launch shows it.
+//   nvcc -O3 -std=c++17 -gencode arch=compute_90,code=sm_90 bench/read_floor.cu -o /tmp/rf
+//   /tmp/rf            (bash bench/gpu_run.sh floor)
+#include <cuda_runtime.h>
+
+#include <cstdint>
+#include <cstdio>
+#include <vector>
+
+#define CHECK(x)                                                                  \
+  do {                                                                            \
+    cudaError_t e = (x);                                                          \
+    if (e != cudaSuccess) {                                                       \
+      std::fprintf(stderr, "%s:%d: %s\n", #x, __LINE__, cudaGetErrorString(e));   \
+      return 2;                                                                   \
+    }                                                                             \
+  } while (0)
+
+template <int U>
+__global__ void Read(const uint4* __restrict__ p, int64_t n16, uint32_t* out) {
+  uint32_t acc = 0;
+  const int64_t stride = int64_t(gridDim.x) * blockDim.x;
+  int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x;
+  for (; i + (U - 1) * stride < n16; i += U * stride) {
+    uint4 v[U];
+#pragma unroll
+    for (int u = 0; u < U; ++u) v[u] = __ldcs(p + i + u * stride);
+#pragma unroll
+    for (int u = 0; u < U; ++u) acc ^= v[u].x ^ v[u].y ^ v[u].z ^ v[u].w;
+  }
+  for (; i < n16; i += stride) {
+    const uint4 v = __ldcs(p + i);
+    acc ^= v.x ^ v.y ^ v.z ^ v.w;
+  }
+  if (acc == 0x9e3779b9u) out[blockIdx.x] = acc;  // (almost) never stores; keeps the loads
+}
+
+__global__ void Empty(uint32_t* out) {
+  if (threadIdx.x == 1024) out[0] = 0;  // never true
+}
+
+using Kernel = void (*)(const uint4*, int64_t, uint32_t*);
+Kernel ReadKernel(int u) {
+  switch (u) {
+    case 1: return Read<1>;
+    case 2: return Read<2>;
+    case 4: return Read<4>;
+    default: return Read<8>;
+  }
+}
+
+int main() {
+  cudaDeviceProp prop;
+  CHECK(cudaGetDeviceProperties(&prop, 0));
+  const int sms = prop.multiProcessorCount;
+  std::printf("device: %s, %d SMs\n", prop.name, sms);
+  struct Shape {
+    const char* name;
+    int64_t n, k;
+    double target_us;  // issue 6, M = 1
+  };
+  const Shape shapes[] = {{"4096x4096", 4096, 4096, 6},
+                          {"14336x4096", 14336, 4096, 25},
+                          {"8192x8192", 8192, 8192, 15},
+                          {"28672x8192", 28672, 8192, 50}};
+  const int64_t pool = int64_t(512) << 20;  // rotated so the 50 MB L2 cannot hold the bytes
+  uint8_t* base = nullptr;
+  uint32_t* out = nullptr;
+  CHECK(cudaMalloc(&base, pool));
+  CHECK(cudaMalloc(&out, 1 << 20));
+  CHECK(cudaMemset(base, 0x5a, pool));
+  cudaEvent_t start, stop;
+  CHECK(cudaEventCreate(&start));
+  CHECK(cudaEventCreate(&stop));
+  const int reps = 300;
+
+  // Empty kernel, back to back: the launch floor of a grid of one 512-thread CTA per SM.
+  for (int i = 0; i < 20; ++i) Empty<<<sms, 512>>>(out);
+  CHECK(cudaEventRecord(start));
+  for (int i = 0; i < reps; ++i) Empty<<<sms, 512>>>(out);
+  CHECK(cudaEventRecord(stop));
+  CHECK(cudaEventSynchronize(stop));
+  float ms = 0;
+  CHECK(cudaEventElapsedTime(&ms, start, stop));
+  std::printf("empty kernel (%d x 512 threads), back to back: %.2f us per launch\n", sms,
+              1e3 * ms / reps);
+
+  std::printf("| N x K | NF4 bytes (codes + f32 scales) | read floor us | TB/s | best launch "
+              "(threads x CTAs/SM, loads in flight) | 1 CTA of 512 / SM, 8 loads us | "
+              "issue 6 target us |\n|---|---|---|---|---|---|---|\n");
+  for (const Shape& s : shapes) {
+    const int64_t bytes = s.n * s.k / 2 + s.n * (s.k / 64) * 4;
+    const int64_t slot = (bytes + 4095) / 4096 * 4096;
+    const int copies = int(pool / slot);
+    const int64_t n16 = bytes / 16;
+    double best = 1e30, byte_pair_like = 0;
+    int best_threads = 0, best_per_sm = 0, best_u = 0;
+    for (int threads : {256, 512, 1024})
+      for (int per_sm : {1, 2, 4, 8})
+        for (int u : {1, 2, 4, 8}) {
+          if (threads * per_sm > 2048) continue;
+          Kernel kernel = ReadKernel(u);
+          const int grid = sms * per_sm;
+          auto at = [&](int i) {
+            return reinterpret_cast<const uint4*>(base + int64_t(i % copies) * slot);
+          };
+          for (int i = 0; i < 2 * copies; ++i) kernel<<<grid, threads>>>(at(i), n16, out);
+          CHECK(cudaEventRecord(start));
+          for (int i = 0; i < reps; ++i) kernel<<<grid, threads>>>(at(i), n16, out);
+          CHECK(cudaEventRecord(stop));
+          CHECK(cudaEventSynchronize(stop));
+          CHECK(cudaGetLastError());
+          CHECK(cudaEventElapsedTime(&ms, start, stop));
+          const double us = 1e3 * ms / reps;
+          if (threads == 512 && per_sm == 1 && u == 8) byte_pair_like = us;
+          if (us < best) best = us, best_threads = threads, best_per_sm = per_sm, best_u = u;
+        }
+    std::printf("| %s | %.1f MB | %.2f | %.2f | %d x %d, %d | %.2f | %.0f |\n", s.name,
+                bytes / 1e6, best, bytes / best / 1e6, best_threads, best_per_sm, best_u,
+                byte_pair_like, s.target_us);
+  }
+  return 0;
+}
