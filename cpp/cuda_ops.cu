@@ -930,12 +930,16 @@ __global__ void __launch_bounds__(32 * kGtWarps, 1) GemmTileKernel(TileArgs<Scal
     const int s0 = begin + stage * S;
     const uint32_t slot = ring_base + (stage % kGtRing) * kGtSlotBytes<NT>;
     if (s0 < end) {
-      for (int i = threadIdx.x; i < MT * 32; i += 32 * kGtWarps) {
-        const int r = i / 32, c = i % 32;
-        const int64_t k = int64_t(s0) * 64 + 8 * c;
-        const bool valid = k < int64_t(end) * 64;
-        CopyAsync16(slot + (r * kGtRowStride + 8 * c) * 2, x + (r < rows ? r : 0) * K +
-                    (valid ? k : 0), valid);
+      // Lane c copies chunk c of rows warp, warp + 8, ...: the K offset and its validity are
+      // the same for all of this thread's rows.
+      const int64_t k = int64_t(s0) * 64 + 8 * lane;
+      const bool valid = k < int64_t(end) * 64;
+      const T* src = x + (valid ? k : 0);
+#pragma unroll
+      for (int j = 0; j < NT; ++j) {
+        const int r = warp + 8 * j;
+        CopyAsync16(slot + (r * kGtRowStride + 8 * lane) * 2, src + (r < rows ? r : 0) * K,
+                    valid);
       }
 #pragma unroll
       for (int u = 0; u < S; ++u) {
