@@ -11,16 +11,8 @@
 
 #include <cstdint>
 #include <cstdio>
-#include <vector>
 
-#define CHECK(x)                                                                  \
-  do {                                                                            \
-    cudaError_t e = (x);                                                          \
-    if (e != cudaSuccess) {                                                       \
-      std::fprintf(stderr, "%s:%d: %s\n", #x, __LINE__, cudaGetErrorString(e));   \
-      return 2;                                                                   \
-    }                                                                             \
-  } while (0)
+#include "cuda_check.h"
 
 template <int U>
 __global__ void Read(const uint4* __restrict__ p, int64_t n16, uint32_t* out) {

@@ -18,14 +18,7 @@
 #include <random>
 #include <vector>
 
-#define CHECK(x)                                                                  \
-  do {                                                                            \
-    cudaError_t e = (x);                                                          \
-    if (e != cudaSuccess) {                                                       \
-      std::fprintf(stderr, "%s:%d: %s\n", #x, __LINE__, cudaGetErrorString(e)); \
-      return 2;                                                                   \
-    }                                                                             \
-  } while (0)
+#include "cuda_check.h"
 
 constexpr int kN = 64;  // activation rows per instruction (wgmma N)
 
