@@ -2,7 +2,8 @@
 # The GPU run, in stages that fit the device tool's 10-minute calls:
 #   bash bench/gpu_run.sh STAGE[,STAGE...] [bench args]
 # Stages:
-#   build      pip install of this checkout (default CUDA architectures)
+#   build      pip install of this checkout (default CUDA architectures; JAX_NF4_LINEINFO=1 adds
+#              -lineinfo, so that the profile stage can attribute stalls to source lines)
 #   tests      the whole test suite with GPU skips turned into failures
 #   quick      the GPU cases of the kernel tests only
 #   sanitize   compute-sanitizer memcheck + racecheck over every kernel path
@@ -11,8 +12,9 @@
 #   decode     bench/bench_decode.py (8B decode, 70B shard timing)
 #   tp         bench/bench_decode.py (d): 70B decoding on 1 GPU and tensor-parallel on all GPUs
 #   profile    Nsight Compute on the M = 1 GEMV of 28672x8192 and 4096x4096 and the tiled
-#              kernel at M = 64 (speed of light, memory workload, warp stalls; the kernel's
-#              own duration, without launch gaps)
+#              kernel at M = 64 (speed of light, memory workload, warp stalls, and per source
+#              line with a JAX_NF4_LINEINFO=1 build; the kernel's own duration, without launch
+#              gaps); the full reports go to $OUT/ncu_*.ncu-rep
 #   probe      bench/wgmma_probe.cu: the wgmma register-A / descriptor conventions (sm_90a)
 #   floor      bench/read_floor.cu: the read-only floor for the benchmark's weight byte counts
 #   check      = build,tests,sanitize,examples
@@ -28,7 +30,9 @@ REPO=$PWD
 build() {
   nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
   local start=$(date +%s)
-  python3 -m pip install --no-build-isolation --no-deps . 2>&1 | tail -1
+  local flags=()
+  [[ ${JAX_NF4_LINEINFO:-0} == 1 ]] && flags=(-C cmake.define.CMAKE_CUDA_FLAGS=-lineinfo)
+  python3 -m pip install --no-build-isolation --no-deps "${flags[@]}" . 2>&1 | tail -1
   echo "build: $(( $(date +%s) - start )) s"
   # From outside the checkout, so that the installed package (with its compiled modules) is used.
   (cd /tmp && python3 -c "import jax, jax_nf4; print(jax.__version__, jax.devices(), 'cuda:', jax_nf4.cuda_available())")
@@ -77,9 +81,12 @@ profile() {
     local shape=${case%:*} rows=${case#*:}
     ncu --clock-control none -k regex:'Gemv|GemmTile' --launch-skip 2 --launch-count 1 \
       --section SpeedOfLight --section MemoryWorkloadAnalysis --section WarpStateStats \
-      --section LaunchStats --section Occupancy \
-      python3 bench/profile_gemv.py --shape $shape --rows $rows > "$OUT/ncu_${shape}_m$rows.txt" 2>&1
-    echo "ncu $shape M=$rows: exit $? | $(grep -E 'Duration|DRAM Throughput|Compute \(SM\)' \
+      --section LaunchStats --section Occupancy --section SourceCounters \
+      --import-source yes --export "$OUT/ncu_${shape}_m$rows" --force-overwrite \
+      python3 bench/profile_gemv.py --shape $shape --rows $rows > "$OUT/ncu_${shape}_m$rows.log" 2>&1
+    local rc=$?
+    ncu --import "$OUT/ncu_${shape}_m$rows.ncu-rep" > "$OUT/ncu_${shape}_m$rows.txt" 2>&1
+    echo "ncu $shape M=$rows: exit $rc | $(grep -E 'Duration|DRAM Throughput|Compute \(SM\)' \
       "$OUT/ncu_${shape}_m$rows.txt" | tr -s ' ' | tr '\n' ';')"
   done
 }
