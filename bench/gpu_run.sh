@@ -83,7 +83,7 @@ profile() {
       --section SpeedOfLight --section MemoryWorkloadAnalysis --section WarpStateStats \
       --section LaunchStats --section Occupancy --section SourceCounters \
       --import-source yes --export "$OUT/ncu_${shape}_m$rows" --force-overwrite \
-      python3 bench/profile_gemv.py --shape $shape --rows $rows > "$OUT/ncu_${shape}_m$rows.log" 2>&1
+      python3 bench/profile_gemv.py --shape $shape --rows $rows > "/tmp/ncu_${shape}_m$rows.log" 2>&1
     local rc=$?
     ncu --import "$OUT/ncu_${shape}_m$rows.ncu-rep" > "$OUT/ncu_${shape}_m$rows.txt" 2>&1
     echo "ncu $shape M=$rows: exit $rc | $(grep -E 'Duration|DRAM Throughput|Compute \(SM\)' \
