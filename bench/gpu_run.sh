@@ -17,6 +17,10 @@
 #              gaps); the full reports go to $OUT/ncu_*.ncu-rep
 #   probe      bench/wgmma_probe.cu: the wgmma register-A / descriptor conventions (sm_90a)
 #   floor      bench/read_floor.cu: the read-only floor for the benchmark's weight byte counts
+#   ab         this checkout (A, installed by `build`) against a second tree B given as the
+#              first bench arg (e.g. `git archive BRANCH | tar -x -C ab_b`, an untracked folder
+#              in the checkout): B built into /tmp/ab_b, B's GPU kernel tests, then the bench
+#              (the other args) for A and B in turn and bench/ab_compare.py's table
 #   check      = build,tests,sanitize,examples
 # Logs go to $OUT (the device tool's output folder) or /tmp/jax_nf4_out.
 set -uo pipefail
@@ -118,12 +122,26 @@ tp() {  # the 70B NF4 model (44 GB) and a shard of it on GPU 0 at once: let XLA 
     2>&1 | tee "$OUT/decode_tp_one_shot.log"
 }
 
+ab() {  # ab DIR [bench args]
+  local dir=$1; shift
+  rm -rf /tmp/ab_b
+  python3 -m pip install --no-build-isolation --no-deps --target /tmp/ab_b "$dir" 2>&1 | tail -1
+  (cd /tmp && PYTHONPATH=/tmp/ab_b JAX_NF4_REQUIRE_GPU=1 python3 -m pytest -q -p no:cacheprovider \
+    --rootdir="$REPO/$dir" -c "$REPO/$dir/pyproject.toml" "$REPO/$dir/tests/test_ops.py" \
+    "$REPO/$dir/tests/test_double_quant.py" -k gpu 2>&1) > "$OUT/ab_tests.log"
+  echo "B's GPU kernel tests: $(tail -1 "$OUT/ab_tests.log")"
+  python3 bench/bench_matmul.py --json "$OUT/ab_a.json" "$@" > /tmp/ab_a.txt 2>&1
+  PYTHONPATH=/tmp/ab_b python3 bench/bench_matmul.py --json "$OUT/ab_b.json" "$@" > /tmp/ab_b.txt 2>&1
+  python3 bench/ab_compare.py "$OUT/ab_a.json" "$OUT/ab_b.json" | tee "$OUT/ab.md"
+}
+
 [[ $stages == check ]] && stages=build,tests,sanitize,examples
 for stage in ${stages//,/ }; do
   case $stage in
     build|tests|quick|sanitize|examples|decode|tp|profile|probe|floor) $stage ;;
     bench) bench "$@" ;;
+    ab) ab "$@" ;;
     *) echo "usage: bash bench/gpu_run.sh STAGE[,STAGE...] [bench args]" \
-            "(build tests quick sanitize examples bench decode tp profile probe floor check)" >&2; exit 2 ;;
+            "(build tests quick sanitize examples bench ab decode tp profile probe floor check)" >&2; exit 2 ;;
   esac
 done
