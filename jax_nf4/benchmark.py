@@ -10,7 +10,8 @@ and per shape jax_nf4.dequantize (bf16 out) and jax_nf4.quantize (bf16 in). Matm
 under jax.jit: each call's output is the next call's input (a non-square N x K weight is paired
 with a K x N one), so XLA can neither fold nor de-duplicate them, and weight copies are rotated
 so that more than ``min_bytes`` of weights are touched per pass (the L2 cache cannot serve
-them). Times are wall clock over many chained calls after a warm-up, divided by the number of
+them); one jit dispatch makes at least 32 calls, so that the host's per-dispatch work is
+hidden. Times are wall clock over many chained calls after a warm-up, divided by the number of
 calls (the launch gap between dependent kernels included). With --kernel-times the matmuls are
 also traced once with jax.profiler: "kernel us" is the time the GPU streams were busy per call
 (no gaps).
@@ -162,17 +163,27 @@ def _traced_busy_us(fn: Callable, *args) -> float | None:
     return None if trace is None else device_busy_us(trace)
 
 
+# Op calls per jit dispatch at least. The host handles every leaf of every weight at each
+# dispatch (a double-quantized weight has 5): a short chain of fast calls would time the host.
+MIN_CALLS_PER_DISPATCH = 32
+
+
 def _time_chain(op: Callable, weights: Sequence, x, iters: int, reps: int,
                 kernel_time: bool = False) -> tuple[float, float | None]:
-    """Microseconds per op call: one jit call runs the chain over all weights once; `iters`
-    such calls are dispatched back to back, each taking the previous output. (A fori_loop
-    would let XLA hoist loop-invariant work such as the plain-jnp dequantization.) With
-    `kernel_time`, also the GPU busy time per call of one traced pass (else None)."""
+    """Microseconds per op call over `iters` passes through the weights: one jit call runs the
+    chain over all of them, repeated to at least MIN_CALLS_PER_DISPATCH calls, and such calls
+    are dispatched back to back, each taking the previous output. (A fori_loop would let XLA
+    hoist loop-invariant work such as the plain-jnp dequantization.) With `kernel_time`, also
+    the GPU busy time per call of one traced dispatch (else None)."""
+    passes = math.ceil(MIN_CALLS_PER_DISPATCH / len(weights))
+    calls = passes * len(weights)
+    dispatches = math.ceil(iters / passes)
 
     @jax.jit
     def chain(x, weights):
-        for w in weights:
-            x = op(x, w)
+        for _ in range(passes):
+            for w in weights:
+                x = op(x, w)
         return x
 
     chain(x, weights).block_until_ready()  # compile + warm up
@@ -180,14 +191,14 @@ def _time_chain(op: Callable, weights: Sequence, x, iters: int, reps: int,
     for _ in range(reps):
         t0 = time.perf_counter()
         out = x
-        for _ in range(iters):
+        for _ in range(dispatches):
             out = chain(out, weights)
         out.block_until_ready()
         best = min(best, time.perf_counter() - t0)
     if not bool(jnp.all(jnp.isfinite(out.astype(jnp.float32)))):
         raise RuntimeError("benchmark chain produced non-finite values")
     busy = _traced_busy_us(chain, x, weights) if kernel_time else None
-    return best / (iters * len(weights)) * 1e6, None if busy is None else busy / len(weights)
+    return best / (dispatches * calls) * 1e6, None if busy is None else busy / calls
 
 
 def _time_calls(fn: Callable, args: Sequence, reps: int) -> float:
