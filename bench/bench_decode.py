@@ -160,7 +160,7 @@ def decode_tensor_parallel(config: llama.LlamaConfig, tps: Sequence[int], *, bat
             jax.block_until_ready(llama.generate(target, prompt, new_tokens))
             times.append(time.perf_counter() - t0)
         first = tokens if first is None else first
-        peaks = [(d.memory_stats() or {}).get("peak_bytes_in_use") for d in jax.devices()[:tp]]
+        peaks = [llama.peak_device_bytes(d) for d in jax.devices()[:tp]]
         rows.append({"tp": tp, "batch": batch, "new_tokens": new_tokens,
                      "seconds": min(times), "tokens_per_s": batch * new_tokens / min(times),
                      "build_s": build_s, "place_s": place_s, "compile_s": compile_s,

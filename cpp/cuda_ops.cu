@@ -930,14 +930,15 @@ __global__ void __launch_bounds__(32 * kGtWarps, 1) GemmTileKernel(TileArgs<Scal
     const int s0 = begin + stage * S;
     const uint32_t slot = ring_base + (stage % kGtRing) * kGtSlotBytes<NT>;
     if (s0 < end) {
-      // Lane c copies chunk c of rows warp, warp + 8, ...: the K offset and its validity are
-      // the same for all of this thread's rows.
+      // Lane c copies chunk c of rows warp, warp + kGtWarps, ...: the K offset and its
+      // validity are the same for all of this thread's rows.
+      static_assert(MT % kGtWarps == 0, "each warp copies the same number of rows");
       const int64_t k = int64_t(s0) * 64 + 8 * lane;
       const bool valid = k < int64_t(end) * 64;
       const T* src = x + (valid ? k : 0);
 #pragma unroll
-      for (int j = 0; j < NT; ++j) {
-        const int r = warp + 8 * j;
+      for (int j = 0; j < MT / kGtWarps; ++j) {
+        const int r = warp + kGtWarps * j;
         CopyAsync16(slot + (r * kGtRowStride + 8 * lane) * 2, src + (r < rows ? r : 0) * K,
                     valid);
       }

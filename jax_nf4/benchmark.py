@@ -10,8 +10,8 @@ and per shape jax_nf4.dequantize (bf16 out) and jax_nf4.quantize (bf16 in). Matm
 under jax.jit: each call's output is the next call's input (a non-square N x K weight is paired
 with a K x N one), so XLA can neither fold nor de-duplicate them, and weight copies are rotated
 so that more than ``min_bytes`` of weights are touched per pass (the L2 cache cannot serve
-them); one jit dispatch makes at least 32 calls, so that the host's per-dispatch work is
-hidden. Times are wall clock over many chained calls after a warm-up, divided by the number of
+them); one jit dispatch makes at least MIN_CALLS_PER_DISPATCH calls, so that the host's
+per-dispatch work is hidden. Times are wall clock over many chained calls after a warm-up, divided by the number of
 calls (the launch gap between dependent kernels included). With --kernel-times the matmuls are
 also traced once with jax.profiler: "kernel us" is the time the GPU streams were busy per call
 (no gaps).

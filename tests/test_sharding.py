@@ -7,7 +7,6 @@ on those results.
 
 from __future__ import annotations
 
-
 import numpy as np
 import pytest
 

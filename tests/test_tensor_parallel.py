@@ -127,7 +127,6 @@ def test_errors(results):
     assert "already a 1/2 shard" in r["sharded_twice"]
 
 
-
 def test_double_quant_weights_are_decoded(results):
     r = results["double_quant"]
     assert r["equal"] and r["q_scales"] == "float32"

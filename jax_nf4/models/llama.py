@@ -599,10 +599,11 @@ def _weight_bytes(model: nnx.Module) -> int:
     return sum(x.nbytes for x in jax.tree.leaves(nnx.state(model)))
 
 
-def peak_device_bytes() -> int | None:
-    """The first local device's peak memory in use so far in this process (its allocator's
-    ``peak_bytes_in_use``), or None where the backend does not report it (the CPU)."""
-    stats = jax.local_devices()[0].memory_stats()
+def peak_device_bytes(device: jax.Device | None = None) -> int | None:
+    """The peak memory in use so far in this process on ``device`` (default: the first local
+    device; its allocator's ``peak_bytes_in_use``), or None where the backend does not report
+    it (the CPU)."""
+    stats = (jax.local_devices()[0] if device is None else device).memory_stats()
     return None if not stats or "peak_bytes_in_use" not in stats else int(
         stats["peak_bytes_in_use"])
 
