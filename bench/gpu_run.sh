@@ -20,7 +20,8 @@
 #   ab         this checkout (A, installed by `build`) against a second tree B given as the
 #              first bench arg (e.g. `git archive BRANCH | tar -x -C ab_b`, an untracked folder
 #              in the checkout): B built into /tmp/ab_b, B's GPU kernel tests, then the bench
-#              (the other args) for A and B in turn and bench/ab_compare.py's table
+#              (the other args) for A and B in turn and bench/ab_compare.py's table (AB_TESTS=0
+#              skips B's tests)
 #   check      = build,tests,sanitize,examples
 # Logs go to $OUT (the device tool's output folder) or /tmp/jax_nf4_out.
 set -uo pipefail
@@ -125,11 +126,14 @@ tp() {  # the 70B NF4 model (44 GB) and a shard of it on GPU 0 at once: let XLA 
 ab() {  # ab DIR [bench args]
   local dir=$1; shift
   rm -rf /tmp/ab_b
-  python3 -m pip install --no-build-isolation --no-deps --target /tmp/ab_b "$dir" 2>&1 | tail -1
-  (cd /tmp && PYTHONPATH=/tmp/ab_b JAX_NF4_REQUIRE_GPU=1 python3 -m pytest -q -p no:cacheprovider \
-    --rootdir="$REPO/$dir" -c "$REPO/$dir/pyproject.toml" "$REPO/$dir/tests/test_ops.py" \
-    "$REPO/$dir/tests/test_double_quant.py" -k gpu 2>&1) > "$OUT/ab_tests.log"
-  echo "B's GPU kernel tests: $(tail -1 "$OUT/ab_tests.log")"
+  python3 -m pip install --no-build-isolation --no-deps --target /tmp/ab_b "$REPO/$dir" 2>&1 | tail -1 || return 1
+  (cd /tmp && PYTHONPATH=/tmp/ab_b python3 -c "import jax_nf4; print('B is', jax_nf4.__file__)")
+  if [[ ${AB_TESTS:-1} == 1 ]]; then  # AB_TESTS=0: B is a tested tree (e.g. the last commit)
+    (cd /tmp && PYTHONPATH=/tmp/ab_b JAX_NF4_REQUIRE_GPU=1 python3 -m pytest -q -p no:cacheprovider \
+      --rootdir="$REPO/$dir" -c "$REPO/$dir/pyproject.toml" "$REPO/$dir/tests/test_ops.py" \
+      "$REPO/$dir/tests/test_double_quant.py" -k gpu 2>&1) > "$OUT/ab_tests.log"
+    echo "B's GPU kernel tests: $(tail -1 "$OUT/ab_tests.log")"
+  fi
   python3 bench/bench_matmul.py --json "$OUT/ab_a.json" "$@" > /tmp/ab_a.txt 2>&1
   PYTHONPATH=/tmp/ab_b python3 bench/bench_matmul.py --json "$OUT/ab_b.json" "$@" > /tmp/ab_b.txt 2>&1
   python3 bench/ab_compare.py "$OUT/ab_a.json" "$OUT/ab_b.json" | tee "$OUT/ab.md"

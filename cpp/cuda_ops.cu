@@ -573,9 +573,9 @@ cudaError_t LaunchGemvTensorCoreRows(GemvArgs<Scales> a, int64_t groups, cudaStr
 constexpr int kBpSpan = 64;                   // contraction elements per quad per step
 constexpr int kBpWarps = 16;                  // warps per CTA
 // Dynamic shared memory: up to 64 KB of alignment padding, the 64 KB table, the double-quant
-// scale table (1 KB) and the split-K partial sums.
+// scale table (1 KB) and two buffers of split-K partial sums (units alternate between them).
 template <int NT>
-constexpr int kBpSharedBytes = 65536 + 65536 + 1024 + kBpWarps * 32 * 4 * NT * 4;
+constexpr int kBpSharedBytes = 65536 + 65536 + 1024 + 2 * kBpWarps * 32 * 4 * NT * 4;
 
 // Double-quantized scales decode through their 256-entry table: with one group (no vmap
 // batch) kernels copy it to shared memory once per CTA (ReadScaleTable's value of thread i
@@ -611,7 +611,8 @@ __global__ void __launch_bounds__(32 * kBpWarps, 1) GemvBytePairKernel(GemvArgs<
   const uint32_t table_base = (dynamic_base + 0xffffu) & ~0xffffu;  // entry e, lane l: +256e + 4l
   unsigned char* table = dynamic_shared + (table_base - dynamic_base);
   float* scale_table = reinterpret_cast<float*>(table + 65536);
-  float(*partial)[32][4 * NT] = reinterpret_cast<float(*)[32][4 * NT]>(scale_table + 256);
+  // partial[buffer][warp][2 j + h][lane]: accumulators (4h, 4h + 1) of n-tile j.
+  float2(*partial)[W][2 * NT][32] = reinterpret_cast<float2(*)[W][2 * NT][32]>(scale_table + 256);
   const float scale_table_entry = ReadScaleTable(a.scales, a.groups);
   const uint32_t lane_address = table_base | (4 * (threadIdx.x % 32));
   auto lookup = [lane_address](uint32_t word, int byte) {  // table entry of one code byte
@@ -643,7 +644,7 @@ __global__ void __launch_bounds__(32 * kBpWarps, 1) GemvBytePairKernel(GemvArgs<
   // and the quad shares them by shuffles.
   using ScaleRow = decltype(StagedRow(a.scales, scale_table, 1, 0, 0, 1, 1));
   struct Unit {
-    int64_t grp, pa, pb;
+    int64_t grp, tile, pa, pb;  // tile: the first row pair of the warp's 16
     const uint4 *wa, *wb, *x[NT];
     ScaleRow scale;
   };
@@ -651,7 +652,8 @@ __global__ void __launch_bounds__(32 * kBpWarps, 1) GemvBytePairKernel(GemvArgs<
     Unit u;
     u.grp = unit / a.ctas_per_group;
     const int64_t cta = unit % a.ctas_per_group;
-    u.pa = (cta * (W / splits) + warp / splits) * 16 + g;
+    u.tile = (cta * (W / splits) + warp / splits) * 16;
+    u.pa = u.tile + g;
     u.pb = u.pa + 8;
     const int64_t ra = u.pa < a.pairs ? u.pa : 0, rb = u.pb < a.pairs ? u.pb : 0;
     const uint8_t* w0 = a.packed + u.grp * a.pairs * K + 16 * t;
@@ -733,6 +735,7 @@ __global__ void __launch_bounds__(32 * kBpWarps, 1) GemvBytePairKernel(GemvArgs<
   }
   StageScaleTable<Scales>(scale_table_entry, scale_table, a.groups);
   __syncthreads();
+  int parity = 0;  // the partial-sum buffer of this unit
   for (int64_t unit = blockIdx.x; unit < units; unit += gridDim.x) {
 #pragma unroll
     for (int j = 0; j < NT; ++j) acc[j][0] = acc[j][1] = acc[j][2] = acc[j][3] = 0.0f;
@@ -753,23 +756,41 @@ __global__ void __launch_bounds__(32 * kBpWarps, 1) GemvBytePairKernel(GemvArgs<
     const Unit next = setup(more ? unit + gridDim.x : unit);
     if (more) load(ping, next, begin, 0);
 
-    if (splits > 1) {
-      SumSplits<NT>(acc, partial, warp, lane, split, splits);
-      __syncthreads();  // the partial sums are read before the next unit writes them
-    }
-    if (split == 0) {
-      T* out = static_cast<T*>(a.out) + (cur.grp * a.m_total + a.m0) * N;
+    // Output pair (v0, v1) of mma lane l, n-tile j, half h: rows 2p, 2p + 1 (p = tile + l / 4 +
+    // 8h) of activation row 4j + l % 4.
+    T* out = static_cast<T*>(a.out) + (cur.grp * a.m_total + a.m0) * N;
+    auto store = [&](int j, int h, int l, float v0, float v1) {
+      const int m = 4 * j + l % 4;
+      const int64_t p = cur.tile + l / 4 + 8 * h;
+      if (m < rows && p < a.pairs)
+        *reinterpret_cast<uint32_t*>(out + m * N + 2 * p) = MmaType<T>::Pack(v0, v1);
+    };
+    if (splits == 1) {
 #pragma unroll
-      for (int j = 0; j < NT; ++j) {
-        const int m = 4 * j + t;
-        if (m >= rows) continue;
-        if (cur.pa < a.pairs)
-          *reinterpret_cast<uint32_t*>(out + m * N + 2 * cur.pa) =
-              MmaType<T>::Pack(acc[j][0], acc[j][1]);
-        if (cur.pb < a.pairs)
-          *reinterpret_cast<uint32_t*>(out + m * N + 2 * cur.pb) =
-              MmaType<T>::Pack(acc[j][2], acc[j][3]);
+      for (int j = 0; j < NT; ++j)
+#pragma unroll
+        for (int h = 0; h < 2; ++h) store(j, h, lane, acc[j][2 * h], acc[j][2 * h + 1]);
+    } else {
+      // Split-K sum, spread over the tile's splits x 32 threads: each sums one output pair over
+      // the splits in split order (bit-stable run to run, no atomics) and stores it. The two
+      // buffers let the next unit write its partial sums while this one's are still read.
+      float2(*tile_partial)[2 * NT][32] = partial[parity] + (warp - split);
+#pragma unroll
+      for (int j = 0; j < NT; ++j)
+#pragma unroll
+        for (int h = 0; h < 2; ++h)
+          tile_partial[split][2 * j + h][lane] = make_float2(acc[j][2 * h], acc[j][2 * h + 1]);
+      __syncthreads();
+      for (int i = split * 32 + lane; i < 64 * NT; i += 32 * splits) {
+        float2 sum = make_float2(0.0f, 0.0f);
+        for (int sp = 0; sp < splits; ++sp) {
+          const float2 v = tile_partial[sp][i / 32][i % 32];
+          sum.x += v.x;
+          sum.y += v.y;
+        }
+        store(i / 64, (i / 32) % 2, i % 32, sum.x, sum.y);
       }
+      parity ^= 1;
     }
     cur = next;
   }
