@@ -60,7 +60,7 @@ quick() {
 }
 
 sanitize() {
-  for tool in memcheck racecheck; do
+  for tool in ${SANITIZE_TOOLS:-memcheck racecheck}; do  # SANITIZE_TOOLS=memcheck: one of them
     # XLA's GEMM autotuning is slow and has crashed under memcheck: our kernels are the target.
     XLA_PYTHON_CLIENT_PREALLOCATE=false XLA_FLAGS=--xla_gpu_autotune_level=0 \
       compute-sanitizer --tool $tool --error-exitcode 9 \

@@ -37,6 +37,7 @@ import numpy as np
 from jax import lax
 
 from jax_nf4 import reference
+from jax_nf4._lowering import fused_max_rows
 from jax_nf4._weight import NF4Weight
 from jax_nf4.ops import dequantize, matmul, quantize
 
@@ -168,16 +169,10 @@ def _traced_busy_us(fn: Callable, *args) -> float | None:
 MIN_CALLS_PER_DISPATCH = 32
 
 
-def _time_chain(op: Callable, weights: Sequence, x, iters: int, reps: int,
-                kernel_time: bool = False) -> tuple[float, float | None]:
-    """Microseconds per op call over `iters` passes through the weights: one jit call runs the
-    chain over all of them, repeated to at least MIN_CALLS_PER_DISPATCH calls, and such calls
-    are dispatched back to back, each taking the previous output. (A fori_loop would let XLA
-    hoist loop-invariant work such as the plain-jnp dequantization.) With `kernel_time`, also
-    the GPU busy time per call of one traced dispatch (else None)."""
-    passes = math.ceil(MIN_CALLS_PER_DISPATCH / len(weights))
-    calls = passes * len(weights)
-    dispatches = math.ceil(iters / passes)
+def _chained(op: Callable, passes: int) -> Callable:
+    """jit of `passes` passes of ``x = op(x, w)`` over a list of weights. Work on a weight
+    alone (a dequantization) is merged by XLA across passes over the same weight: ops with such
+    work must be timed with one pass per dispatch (:func:`_weight_only_work`)."""
 
     @jax.jit
     def chain(x, weights):
@@ -186,6 +181,30 @@ def _time_chain(op: Callable, weights: Sequence, x, iters: int, reps: int,
                 x = op(x, w)
         return x
 
+    return chain
+
+
+def _weight_only_work(op_name: str, m: int, block_size: int) -> bool:
+    """Whether `op_name` at M = `m` computes something from the weight alone (the plain-jnp
+    and dequantize + dot baselines; jax_nf4.matmul above the fused kernel's M range)."""
+    if op_name in ("jnp nf4", "dequant + dot"):
+        return True
+    if op_name in ("nf4 matmul", "nf4 dq matmul"):
+        return m > fused_max_rows(jax.default_backend(), jnp.bfloat16, block_size)
+    return False
+
+
+def _time_chain(op: Callable, weights: Sequence, x, iters: int, reps: int,
+                kernel_time: bool = False, one_pass: bool = False) -> tuple[float, float | None]:
+    """Microseconds per op call over `iters` passes through the weights: one jit call runs the
+    chain over all of them (:func:`_chained`), repeated to at least MIN_CALLS_PER_DISPATCH
+    calls unless `one_pass`, and such calls are dispatched back to back, each taking the
+    previous output. With `kernel_time`, also the GPU busy time per call of one traced dispatch
+    (else None)."""
+    passes = 1 if one_pass else math.ceil(MIN_CALLS_PER_DISPATCH / len(weights))
+    calls = passes * len(weights)
+    dispatches = math.ceil(iters / passes)
+    chain = _chained(op, passes)
     chain(x, weights).block_until_ready()  # compile + warm up
     best = math.inf
     for _ in range(reps):
@@ -255,7 +274,8 @@ def run_benchmark(shapes=LLAMA_SHAPES, rows=DEFAULT_ROWS, block_size: int = 64,
                     ("dequant + dot", _dequant_dot, chain_q, avg_nf4)):
                 if op_name == "dequant + dot" and m < DEQUANT_DOT_MIN_ROWS:
                     continue
-                us, kernel_us = _time_chain(op, chain, x, iters, reps, kernel_times)
+                us, kernel_us = _time_chain(op, chain, x, iters, reps, kernel_times,
+                                            _weight_only_work(op_name, m, block_size))
                 results.append(Row((n, k), m, op_name, us, int(nbytes), kernel_us))
         us = _time_calls(lambda q: dequantize(q, jnp.bfloat16), q1, reps)
         results.append(Row((n, k), 0, "nf4 dequantize", us, nf4_bytes + 2 * n * k))

@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import json
+import re
 
 import jax
+import pytest
 
+import jax_nf4
 from jax_nf4 import benchmark, cli
 
 
@@ -36,6 +39,28 @@ def test_dequant_dot_baseline_from_16_rows():
     assert line1.rstrip(" |").endswith("| -") and line1.count("| - |") == 2
     assert line16.endswith("x |") and "| - |" not in line16
     assert line1.count("|") == line16.count("|") == table.splitlines()[3].count("|")
+
+
+@pytest.mark.parametrize("op, target, calls", [(benchmark._dequant_dot, "nf4_dequantize", 2),
+                                               (benchmark.matmul, "nf4_matmul", 6)])
+def test_chain_merges_weight_only_work_across_passes(op, target, calls):
+    # Three passes over two weights: XLA computes the dequantize of each weight once (so such
+    # ops are timed one pass per dispatch), while the x-dependent fused matmul runs 6 times.
+    weights = [jax_nf4.quantize(jax.random.normal(jax.random.PRNGKey(i), (32, 32)), 32)
+               for i in range(2)]
+    x = jax.random.normal(jax.random.PRNGKey(2), (1, 32))
+    compiled = benchmark._chained(op, passes=3).lower(x, weights).compile().as_text()
+    assert len(re.findall(rf'custom_call_target="[^"]*{target}"', compiled)) == calls
+
+
+def test_ops_with_weight_only_work_are_timed_one_pass_per_dispatch():
+    fused = benchmark.fused_max_rows(jax.default_backend(), jax.numpy.bfloat16, 64)
+    assert benchmark._weight_only_work("jnp nf4", 1, 64)
+    assert benchmark._weight_only_work("dequant + dot", 16, 64)
+    assert not benchmark._weight_only_work("dense bf16", 256, 64)
+    for op in ("nf4 matmul", "nf4 dq matmul"):
+        assert not benchmark._weight_only_work(op, fused, 64)
+        assert benchmark._weight_only_work(op, fused + 1, 64)
 
 
 def test_bench_command_writes_json(tmp_path, capsys):
