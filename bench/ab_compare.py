@@ -1,15 +1,17 @@
-"""Side by side: two `bench_matmul.py --json` runs of the same shapes (A = this checkout, B = a
-second build, `bash bench/gpu_run.sh ab DIR`), per shape, M and jax_nf4 op: the time per call
-of each (kernel µs where both runs traced the op, else wall µs), B / A, and each run's dense
-bf16 time as the check that the two runs saw the same card state.
+"""Side by side: `bench_matmul.py --json` runs of the same shapes (A = this checkout, then one
+or more other builds, `bash bench/gpu_run.sh build,ab DIR[,DIR...]`), per shape, M and jax_nf4
+op: the time per call of each (kernel µs where every run traced the op, else wall µs), each
+build's time relative to A, and each run's dense bf16 time as the check that the runs saw the
+same card state.
 
-    python3 bench/ab_compare.py A.json B.json
+    python3 bench/ab_compare.py A.json B.json [C.json ...]
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 
 OPS = ("nf4 matmul", "nf4 dq matmul")
 
@@ -20,28 +22,39 @@ def load(path: str) -> dict[tuple, dict]:
         return {(tuple(r["shape"]), r["m"], r["op"]): r for r in json.load(f) if "m" in r}
 
 
-def table(a: dict[tuple, dict], b: dict[tuple, dict]) -> list[str]:
-    """Markdown lines comparing the jax_nf4 ops present in both runs (kernel µs where both runs
-    traced that row, else wall µs)."""
-    lines = ["| N x K | M | op | time | A µs | B µs | B / A | dense A / B µs |",
-             "|---|---|---|---|---|---|---|---|"]
-    for shape, m, op in sorted(k for k in a if k in b and k[2] in OPS):
-        ra, rb = a[shape, m, op], b[shape, m, op]
-        key = "kernel_us" if ra.get("kernel_us") and rb.get("kernel_us") else "us"
-        dense = [run.get((shape, m, "dense bf16"), {}).get(key) for run in (a, b)]
-        dense_text = " / ".join(f"{d:.1f}" if d else "-" for d in dense)
-        lines.append(f"| {shape[0]}x{shape[1]} | {m} | {op} | {'kernel' if key == 'kernel_us' else 'wall'}"
-                     f" | {ra[key]:.1f} | {rb[key]:.1f} | {rb[key] / ra[key]:.3f} | "
-                     f"{dense_text} |")
+def table(runs: dict[str, dict[tuple, dict]]) -> list[str]:
+    """Markdown lines comparing the jax_nf4 ops present in every run; `runs` maps a name to a
+    loaded run, the first is the reference (kernel µs where every run traced the row, else
+    wall µs)."""
+    names = list(runs)
+    ref, others = names[0], names[1:]
+    head = (["N x K", "M", "op", "time", f"{ref} µs"]
+            + [c for n in others for c in (f"{n} µs", f"{n} / {ref}")] + ["dense µs (each run)"])
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    keys = sorted(k for k in runs[ref] if k[2] in OPS and all(k in r for r in runs.values()))
+    for shape, m, op in keys:
+        rows = [runs[n][shape, m, op] for n in names]
+        key = "kernel_us" if all(r.get("kernel_us") for r in rows) else "us"
+        cells = [f"{shape[0]}x{shape[1]}", str(m), op, "kernel" if key == "kernel_us" else "wall",
+                 f"{rows[0][key]:.1f}"]
+        for r in rows[1:]:
+            cells += [f"{r[key]:.1f}", f"{r[key] / rows[0][key]:.3f}"]
+        dense = [runs[n].get((shape, m, "dense bf16"), {}).get(key) for n in names]
+        cells.append(" / ".join(f"{d:.1f}" if d else "-" for d in dense))
+        lines.append("| " + " | ".join(cells) + " |")
     return lines
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("a", help="bench_matmul.py --json of build A")
-    p.add_argument("b", help="bench_matmul.py --json of build B")
+    p.add_argument("runs", nargs="+", help="bench_matmul.py --json files, the reference first")
     args = p.parse_args()
-    print("\n".join(table(load(args.a), load(args.b))))
+    if len(args.runs) < 2:
+        p.error(f"need the reference and at least one other run, got {len(args.runs)} file")
+    names = [os.path.splitext(os.path.basename(path))[0].removeprefix("ab_") for path in args.runs]
+    if len(set(names)) != len(names):
+        p.error(f"runs need distinct file names, got {names}")
+    print("\n".join(table({n: load(path) for n, path in zip(names, args.runs)})))
 
 
 if __name__ == "__main__":

@@ -17,11 +17,12 @@
 #              gaps); the full reports go to $OUT/ncu_*.ncu-rep
 #   probe      bench/wgmma_probe.cu: the wgmma register-A / descriptor conventions (sm_90a)
 #   floor      bench/read_floor.cu: the read-only floor for the benchmark's weight byte counts
-#   ab         this checkout (A, installed by `build`) against a second tree B given as the
-#              first bench arg (e.g. `git archive BRANCH | tar -x -C ab_b`, an untracked folder
-#              in the checkout): B built into /tmp/ab_b, B's GPU kernel tests, then the bench
-#              (the other args) for A and B in turn and bench/ab_compare.py's table (AB_TESTS=0
-#              skips B's tests)
+#   ab         this checkout (A, installed by `build`: run `build,ab` on a fresh machine) against
+#              other trees given as the first bench arg, comma-separated (e.g. `git archive
+#              BRANCH | tar -x -C ab_x`, untracked folders in the checkout; distinct folder
+#              names): each built into /tmp/ab_NAME in parallel, its GPU kernel tests (AB_TESTS=0
+#              skips them), the bench (the other args) for A and each in turn, then
+#              bench/ab_compare.py's table
 #   check      = build,tests,sanitize,examples
 # Logs go to $OUT (the device tool's output folder) or /tmp/jax_nf4_out.
 set -uo pipefail
@@ -123,20 +124,36 @@ tp() {  # the 70B NF4 model (44 GB) and a shard of it on GPU 0 at once: let XLA 
     2>&1 | tee "$OUT/decode_tp_one_shot.log"
 }
 
-ab() {  # ab DIR [bench args]
-  local dir=$1; shift
-  rm -rf /tmp/ab_b
-  python3 -m pip install --no-build-isolation --no-deps --target /tmp/ab_b "$REPO/$dir" 2>&1 | tail -1 || return 1
-  (cd /tmp && PYTHONPATH=/tmp/ab_b python3 -c "import jax_nf4; print('B is', jax_nf4.__file__)")
-  if [[ ${AB_TESTS:-1} == 1 ]]; then  # AB_TESTS=0: B is a tested tree (e.g. the last commit)
-    (cd /tmp && PYTHONPATH=/tmp/ab_b JAX_NF4_REQUIRE_GPU=1 python3 -m pytest -q -p no:cacheprovider \
-      --rootdir="$REPO/$dir" -c "$REPO/$dir/pyproject.toml" "$REPO/$dir/tests/test_ops.py" \
-      "$REPO/$dir/tests/test_double_quant.py" -k gpu 2>&1) > "$OUT/ab_tests.log"
-    echo "B's GPU kernel tests: $(tail -1 "$OUT/ab_tests.log")"
-  fi
-  python3 bench/bench_matmul.py --json "$OUT/ab_a.json" "$@" > /tmp/ab_a.txt 2>&1
-  PYTHONPATH=/tmp/ab_b python3 bench/bench_matmul.py --json "$OUT/ab_b.json" "$@" > /tmp/ab_b.txt 2>&1
-  python3 bench/ab_compare.py "$OUT/ab_a.json" "$OUT/ab_b.json" | tee "$OUT/ab.md"
+ab() {  # ab DIR[,DIR...] [bench args]
+  local dirs=(${1//,/ }); shift
+  local dir name pids=()
+  for dir in "${dirs[@]}"; do  # the builds in parallel, each into its own folder
+    name=$(basename "$dir"); name=${name#ab_}
+    rm -rf "/tmp/ab_$name"
+    python3 -m pip install --no-build-isolation --no-deps --target "/tmp/ab_$name" "$REPO/$dir" \
+      > "$OUT/ab_build_$name.log" 2>&1 &
+    pids+=($!)
+  done
+  for i in "${!dirs[@]}"; do
+    wait "${pids[$i]}" || { echo "build of ${dirs[$i]} failed:"; tail -5 "$OUT"/ab_build_*.log; return 1; }
+  done
+  local jsons=("$OUT/ab_A.json")
+  python3 bench/bench_matmul.py --json "$OUT/ab_A.json" "$@" > /tmp/ab_A.txt 2>&1
+  for dir in "${dirs[@]}"; do
+    name=$(basename "$dir"); name=${name#ab_}
+    (cd /tmp && PYTHONPATH="/tmp/ab_$name" python3 -c "import jax_nf4; print('$name is', jax_nf4.__file__)")
+    if [[ ${AB_TESTS:-1} == 1 ]]; then  # AB_TESTS=0: the trees are tested (e.g. commits)
+      (cd /tmp && PYTHONPATH="/tmp/ab_$name" JAX_NF4_REQUIRE_GPU=1 python3 -m pytest -q \
+        -p no:cacheprovider --rootdir="$REPO/$dir" -c "$REPO/$dir/pyproject.toml" \
+        "$REPO/$dir/tests/test_ops.py" "$REPO/$dir/tests/test_double_quant.py" -k gpu 2>&1) \
+        > "$OUT/ab_tests_$name.log"
+      echo "$name's GPU kernel tests: $(tail -1 "$OUT/ab_tests_$name.log")"
+    fi
+    PYTHONPATH="/tmp/ab_$name" python3 bench/bench_matmul.py --json "$OUT/ab_$name.json" "$@" \
+      > "/tmp/ab_$name.txt" 2>&1
+    jsons+=("$OUT/ab_$name.json")
+  done
+  python3 bench/ab_compare.py "${jsons[@]}" | tee "$OUT/ab.md"
 }
 
 [[ $stages == check ]] && stages=build,tests,sanitize,examples
