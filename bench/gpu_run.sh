@@ -16,7 +16,8 @@
 #              line with a JAX_NF4_LINEINFO=1 build; the kernel's own duration, without launch
 #              gaps); the full reports go to $OUT/ncu_*.ncu-rep
 #   probe      bench/wgmma_probe.cu: the wgmma register-A / descriptor conventions (sm_90a)
-#   floor      bench/read_floor.cu: the read-only floor for the benchmark's weight byte counts
+#   floor      bench/read_floor.cu: the read-only floor for the benchmark's weight byte counts, and
+#              the byte-pair GEMV's access pattern (layout A, tile-major) read without arithmetic
 #   ab         this checkout (A, installed by `build`: run `build,ab` on a fresh machine) against
 #              other trees given as the first bench arg, comma-separated (e.g. `git archive
 #              BRANCH | tar -x -C ab_x`, untracked folders in the checkout; distinct folder

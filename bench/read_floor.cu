@@ -5,6 +5,8 @@
 // (threads per CTA, CTAs per SM, loads in flight) is the floor an NF4 GEMV of that shape can
 // approach (it reads the same bytes and must also decode and multiply). Back-to-back launches
 // are also bounded by the host's launch rate: the empty kernel's time per launch shows it.
+// A second table reads the code bytes in the byte-pair GEMV's pattern (layout A, and a
+// tile-major layout a repack could give) against a plain stream at the same launch shape.
 //   nvcc -O3 -std=c++17 -gencode arch=compute_90,code=sm_90 bench/read_floor.cu -o /tmp/rf
 //   /tmp/rf            (bash bench/gpu_run.sh floor)
 #include <cuda_runtime.h>
@@ -29,6 +31,50 @@ __global__ void Read(const uint4* __restrict__ p, int64_t n16, uint32_t* out) {
   for (; i < n16; i += stride) {
     const uint4 v = __ldcs(p + i);
     acc ^= v.x ^ v.y ^ v.z ^ v.w;
+  }
+  if (acc == 0x9e3779b9u) out[blockIdx.x] = acc;  // (almost) never stores; keeps the loads
+}
+
+// The byte-pair GEMV's access pattern without its arithmetic: a persistent grid of 16-warp CTAs
+// over tiles of 16 row pairs, warp w reading its slice w of the 64-element spans (K / 64 / 16 of
+// them), lane (g, t) 16 bytes of row pairs 16 tile + g and 16 tile + g + 8 at byte 64 s + 16 t
+// of each span s, U spans per load group. kTileMajor: the same bytes in a layout where each
+// (tile, span) is one contiguous KB (pair p's 64 bytes at (p % 16) * 64), so a warp's load is
+// 512 contiguous bytes and its slice a contiguous run.
+template <int U, bool kTileMajor>
+__global__ void __launch_bounds__(512, 1) ReadPairPattern(const uint8_t* __restrict__ w,
+                                                          int64_t pairs, int64_t k,
+                                                          uint32_t* out) {
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, g = lane / 4, t = lane % 4;
+  const int64_t steps = k / 64, tiles = (pairs + 15) / 16, per = (steps + 15) / 16;
+  const int64_t begin = warp * per, end = begin + per < steps ? begin + per : steps;
+  uint32_t acc = 0;
+  for (int64_t tile = blockIdx.x; tile < tiles; tile += gridDim.x) {
+    const int64_t pa = tile * 16 + g < pairs ? tile * 16 + g : pairs - 1;
+    const int64_t pb = tile * 16 + g + 8 < pairs ? tile * 16 + g + 8 : pairs - 1;
+    for (int64_t s = begin; s < end; s += U) {
+      uint4 v[U][2];
+#pragma unroll
+      for (int u = 0; u < U; ++u) {
+        if (s + u >= end) break;
+        const uint8_t *a, *b;
+        if constexpr (kTileMajor) {
+          a = w + (tile * steps + s + u) * 1024 + 16 * lane;
+          b = a + 512;
+        } else {
+          a = w + pa * k + (s + u) * 64 + 16 * t;
+          b = w + pb * k + (s + u) * 64 + 16 * t;
+        }
+        v[u][0] = __ldcs(reinterpret_cast<const uint4*>(a));
+        v[u][1] = __ldcs(reinterpret_cast<const uint4*>(b));
+      }
+#pragma unroll
+      for (int u = 0; u < U; ++u) {
+        if (s + u >= end) break;
+        acc ^= v[u][0].x ^ v[u][0].y ^ v[u][0].z ^ v[u][0].w ^ v[u][1].x ^ v[u][1].y ^ v[u][1].z ^
+               v[u][1].w;
+      }
+    }
   }
   if (acc == 0x9e3779b9u) out[blockIdx.x] = acc;  // (almost) never stores; keeps the loads
 }
@@ -116,6 +162,45 @@ int main() {
     std::printf("| %s | %.1f MB | %.2f | %.2f | %d x %d, %d | %.2f | %.0f |\n", s.name,
                 bytes / 1e6, best, bytes / best / 1e6, best_threads, best_per_sm, best_u,
                 byte_pair_like, s.target_us);
+  }
+
+  // The GEMV's access pattern against a plain stream of the same code bytes (no scales), each
+  // as one 512-thread CTA per SM.
+  std::printf("\n| N x K | code bytes | contiguous, 8 loads us | byte-pair pattern, U = 2 / 4 us | "
+              "tile-major layout, U = 2 / 4 us |\n|---|---|---|---|---|\n");
+  for (const Shape& s : shapes) {
+    const int64_t bytes = s.n * s.k / 2;
+    const int64_t slot = (bytes + 4095) / 4096 * 4096;
+    const int copies = int(pool / slot);
+    auto at = [&](int i) { return base + int64_t(i % copies) * slot; };
+    auto time = [&](auto launch) {
+      for (int i = 0; i < 2 * copies; ++i) launch(at(i));
+      CHECK(cudaEventRecord(start));
+      for (int i = 0; i < reps; ++i) launch(at(i));
+      CHECK(cudaEventRecord(stop));
+      CHECK(cudaEventSynchronize(stop));
+      CHECK(cudaGetLastError());
+      CHECK(cudaEventElapsedTime(&ms, start, stop));
+      return 1e3 * ms / reps;
+    };
+    const int64_t pairs = s.n / 2;
+    const double plain = time([&](const uint8_t* p) {
+      Read<8><<<sms, 512>>>(reinterpret_cast<const uint4*>(p), bytes / 16, out);
+    });
+    const double rows2 = time([&](const uint8_t* p) {
+      ReadPairPattern<2, false><<<sms, 512>>>(p, pairs, s.k, out);
+    });
+    const double rows4 = time([&](const uint8_t* p) {
+      ReadPairPattern<4, false><<<sms, 512>>>(p, pairs, s.k, out);
+    });
+    const double tiles2 = time([&](const uint8_t* p) {
+      ReadPairPattern<2, true><<<sms, 512>>>(p, pairs, s.k, out);
+    });
+    const double tiles4 = time([&](const uint8_t* p) {
+      ReadPairPattern<4, true><<<sms, 512>>>(p, pairs, s.k, out);
+    });
+    std::printf("| %s | %.1f MB | %.2f | %.2f / %.2f | %.2f / %.2f |\n", s.name, bytes / 1e6, plain,
+                rows2, rows4, tiles2, tiles4);
   }
   return 0;
 }
