@@ -245,7 +245,6 @@ def weight_to_bnb(q: NF4Weight, weight_key: str, *, quant_storage: Any = np.uint
     as bitsandbytes saves them; ``quant_storage`` views the packed bytes as another dtype."""
     if q.stack_shape:
         raise ValueError(f"weight_to_bnb takes one weight, got a stack {q.stack_shape}")
-    n, k = q.shape
     raw = layout_b_from_a(np.asarray(q.packed))
     storage = np.dtype(quant_storage)
     if raw.size % storage.itemsize:
