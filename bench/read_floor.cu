@@ -38,16 +38,21 @@ __global__ void Read(const uint4* __restrict__ p, int64_t n16, uint32_t* out) {
 // The byte-pair GEMV's access pattern without its arithmetic: a persistent grid of 16-warp CTAs
 // over tiles of 16 row pairs, warp w reading its slice w of the 64-element spans (K / 64 / 16 of
 // them), lane (g, t) 16 bytes of row pairs 16 tile + g and 16 tile + g + 8 at byte 64 s + 16 t
-// of each span s, U spans per load group. kTileMajor: the same bytes in a layout where each
-// (tile, span) is one contiguous KB (pair p's 64 bytes at (p % 16) * 64), so a warp's load is
-// 512 contiguous bytes and its slice a contiguous run.
-template <int U, bool kTileMajor>
+// of each span s, U spans per load group. kInterleaved: warp w reads spans w, w + 16, ...
+// instead (the tile's warps on adjacent spans at a time). kTileMajor: the same bytes in a
+// layout where each (tile, span) is one contiguous KB (pair p's 64 bytes at (p % 16) * 64), so
+// a warp's load is 512 contiguous bytes and its slice a contiguous run.
+enum class Pattern { kSlices, kInterleaved, kTileMajor };
+template <int U, Pattern kPattern>
 __global__ void __launch_bounds__(512, 1) ReadPairPattern(const uint8_t* __restrict__ w,
                                                           int64_t pairs, int64_t k,
                                                           uint32_t* out) {
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, g = lane / 4, t = lane % 4;
   const int64_t steps = k / 64, tiles = (pairs + 15) / 16, per = (steps + 15) / 16;
   const int64_t begin = warp * per, end = begin + per < steps ? begin + per : steps;
+  auto span = [&](int64_t i) {
+    return kPattern == Pattern::kInterleaved ? (i - begin) * 16 + warp : i;
+  };
   uint32_t acc = 0;
   for (int64_t tile = blockIdx.x; tile < tiles; tile += gridDim.x) {
     const int64_t pa = tile * 16 + g < pairs ? tile * 16 + g : pairs - 1;
@@ -56,21 +61,21 @@ __global__ void __launch_bounds__(512, 1) ReadPairPattern(const uint8_t* __restr
       uint4 v[U][2];
 #pragma unroll
       for (int u = 0; u < U; ++u) {
-        if (s + u >= end) break;
+        if (s + u >= end || span(s + u) >= steps) break;
         const uint8_t *a, *b;
-        if constexpr (kTileMajor) {
+        if constexpr (kPattern == Pattern::kTileMajor) {
           a = w + (tile * steps + s + u) * 1024 + 16 * lane;
           b = a + 512;
         } else {
-          a = w + pa * k + (s + u) * 64 + 16 * t;
-          b = w + pb * k + (s + u) * 64 + 16 * t;
+          a = w + pa * k + span(s + u) * 64 + 16 * t;
+          b = w + pb * k + span(s + u) * 64 + 16 * t;
         }
         v[u][0] = __ldcs(reinterpret_cast<const uint4*>(a));
         v[u][1] = __ldcs(reinterpret_cast<const uint4*>(b));
       }
 #pragma unroll
       for (int u = 0; u < U; ++u) {
-        if (s + u >= end) break;
+        if (s + u >= end || span(s + u) >= steps) break;
         acc ^= v[u][0].x ^ v[u][0].y ^ v[u][0].z ^ v[u][0].w ^ v[u][1].x ^ v[u][1].y ^ v[u][1].z ^
                v[u][1].w;
       }
@@ -167,7 +172,8 @@ int main() {
   // The GEMV's access pattern against a plain stream of the same code bytes (no scales), each
   // as one 512-thread CTA per SM.
   std::printf("\n| N x K | code bytes | contiguous, 8 loads us | byte-pair pattern, U = 2 / 4 us | "
-              "tile-major layout, U = 2 / 4 us |\n|---|---|---|---|---|\n");
+              "interleaved spans, U = 2 / 4 us | tile-major layout, U = 2 / 4 us |\n"
+              "|---|---|---|---|---|---|\n");
   for (const Shape& s : shapes) {
     const int64_t bytes = s.n * s.k / 2;
     const int64_t slot = (bytes + 4095) / 4096 * 4096;
@@ -187,20 +193,16 @@ int main() {
     const double plain = time([&](const uint8_t* p) {
       Read<8><<<sms, 512>>>(reinterpret_cast<const uint4*>(p), bytes / 16, out);
     });
-    const double rows2 = time([&](const uint8_t* p) {
-      ReadPairPattern<2, false><<<sms, 512>>>(p, pairs, s.k, out);
-    });
-    const double rows4 = time([&](const uint8_t* p) {
-      ReadPairPattern<4, false><<<sms, 512>>>(p, pairs, s.k, out);
-    });
-    const double tiles2 = time([&](const uint8_t* p) {
-      ReadPairPattern<2, true><<<sms, 512>>>(p, pairs, s.k, out);
-    });
-    const double tiles4 = time([&](const uint8_t* p) {
-      ReadPairPattern<4, true><<<sms, 512>>>(p, pairs, s.k, out);
-    });
-    std::printf("| %s | %.1f MB | %.2f | %.2f / %.2f | %.2f / %.2f |\n", s.name, bytes / 1e6, plain,
-                rows2, rows4, tiles2, tiles4);
+    auto pattern = [&](auto kernel) {
+      return time([&](const uint8_t* p) { kernel<<<sms, 512>>>(p, pairs, s.k, out); });
+    };
+    std::printf("| %s | %.1f MB | %.2f | %.2f / %.2f | %.2f / %.2f | %.2f / %.2f |\n", s.name,
+                bytes / 1e6, plain, pattern(ReadPairPattern<2, Pattern::kSlices>),
+                pattern(ReadPairPattern<4, Pattern::kSlices>),
+                pattern(ReadPairPattern<2, Pattern::kInterleaved>),
+                pattern(ReadPairPattern<4, Pattern::kInterleaved>),
+                pattern(ReadPairPattern<2, Pattern::kTileMajor>),
+                pattern(ReadPairPattern<4, Pattern::kTileMajor>));
   }
   return 0;
 }
