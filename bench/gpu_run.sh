@@ -45,20 +45,24 @@ build() {
   (cd /tmp && python3 -c "import jax, jax_nf4; print(jax.__version__, jax.devices(), 'cuda:', jax_nf4.cuda_available())")
 }
 
-pytest_gpu() {  # pytest_gpu LOG ARGS...: the tests from outside the checkout, GPU skips failing
-  local log=$1; shift
-  (cd /tmp && JAX_NF4_REQUIRE_GPU=1 python3 -m pytest -q -p no:cacheprovider --rootdir="$REPO" \
-    -c "$REPO/pyproject.toml" "$@" 2>&1) | tee "$OUT/$log" | tail -8
+pytest_gpu() {  # pytest_gpu ROOT LOG ARGS...: tree ROOT's tests from outside it, GPU skips failing
+  local root=$1 log=$2; shift 2
+  (cd /tmp && JAX_NF4_REQUIRE_GPU=1 python3 -m pytest -q -p no:cacheprovider --rootdir="$root" \
+    -c "$root/pyproject.toml" "$@" 2>&1) | tee "$OUT/$log" | tail -8
+}
+
+kernel_tests() {  # kernel_tests ROOT LOG: the GPU cases of tree ROOT's kernel tests
+  pytest_gpu "$1" "$2" -x "$1/tests/test_ops.py" "$1/tests/test_double_quant.py" -k gpu
 }
 
 tests() {
   (cd /tmp && python3 -c "import flax, optax; print('flax', flax.__version__, 'optax', optax.__version__)") \
     || echo "flax/optax missing on this machine: tests/test_flax.py and the examples skip"
-  pytest_gpu pytest.log "$REPO/tests"
+  pytest_gpu "$REPO" pytest.log "$REPO/tests"
 }
 
 quick() {
-  pytest_gpu pytest_quick.log -x "$REPO/tests/test_ops.py" "$REPO/tests/test_double_quant.py" -k gpu
+  kernel_tests "$REPO" pytest_quick.log
 }
 
 sanitize() {
@@ -127,30 +131,27 @@ tp() {  # the 70B NF4 model (44 GB) and a shard of it on GPU 0 at once: let XLA 
 
 ab() {  # ab DIR[,DIR...] [bench args]
   local dirs=(${1//,/ }); shift
-  local dir name pids=()
-  for dir in "${dirs[@]}"; do  # the builds in parallel, each into its own folder
-    name=$(basename "$dir"); name=${name#ab_}
-    rm -rf "/tmp/ab_$name"
-    python3 -m pip install --no-build-isolation --no-deps --target "/tmp/ab_$name" "$REPO/$dir" \
-      > "$OUT/ab_build_$name.log" 2>&1 &
+  local i names=() pids=() jsons=("$OUT/ab_A.json")
+  for i in "${!dirs[@]}"; do  # the builds in parallel, each into its own folder
+    names+=("$(basename "${dirs[$i]}")"); names[$i]=${names[$i]#ab_}
+    rm -rf "/tmp/ab_${names[$i]}"
+    python3 -m pip install --no-build-isolation --no-deps --target "/tmp/ab_${names[$i]}" \
+      "$REPO/${dirs[$i]}" > "$OUT/ab_build_${names[$i]}.log" 2>&1 &
     pids+=($!)
   done
   for i in "${!dirs[@]}"; do
-    wait "${pids[$i]}" || { echo "build of ${dirs[$i]} failed:"; tail -5 "$OUT"/ab_build_*.log; return 1; }
+    wait "${pids[$i]}" || { echo "build of ${dirs[$i]} failed:"
+                            tail -5 "$OUT/ab_build_${names[$i]}.log"; return 1; }
   done
-  local jsons=("$OUT/ab_A.json")
   python3 bench/bench_matmul.py --json "$OUT/ab_A.json" "$@" > /tmp/ab_A.txt 2>&1
-  for dir in "${dirs[@]}"; do
-    name=$(basename "$dir"); name=${name#ab_}
-    (cd /tmp && PYTHONPATH="/tmp/ab_$name" python3 -c "import jax_nf4; print('$name is', jax_nf4.__file__)")
+  for i in "${!dirs[@]}"; do
+    local name=${names[$i]} path="/tmp/ab_${names[$i]}"
+    (cd /tmp && PYTHONPATH=$path python3 -c "import jax_nf4; print('$name is', jax_nf4.__file__)")
     if [[ ${AB_TESTS:-1} == 1 ]]; then  # AB_TESTS=0: the trees are tested (e.g. commits)
-      (cd /tmp && PYTHONPATH="/tmp/ab_$name" JAX_NF4_REQUIRE_GPU=1 python3 -m pytest -q \
-        -p no:cacheprovider --rootdir="$REPO/$dir" -c "$REPO/$dir/pyproject.toml" \
-        "$REPO/$dir/tests/test_ops.py" "$REPO/$dir/tests/test_double_quant.py" -k gpu 2>&1) \
-        > "$OUT/ab_tests_$name.log"
-      echo "$name's GPU kernel tests: $(tail -1 "$OUT/ab_tests_$name.log")"
+      echo "$name's GPU kernel tests: $(PYTHONPATH=$path kernel_tests "$REPO/${dirs[$i]}" \
+                                         "ab_tests_$name.log" | tail -1)"
     fi
-    PYTHONPATH="/tmp/ab_$name" python3 bench/bench_matmul.py --json "$OUT/ab_$name.json" "$@" \
+    PYTHONPATH=$path python3 bench/bench_matmul.py --json "$OUT/ab_$name.json" "$@" \
       > "/tmp/ab_$name.txt" 2>&1
     jsons+=("$OUT/ab_$name.json")
   done

@@ -134,13 +134,27 @@ int main() {
   std::printf("empty kernel (%d x 512 threads), back to back: %.2f us per launch\n", sms,
               1e3 * ms / reps);
 
+  // Microseconds per call of launch(p), back to back, p rotating over the pool's slots of
+  // `bytes` (after two warm-up rotations).
+  auto us_per_call = [&](int64_t bytes, auto launch) {
+    const int64_t slot = (bytes + 4095) / 4096 * 4096;
+    const int copies = int(pool / slot);
+    auto at = [&](int i) { return base + int64_t(i % copies) * slot; };
+    for (int i = 0; i < 2 * copies; ++i) launch(at(i));
+    CHECK(cudaEventRecord(start));
+    for (int i = 0; i < reps; ++i) launch(at(i));
+    CHECK(cudaEventRecord(stop));
+    CHECK(cudaEventSynchronize(stop));
+    CHECK(cudaGetLastError());
+    CHECK(cudaEventElapsedTime(&ms, start, stop));
+    return 1e3 * ms / reps;
+  };
+
   std::printf("| N x K | NF4 bytes (codes + f32 scales) | read floor us | TB/s | best launch "
               "(threads x CTAs/SM, loads in flight) | 1 CTA of 512 / SM, 8 loads us | "
               "issue 6 target us |\n|---|---|---|---|---|---|---|\n");
   for (const Shape& s : shapes) {
     const int64_t bytes = s.n * s.k / 2 + s.n * (s.k / 64) * 4;
-    const int64_t slot = (bytes + 4095) / 4096 * 4096;
-    const int copies = int(pool / slot);
     const int64_t n16 = bytes / 16;
     double best = 1e30, byte_pair_like = 0;
     int best_threads = 0, best_per_sm = 0, best_u = 0;
@@ -150,17 +164,9 @@ int main() {
           if (threads * per_sm > 2048) continue;
           Kernel kernel = ReadKernel(u);
           const int grid = sms * per_sm;
-          auto at = [&](int i) {
-            return reinterpret_cast<const uint4*>(base + int64_t(i % copies) * slot);
-          };
-          for (int i = 0; i < 2 * copies; ++i) kernel<<<grid, threads>>>(at(i), n16, out);
-          CHECK(cudaEventRecord(start));
-          for (int i = 0; i < reps; ++i) kernel<<<grid, threads>>>(at(i), n16, out);
-          CHECK(cudaEventRecord(stop));
-          CHECK(cudaEventSynchronize(stop));
-          CHECK(cudaGetLastError());
-          CHECK(cudaEventElapsedTime(&ms, start, stop));
-          const double us = 1e3 * ms / reps;
+          const double us = us_per_call(bytes, [&](const uint8_t* p) {
+            kernel<<<grid, threads>>>(reinterpret_cast<const uint4*>(p), n16, out);
+          });
           if (threads == 512 && per_sm == 1 && u == 8) byte_pair_like = us;
           if (us < best) best = us, best_threads = threads, best_per_sm = per_sm, best_u = u;
         }
@@ -175,34 +181,23 @@ int main() {
               "interleaved spans, U = 2 / 4 us | tile-major layout, U = 2 / 4 us |\n"
               "|---|---|---|---|---|---|\n");
   for (const Shape& s : shapes) {
-    const int64_t bytes = s.n * s.k / 2;
-    const int64_t slot = (bytes + 4095) / 4096 * 4096;
-    const int copies = int(pool / slot);
-    auto at = [&](int i) { return base + int64_t(i % copies) * slot; };
-    auto time = [&](auto launch) {
-      for (int i = 0; i < 2 * copies; ++i) launch(at(i));
-      CHECK(cudaEventRecord(start));
-      for (int i = 0; i < reps; ++i) launch(at(i));
-      CHECK(cudaEventRecord(stop));
-      CHECK(cudaEventSynchronize(stop));
-      CHECK(cudaGetLastError());
-      CHECK(cudaEventElapsedTime(&ms, start, stop));
-      return 1e3 * ms / reps;
-    };
-    const int64_t pairs = s.n / 2;
-    const double plain = time([&](const uint8_t* p) {
+    const int64_t bytes = s.n * s.k / 2, pairs = s.n / 2;
+    const double plain = us_per_call(bytes, [&](const uint8_t* p) {
       Read<8><<<sms, 512>>>(reinterpret_cast<const uint4*>(p), bytes / 16, out);
     });
     auto pattern = [&](auto kernel) {
-      return time([&](const uint8_t* p) { kernel<<<sms, 512>>>(p, pairs, s.k, out); });
+      return us_per_call(bytes,
+                         [&](const uint8_t* p) { kernel<<<sms, 512>>>(p, pairs, s.k, out); });
     };
+    const double slices[] = {pattern(ReadPairPattern<2, Pattern::kSlices>),
+                             pattern(ReadPairPattern<4, Pattern::kSlices>)};
+    const double interleaved[] = {pattern(ReadPairPattern<2, Pattern::kInterleaved>),
+                                  pattern(ReadPairPattern<4, Pattern::kInterleaved>)};
+    const double tiles[] = {pattern(ReadPairPattern<2, Pattern::kTileMajor>),
+                            pattern(ReadPairPattern<4, Pattern::kTileMajor>)};
     std::printf("| %s | %.1f MB | %.2f | %.2f / %.2f | %.2f / %.2f | %.2f / %.2f |\n", s.name,
-                bytes / 1e6, plain, pattern(ReadPairPattern<2, Pattern::kSlices>),
-                pattern(ReadPairPattern<4, Pattern::kSlices>),
-                pattern(ReadPairPattern<2, Pattern::kInterleaved>),
-                pattern(ReadPairPattern<4, Pattern::kInterleaved>),
-                pattern(ReadPairPattern<2, Pattern::kTileMajor>),
-                pattern(ReadPairPattern<4, Pattern::kTileMajor>));
+                bytes / 1e6, plain, slices[0], slices[1], interleaved[0], interleaved[1],
+                tiles[0], tiles[1]);
   }
   return 0;
 }

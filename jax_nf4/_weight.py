@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 from jax_nf4.double_quant import DoubleQuantScales, _shape, dequantize_scales
@@ -96,6 +97,12 @@ class NF4Weight:
         if isinstance(self.absmax, DoubleQuantScales):
             return dequantize_scales(self.absmax)
         return self.absmax
+
+    def codes(self) -> Any:
+        """The 4-bit codes ``uint8[..., N, K]`` unpacked from ``packed`` (a jnp computation):
+        row ``2j`` from the low nibbles of packed row ``j``, row ``2j+1`` from the high ones."""
+        p = jnp.asarray(self.packed)
+        return jnp.stack([p & 15, p >> 4], axis=-2).reshape(*p.shape[:-2], *self.shape)
 
     @property
     def nbytes(self) -> int:

@@ -11,10 +11,11 @@ under jax.jit: each call's output is the next call's input (a non-square N x K w
 with a K x N one), so XLA can neither fold nor de-duplicate them, and weight copies are rotated
 so that more than ``min_bytes`` of weights are touched per pass (the L2 cache cannot serve
 them); one jit dispatch makes at least MIN_CALLS_PER_DISPATCH calls, so that the host's
-per-dispatch work is hidden. Times are wall clock over many chained calls after a warm-up, divided by the number of
-calls (the launch gap between dependent kernels included). With --kernel-times the matmuls are
-also traced once with jax.profiler: "kernel us" is the time the GPU streams were busy per call
-(no gaps).
+per-dispatch work is hidden (one pass per dispatch for ops with work on the weight alone, which
+XLA would merge across passes). Times are wall clock over many chained calls after a warm-up,
+divided by the number of calls (the launch gap between dependent kernels included). With
+--kernel-times the matmuls are also traced once with jax.profiler: "kernel us" is the time the
+GPU streams were busy per call (no gaps).
 """
 
 from __future__ import annotations
@@ -75,10 +76,8 @@ def _random_weights(key, n: int, k: int, copies: int, block_size: int):
 
 def _jnp_nf4_matmul(x, q: NF4Weight):
     """NF4 in plain jnp: unpack nibbles, gather the codebook, scale, then a dense dot."""
-    n, k = q.shape
-    codes = jnp.stack([q.packed & 15, q.packed >> 4], axis=1).reshape(n, k)
     scales = jnp.repeat(q.absmax, q.block_size, axis=1)
-    w = (jnp.asarray(reference.CODEBOOK)[codes] * scales).astype(x.dtype)
+    w = (jnp.asarray(reference.CODEBOOK)[q.codes()] * scales).astype(x.dtype)
     return lax.dot_general(x, w, (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32
                            ).astype(x.dtype)
 

@@ -179,6 +179,16 @@ def test_quantize_ties_go_low_and_zero_blocks_get_code_7(rng, device, mode, dtyp
 
 
 @pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("stack", [(), (3,)])
+def test_weight_codes_unpack_the_nibbles(rng, device, mode, stack):
+    w = jax.device_put(rng.standard_normal((*stack, 6, 64)).astype(np.float32), device)
+    q = jax_nf4.quantize(w, 32)
+    codes = call(mode, lambda q: q.codes(), q)
+    assert codes.shape == (*stack, 6, 64) and codes.dtype == np.uint8
+    np.testing.assert_array_equal(np.asarray(codes), reference.unpack_pairs(np.asarray(q.packed)))
+
+
+@pytest.mark.parametrize("mode", MODES)
 def test_quantize_casts_float64_to_float32(rng, device, mode):
     w = random_weight(rng, (4, 128), np.float64)
     with jax.enable_x64(True):  # without x64, JAX itself turns float64 input into float32

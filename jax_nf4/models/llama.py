@@ -355,11 +355,8 @@ def _interleave_rows(weights: list[NF4Weight], keys: tuple[str, ...], ck: Any) -
                               f"{b.block_size}; this model interleaves their rows in one "
                               "NF4 weight", path=ck.source_of(keys[0]), key=keys[0])
 
-    def codes(q: NF4Weight) -> Array:  # [out, in] 4-bit codes: packed row j holds rows 2j, 2j+1
-        return jnp.stack([q.packed & 15, q.packed >> 4], axis=1).reshape(q.shape)
-
     n, k = a.shape
-    packed = (codes(a) | (codes(b) << 4)).astype(jnp.uint8)
+    packed = (a.codes() | (b.codes() << 4)).astype(jnp.uint8)
     absmax = jnp.stack([a.scales(), b.scales()], axis=1).reshape(2 * n, -1)
     return NF4Weight(packed, absmax, (2 * n, k), a.block_size, a.dtype)
 
