@@ -33,7 +33,9 @@
     tp = 2, 4, ... up to the device count: tokens/s, scaling = tokens/s(tp) / (tp *
     tokens/s(1)), each GPU's peak memory, and the share of tokens equal to the one-GPU run's
     (bf16 partial sums may round differently). The model is built once on GPU 0; the last
-    placement donates its arrays so the peak stays near one model.
+    placement donates its arrays so the peak stays near one model. On a GPU one more run per
+    tp is traced: GPU 0's device time per token by kernel class (collectives apart) and its
+    12 longest kernels. ``--tps`` picks the sizes (default 1, 2, 4, 8 up to the device count).
 
 Every result is printed (flushed) as soon as it is known and the JSON file (--json) is
 rewritten, so a timeout keeps what was done. Stages go to stderr. --quick runs the tiny
@@ -59,6 +61,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from jax_nf4.benchmark import device_us_by_kind, top_kernels, trace_call
 from jax_nf4.models import llama
 
 BF16 = jnp.bfloat16
@@ -126,10 +129,13 @@ def tensor_parallel_estimate(t_full: float, t_shard: float, tp: int, *, batch: i
 
 def decode_tensor_parallel(config: llama.LlamaConfig, tps: Sequence[int], *, batch: int = 1,
                            prompt_len: int = 16, new_tokens: int = 64, iters: int = 2,
-                           seed: int = 0) -> list[dict]:
+                           seed: int = 0, profile: bool = False) -> list[dict]:
     """Tokens/s of NF4 greedy decoding of ``config`` on one device (``tps[0] == 1``, plain
     :func:`llama.generate`) and tensor-parallel over the first ``tp`` devices for each later
-    ``tp`` (:func:`llama.shard_model`), best of ``iters`` timed runs after a compiling one."""
+    ``tp`` (:func:`llama.shard_model`), best of ``iters`` timed runs after a compiling one.
+    With ``profile``, one more run is traced: ``device_ms_per_token`` holds GPU 0's device time
+    per token by kernel class (:func:`jax_nf4.benchmark.device_us_by_kind`) and
+    ``top_kernels`` its 12 longest kernels per token ``(name, ms, calls)``; None on a CPU."""
     if list(tps) != sorted(set(tps)) or tps[0] != 1 or tps[-1] > len(jax.devices()):
         raise ValueError(f"tps must ascend from 1 to at most {len(jax.devices())}, got {tps}")
     cfg = dataclasses.replace(config, max_len=prompt_len + new_tokens)
@@ -160,8 +166,17 @@ def decode_tensor_parallel(config: llama.LlamaConfig, tps: Sequence[int], *, bat
             jax.block_until_ready(llama.generate(target, prompt, new_tokens))
             times.append(time.perf_counter() - t0)
         first = tokens if first is None else first
+        kinds, top = None, None
+        if profile:
+            trace = trace_call(llama.generate, target, prompt, new_tokens)
+            kinds = None if trace is None else device_us_by_kind(trace, device=0)
+            if kinds is not None:
+                kinds = {k: v / 1e3 / new_tokens for k, v in kinds.items()}
+                top = [(kernel, us / 1e3 / new_tokens, calls / new_tokens)
+                       for kernel, us, calls in top_kernels(trace, 12, device=0)]
         peaks = [llama.peak_device_bytes(d) for d in jax.devices()[:tp]]
         rows.append({"tp": tp, "batch": batch, "new_tokens": new_tokens,
+                     "device_ms_per_token": kinds, "top_kernels": top,
                      "seconds": min(times), "tokens_per_s": batch * new_tokens / min(times),
                      "build_s": build_s, "place_s": place_s, "compile_s": compile_s,
                      "tokens_equal_to_tp1": float((tokens == first).mean()),
@@ -194,6 +209,9 @@ def main(argv: Sequence[str] | None = None) -> dict:
     p.add_argument("--skip-tp", action="store_true", help="skip (d), tensor-parallel decoding")
     p.add_argument("--tp-tokens", type=int, default=None, metavar="N",
                    help="tokens per sequence in (d) (default 64; --quick 4)")
+    p.add_argument("--tps", default=None, metavar="1,2,...",
+                   help="tensor-parallel sizes in (d), ascending from 1 (default 1, 2, 4, 8 up "
+                        "to the device count)")
     p.add_argument("--new-tokens", type=int, default=None, metavar="N",
                    help="tokens per sequence in (a) (default 128; --quick 4)")
     p.add_argument("--iters", type=int, default=3, metavar="N", help="timed runs in (a)")
@@ -202,6 +220,12 @@ def main(argv: Sequence[str] | None = None) -> dict:
     p.add_argument("--allreduce-latency-us", type=float, default=10.0,
                    help="assumed fixed cost of one all-reduce, microseconds (default 10)")
     args = p.parse_args(argv)
+    try:
+        tps_wanted = [1, 2, 4, 8] if args.tps is None else [int(t) for t in args.tps.split(",")]
+    except ValueError:
+        p.error(f"--tps must be comma-separated integers, got {args.tps!r}")
+    if tps_wanted[0] != 1 or tps_wanted != sorted(set(tps_wanted)):
+        p.error(f"--tps must ascend from 1, got {args.tps!r}")
     for name in ("new_tokens", "iters", "tp_tokens"):
         value = getattr(args, name)
         if value is not None and value < 1:
@@ -297,12 +321,12 @@ def main(argv: Sequence[str] | None = None) -> dict:
                  f"ms/token for {config.n_layers} layers)")
 
     name = "tiny" if args.quick else "llama3-70b"
-    tps = [tp for tp in (1, 2, 4, 8) if tp <= len(jax.devices()) and _shardable(name, tp)]
+    tps = [tp for tp in tps_wanted if tp <= len(jax.devices()) and _shardable(name, tp)]
     if not args.skip_tp and len(tps) > 1:
         rows = decode_tensor_parallel(llama.get_config(name), tps,
                                       new_tokens=args.tp_tokens or (4 if args.quick else 64),
                                       prompt_len=4 if args.quick else 16,
-                                      iters=1 if args.quick else 2)
+                                      iters=1 if args.quick else 2, profile=True)
         for r in rows:
             results["tensor_parallel_decode"].append(r)
             peaks = ", ".join("-" if b is None else f"{b / 2**30:.1f}"
@@ -312,6 +336,13 @@ def main(argv: Sequence[str] | None = None) -> dict:
                  f"{r['scaling']:.2f}, tokens equal to tp=1: {100 * r['tokens_equal_to_tp1']:.0f}"
                  f"%, peak GiB per GPU [{peaks}], build {r['build_s']:.0f} s, place "
                  f"{r['place_s']:.1f} s, compile {r['compile_s']:.1f} s")
+            if r["device_ms_per_token"] is not None:
+                d, wall = r["device_ms_per_token"], 1e3 * r["seconds"] / r["new_tokens"]
+                emit(f"    GPU 0 per token (one traced run): {d['nf4']:.2f} ms jax_nf4 kernels, "
+                     f"{d['gemm']:.2f} ms GEMMs, {d['collective']:.2f} ms collectives, "
+                     f"{d['other']:.2f} ms other; busy {d['busy']:.2f} of {wall:.2f} ms")
+                for kname, ms, calls in r["top_kernels"]:
+                    emit(f"      {1e3 * ms:8.1f} us/token {calls:6.1f} calls/token  {kname[:110]}")
     elif not args.skip_tp:
         emit(f"(d) skipped: {len(jax.devices())} device (tensor parallelism needs 2 or more)")
     return results

@@ -125,7 +125,8 @@ tp() {  # the 70B NF4 model (44 GB) and a shard of it on GPU 0 at once: let XLA 
   echo "with --xla_gpu_unsupported_use_all_reduce_one_shot_kernel=true:"
   XLA_PYTHON_CLIENT_MEM_FRACTION=0.92 \
     XLA_FLAGS="${XLA_FLAGS:-} --xla_gpu_unsupported_use_all_reduce_one_shot_kernel=true" \
-    python3 bench/bench_decode.py --skip-8b --skip-70b --json "$OUT/decode_tp_one_shot.json" \
+    python3 bench/bench_decode.py --skip-8b --skip-70b --tps "1,$(nvidia-smi -L | wc -l)" \
+    --json "$OUT/decode_tp_one_shot.json" \
     2>&1 | tee "$OUT/decode_tp_one_shot.log"
 }
 

@@ -92,12 +92,14 @@ def _dequant_dot(x, q: NF4Weight):
     return _dense_matmul(x, dequantize(q, x.dtype))
 
 
-def _device_spans(trace: dict) -> list[tuple[float, float, str]]:
+def _device_spans(trace: dict, device: int | None = None) -> list[tuple[float, float, str]]:
     """``(start, end, name)`` in microseconds of the events on the threads named
-    ``Stream #...`` of the ``/device:...`` processes of a ``jax.profiler`` perfetto trace."""
+    ``Stream #...`` of the ``/device:...`` processes of a ``jax.profiler`` perfetto trace (of
+    ``/device:GPU:{device}`` alone when ``device`` is given)."""
     events = trace.get("traceEvents", [])
+    prefix = "/device:" if device is None else f"/device:GPU:{device} "
     devices = {e["pid"] for e in events if e.get("ph") == "M" and e.get("name") == "process_name"
-               and str(e.get("args", {}).get("name", "")).startswith("/device:")}
+               and (str(e.get("args", {}).get("name", "")) + " ").startswith(prefix)}
     streams = {(e["pid"], e["tid"]) for e in events
                if e.get("ph") == "M" and e.get("name") == "thread_name" and e.get("pid") in devices
                and str(e.get("args", {}).get("name", "")).startswith("Stream #")}
@@ -126,14 +128,17 @@ def _union_us(spans: list[tuple[float, float, str]]) -> float:
 
 #: Kernel classes of :func:`device_us_by_kind` (first match of the name, case-insensitive).
 KERNEL_KINDS = {"nf4": re.compile(r"jax_nf4|gemv|gemmtile|ksplits", re.I),
-                "gemm": re.compile(r"gemm|nvjet|cutlass|xmma|cublas", re.I)}
+                "gemm": re.compile(r"gemm|nvjet|cutlass|xmma|cublas", re.I),
+                "collective": re.compile(r"nccl|all.?reduce|all.?gather|reduce.?scatter", re.I)}
 
 
-def device_us_by_kind(trace: dict) -> dict[str, float] | None:
+def device_us_by_kind(trace: dict, device: int | None = None) -> dict[str, float] | None:
     """Device microseconds of a trace by kernel class: ``nf4`` (jax_nf4's kernels), ``gemm``
-    (cuBLAS / CUTLASS matrix products), ``other`` (XLA's fusions, copies, collectives) summed
-    over their events, and ``busy`` (:func:`device_busy_us`). None without device streams."""
-    spans = _device_spans(trace)
+    (cuBLAS / CUTLASS matrix products), ``collective`` (NCCL and XLA's collective kernels),
+    ``other`` (XLA's fusions, copies) summed over their events, and ``busy`` (the union of the
+    events' intervals). All devices' streams together, or GPU ``device``'s alone. None
+    without device streams."""
+    spans = _device_spans(trace, device)
     if not spans:
         return None
     out = dict.fromkeys([*KERNEL_KINDS, "other"], 0.0)
@@ -142,6 +147,20 @@ def device_us_by_kind(trace: dict) -> dict[str, float] | None:
         out[kind] += s1 - s0
     out["busy"] = _union_us(spans)
     return out
+
+
+def top_kernels(trace: dict, n: int = 10, device: int | None = None
+                ) -> list[tuple[str, float, int]]:
+    """The ``n`` kernel names with the most device time in a trace (all devices, or GPU
+    ``device``): ``(name, microseconds summed over its events, number of events)``, the
+    longest first."""
+    totals: dict[str, list] = {}
+    for s0, s1, name in _device_spans(trace, device):
+        t = totals.setdefault(name, [0.0, 0])
+        t[0] += s1 - s0
+        t[1] += 1
+    ranked = sorted(totals.items(), key=lambda kv: -kv[1][0])[:n]
+    return [(name, us, count) for name, (us, count) in ranked]
 
 
 def trace_call(fn: Callable, *args) -> dict | None:

@@ -93,8 +93,30 @@ def test_device_busy_time_is_the_union_of_stream_events():
     assert benchmark.device_busy_us({"traceEvents": events[:2] + events[-1:]}) is None
     # by kernel class: the two GemvKernel events, the copy; sums of durations, and the union
     assert benchmark.device_us_by_kind({"traceEvents": events}) == {
-        "nf4": 7.5, "gemm": 0.0, "other": 5.0, "busy": 9.5}
+        "nf4": 7.5, "gemm": 0.0, "collective": 0.0, "other": 5.0, "busy": 9.5}
     assert benchmark.device_us_by_kind({"traceEvents": events[:2]}) is None
+
+
+def test_device_times_of_one_gpu_and_the_top_kernels():
+    events = [_meta(2, "/device:GPU:0 (NVIDIA H100)"), _meta(2, "Stream #13(Compute)", tid=13),
+              _meta(3, "/device:GPU:1"), _meta(3, "Stream #13(Compute)", tid=13),
+              _meta(4, "/device:GPU:10"), _meta(4, "Stream #13(Compute)", tid=13),
+              {"ph": "X", "pid": 2, "tid": 13, "ts": 0.0, "dur": 4.0, "name": "GemvKernel"},
+              {"ph": "X", "pid": 2, "tid": 13, "ts": 5.0, "dur": 3.0, "name": "ncclDevKernel_"
+               "AllReduce_Sum_f32_RING_LL"},
+              {"ph": "X", "pid": 2, "tid": 13, "ts": 9.0, "dur": 2.0, "name": "GemvKernel"},
+              {"ph": "X", "pid": 3, "tid": 13, "ts": 0.0, "dur": 7.0, "name": "GemvKernel"},
+              {"ph": "X", "pid": 4, "tid": 13, "ts": 0.0, "dur": 1.0, "name": "fusion"}]
+    trace = {"traceEvents": events}
+    assert benchmark.device_us_by_kind(trace, device=1) == {
+        "nf4": 7.0, "gemm": 0.0, "collective": 0.0, "other": 0.0, "busy": 7.0}
+    assert benchmark.device_us_by_kind(trace, device=0) == {
+        "nf4": 6.0, "gemm": 0.0, "collective": 3.0, "other": 0.0, "busy": 9.0}
+    assert benchmark.device_us_by_kind(trace)["nf4"] == 13.0
+    assert benchmark.device_us_by_kind(trace, device=3) is None
+    assert benchmark.top_kernels(trace, device=0) == [
+        ("GemvKernel", 6.0, 2), ("ncclDevKernel_AllReduce_Sum_f32_RING_LL", 3.0, 1)]
+    assert benchmark.top_kernels(trace, 1) == [("GemvKernel", 13.0, 3)]
 
 
 def test_kernel_kinds():

@@ -275,6 +275,13 @@ def test_tensor_parallel_formulas():
     assert shard_half.tp == 2
 
 
+@pytest.mark.parametrize("tps", ["2,4", "1,4,2", "1,x"])
+def test_bench_decode_rejects_bad_tps(tps, capsys):
+    with pytest.raises(SystemExit) as e:
+        _bench_decode_module().main(["--quick", "--tps", tps])
+    assert e.value.code == 2 and "--tps must" in capsys.readouterr().err
+
+
 def test_bench_decode_quick(tmp_path, capsys):
     out = tmp_path / "decode.json"
     results = _bench_decode_module().main(["--quick", "--iters", "1", "--json", str(out)])

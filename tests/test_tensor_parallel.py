@@ -92,7 +92,7 @@ report("donate", split=len(split), deleted=all(x.is_deleted() for x in split),
 spec = importlib.util.spec_from_file_location("bench_decode", sys.argv[1])
 bd = importlib.util.module_from_spec(spec)
 spec.loader.exec_module(bd)
-res = bd.main(["--quick", "--skip-8b", "--skip-70b", "--iters", "1"])
+res = bd.main(["--quick", "--skip-8b", "--skip-70b", "--iters", "1", "--tps", "1,2,4"])
 report("bench", rows=res["tensor_parallel_decode"])
 print("DONE", flush=True)
 '''
@@ -144,3 +144,4 @@ def test_bench_measured_tensor_parallel(results):
     assert rows[1]["scaling"] == pytest.approx(rows[1]["tokens_per_s"] /
                                                (2 * rows[0]["tokens_per_s"]))
     assert all(0.0 <= r["tokens_equal_to_tp1"] <= 1.0 for r in rows)   # bf16 may round apart
+    assert all(r["device_ms_per_token"] is None and r["top_kernels"] is None for r in rows)
