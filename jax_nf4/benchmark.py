@@ -129,7 +129,9 @@ def _union_us(spans: list[tuple[float, float, str]]) -> float:
 #: Kernel classes of :func:`device_us_by_kind` (first match of the name, case-insensitive).
 KERNEL_KINDS = {"nf4": re.compile(r"jax_nf4|gemv|gemmtile|ksplits", re.I),
                 "gemm": re.compile(r"gemm|nvjet|cutlass|xmma|cublas", re.I),
-                "collective": re.compile(r"nccl|all.?reduce|all.?gather|reduce.?scatter", re.I)}
+                # NCCL's kernels, and XLA's own all-reduce kernels (named after the jax psum)
+                "collective": re.compile(r"nccl|psum|all.?reduce|all.?gather|reduce.?scatter",
+                                         re.I)}
 
 
 def device_us_by_kind(trace: dict, device: int | None = None) -> dict[str, float] | None:

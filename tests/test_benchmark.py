@@ -132,6 +132,8 @@ def test_kernel_kinds():
     assert kind("nvjet_tst_128x64_64x8_1x2_h_bz_coopA_NTN") == "gemm"
     assert kind("sm90_xmma_gemm_bf16bf16_bf16f32_f32_tn_n_tilesize128x128x64") == "gemm"
     assert kind("loop_multiply_fusion_3") == "other"
+    assert kind("psum_2408_0_fusion_1") == "collective"
+    assert kind("ncclDevKernel_AllGather_RING_LL") == "collective"
 
 
 def test_kernel_times_on_cpu_are_absent():
