@@ -568,8 +568,9 @@ cudaError_t LaunchGemvTensorCoreRows(GemvArgs<Scales> a, int64_t groups, cudaStr
 // shared address, so the byte_perm's result IS the address (one PRMT and one LDS per byte).
 // The table is 64 KB of a dynamic allocation (aligned inside it at run time), so one 16-warp
 // CTA per SM; the grid is persistent (one CTA per SM looping over work units: 16 / splits
-// tiles of 16 row pairs, K split over `splits` warps each), and the first loads of a CTA's next
-// unit are issued before the current unit's split-K reduction so the stream does not drain.
+// tiles of 16 row pairs, K split over `splits` warps each), and a warp's weight loads run
+// through a ring of registers that continues across its units, so the next unit's loads are
+// in flight during the current unit's split-K reduction and the stream does not drain.
 constexpr int kBpSpan = 64;                   // contraction elements per quad per step
 constexpr int kBpWarps = 16;                  // warps per CTA
 // Dynamic shared memory: up to 64 KB of alignment padding, the 64 KB table, the double-quant
@@ -602,8 +603,8 @@ __device__ __forceinline__ auto StagedRow(const Scales& s, const float* staged, 
   return row;
 }
 
-// U: spans whose loads are issued together (4 at one n-tile on long rows, else 2).
-template <typename T, int NT, int U, typename Scales>
+// U: spans whose loads are issued together; R: load groups in the register ring.
+template <typename T, int NT, int U, int R, typename Scales>
 __global__ void __launch_bounds__(32 * kBpWarps, 1) GemvBytePairKernel(GemvArgs<Scales> a) {
   constexpr int W = kBpWarps;
   extern __shared__ __align__(16) unsigned char dynamic_shared[];
@@ -630,7 +631,7 @@ __global__ void __launch_bounds__(32 * kBpWarps, 1) GemvBytePairKernel(GemvArgs<
   const int rows = int(a.m_total - a.m0 < 4 * NT ? a.m_total - a.m0 : 4 * NT);
   const int64_t units = a.ctas_per_group * a.groups;
   // This warp's contiguous slice of 64-element spans (the same in every unit), in groups of U
-  // spans whose loads are issued together, double-buffered (ping-pong, no register copies).
+  // spans whose loads are issued together (the ring below holds R groups).
   const int steps = int(K / kBpSpan);
   const int begin = split * a.steps_per_split;
   const int end = begin + a.steps_per_split < steps ? begin + a.steps_per_split : steps;
@@ -644,27 +645,30 @@ __global__ void __launch_bounds__(32 * kBpWarps, 1) GemvBytePairKernel(GemvArgs<
   // and the quad shares them by shuffles.
   using ScaleRow = decltype(StagedRow(a.scales, scale_table, 1, 0, 0, 1, 1));
   struct Unit {
-    int64_t grp, tile, pa, pb;  // tile: the first row pair of the warp's 16
-    const uint4 *wa, *wb, *x[NT];
+    int64_t grp, tile;  // tile: the first row pair of the warp's 16
+    const uint4 *wa, *wb, *x;  // x: activation row 0 (row 4j + g / 2 is x_offset[j] further)
     ScaleRow scale;
   };
+  int x_offset[NT];  // uint4s, the same in every unit (rows past M read row 0)
+#pragma unroll
+  for (int j = 0; j < NT; ++j) {
+    const int m = 4 * j + g / 2;
+    x_offset[j] = int((m < rows ? m : 0) * (K / 8));
+  }
   auto setup = [&](int64_t unit) {
     Unit u;
-    u.grp = unit / a.ctas_per_group;
-    const int64_t cta = unit % a.ctas_per_group;
+    // No division without a vmap batch; else 32-bit (units, 16 row pairs each, are < 2^32).
+    const uint32_t per_group = uint32_t(a.ctas_per_group);
+    u.grp = a.groups == 1 ? 0 : uint32_t(unit) / per_group;
+    const int64_t cta = uint32_t(unit) - uint32_t(u.grp) * per_group;
     u.tile = (cta * (W / splits) + warp / splits) * 16;
-    u.pa = u.tile + g;
-    u.pb = u.pa + 8;
-    const int64_t ra = u.pa < a.pairs ? u.pa : 0, rb = u.pb < a.pairs ? u.pb : 0;
+    const int64_t pa = u.tile + g, pb = pa + 8;
+    const int64_t ra = pa < a.pairs ? pa : 0, rb = pb < a.pairs ? pb : 0;
     const uint8_t* w0 = a.packed + u.grp * a.pairs * K + 16 * t;
     u.wa = reinterpret_cast<const uint4*>(w0 + ra * K) + 4 * begin;
     u.wb = reinterpret_cast<const uint4*>(w0 + rb * K) + 4 * begin;
-    const T* x_rows = static_cast<const T*>(a.x) + (u.grp * a.m_total + a.m0) * K + 16 * t;
-#pragma unroll
-    for (int j = 0; j < NT; ++j) {
-      const int m = 4 * j + g / 2;
-      u.x[j] = reinterpret_cast<const uint4*>(x_rows + (m < rows ? m : 0) * K) + 8 * begin;
-    }
+    u.x = reinterpret_cast<const uint4*>(static_cast<const T*>(a.x) +
+                                         (u.grp * a.m_total + a.m0) * K + 16 * t) + 8 * begin;
     u.scale = StagedRow(a.scales, scale_table, a.groups, u.grp,
                         t < 2 ? 2 * ra + t : 2 * rb + t - 2, N, blocks);
     return u;
@@ -694,8 +698,8 @@ __global__ void __launch_bounds__(32 * kBpWarps, 1) GemvBytePairKernel(GemvArgs<
       uint4 xs[NT][2];
 #pragma unroll
       for (int j = 0; j < NT; ++j) {
-        xs[j][0] = __ldg(un.x[j] + 8 * (o + u));
-        xs[j][1] = __ldg(un.x[j] + 8 * (o + u) + 1);
+        xs[j][0] = __ldg(un.x + x_offset[j] + 8 * (o + u));
+        xs[j][1] = __ldg(un.x + x_offset[j] + 8 * (o + u) + 1);
       }
       float part[NT][4];
 #pragma unroll
@@ -724,10 +728,27 @@ __global__ void __launch_bounds__(32 * kBpWarps, 1) GemvBytePairKernel(GemvArgs<
     }
   };
 
+  // A ring of R load groups in registers: the loads of the group R - 1 ahead go out before a
+  // group is computed, and the stream of groups runs on across work units (G groups each), so
+  // the next unit's first loads are in flight during this unit's split-K sum.
+  const int G = a.steps_per_split / U;
+  const int64_t cta_units = blockIdx.x < units ? (units - 1 - blockIdx.x) / gridDim.x + 1 : 0;
+  const int64_t total = cta_units * G;
+  Group ring[R];
+  int64_t load_unit = blockIdx.x;
+  int load_group = 0;
+  Unit lu = setup(blockIdx.x);
+  auto issue = [&](Group& gr) {  // loads the load cursor's group and advances the cursor
+    if (load_unit < units) load(gr, lu, begin + load_group * U, load_group * U);
+    if (++load_group == G) {
+      load_group = 0;
+      load_unit += gridDim.x;
+      lu = setup(load_unit < units ? load_unit : int64_t(blockIdx.x));
+    }
+  };
   // The first loads go out before the CTA fills and waits for its tables.
-  Group ping, pong;
-  Unit cur = setup(blockIdx.x);
-  if (blockIdx.x < units) load(ping, cur, begin, 0);
+#pragma unroll
+  for (int r = 0; r < R - 1; ++r) issue(ring[r]);
   for (int i = threadIdx.x; i < 256 * 8; i += 32 * W) {
     const int e = i / 8;
     const uint32_t v = MmaType<T>::Pack(kDeviceCodebook[e & 15], kDeviceCodebook[e >> 4]);
@@ -735,36 +756,23 @@ __global__ void __launch_bounds__(32 * kBpWarps, 1) GemvBytePairKernel(GemvArgs<
   }
   StageScaleTable<Scales>(scale_table_entry, scale_table, a.groups);
   __syncthreads();
-  int parity = 0;  // the partial-sum buffer of this unit
-  for (int64_t unit = blockIdx.x; unit < units; unit += gridDim.x) {
-#pragma unroll
-    for (int j = 0; j < NT; ++j) acc[j][0] = acc[j][1] = acc[j][2] = acc[j][3] = 0.0f;
-    for (int s0 = begin; s0 < end; s0 += 2 * U) {  // ping holds the group at s0
-      load(pong, cur, s0 + U, U);
-      compute(ping, cur, s0, 0);
-      if (s0 + U >= end) break;
-      load(ping, cur, s0 + 2 * U, 2 * U);
-      compute(pong, cur, s0 + U, U);
-      cur.wa += 8 * U;
-      cur.wb += 8 * U;
-#pragma unroll
-      for (int j = 0; j < NT; ++j) cur.x[j] += 16 * U;
-    }
-    // The next unit's first group loads now (ping is free), under the reduction below. (After
-    // the last unit `next` repeats this one: its pointers stay inside the operands.)
-    const bool more = unit + gridDim.x < units;
-    const Unit next = setup(more ? unit + gridDim.x : unit);
-    if (more) load(ping, next, begin, 0);
 
-    // Output pair (v0, v1) of mma lane l, n-tile j, half h: rows 2p, 2p + 1 (p = tile + l / 4 +
-    // 8h) of activation row 4j + l % 4.
+  int parity = 0;  // the partial-sum buffer of this unit
+  int64_t unit = blockIdx.x;
+  int group = 0;  // of the unit being computed
+  Unit cur = setup(blockIdx.x);
+#pragma unroll
+  for (int j = 0; j < NT; ++j) acc[j][0] = acc[j][1] = acc[j][2] = acc[j][3] = 0.0f;
+  // Output pair (v0, v1) of mma lane l, n-tile j, half h: rows 2p, 2p + 1 (p = tile + l / 4 +
+  // 8h) of activation row 4j + l % 4.
+  auto store = [&](int j, int h, int l, float v0, float v1) {
     T* out = static_cast<T*>(a.out) + (cur.grp * a.m_total + a.m0) * N;
-    auto store = [&](int j, int h, int l, float v0, float v1) {
-      const int m = 4 * j + l % 4;
-      const int64_t p = cur.tile + l / 4 + 8 * h;
-      if (m < rows && p < a.pairs)
-        *reinterpret_cast<uint32_t*>(out + m * N + 2 * p) = MmaType<T>::Pack(v0, v1);
-    };
+    const int m = 4 * j + l % 4;
+    const int64_t p = cur.tile + l / 4 + 8 * h;
+    if (m < rows && p < a.pairs)
+      *reinterpret_cast<uint32_t*>(out + m * N + 2 * p) = MmaType<T>::Pack(v0, v1);
+  };
+  auto finish_unit = [&]() {
     if (splits == 1) {
 #pragma unroll
       for (int j = 0; j < NT; ++j)
@@ -792,7 +800,22 @@ __global__ void __launch_bounds__(32 * kBpWarps, 1) GemvBytePairKernel(GemvArgs<
       }
       parity ^= 1;
     }
-    cur = next;
+#pragma unroll
+    for (int j = 0; j < NT; ++j) acc[j][0] = acc[j][1] = acc[j][2] = acc[j][3] = 0.0f;
+    unit += gridDim.x;
+    cur = setup(unit < units ? unit : int64_t(blockIdx.x));
+  };
+  for (int64_t q = 0; q < total; q += R) {
+#pragma unroll
+    for (int r = 0; r < R; ++r) {  // ring slot r holds group q + r
+      if (q + r >= total) break;
+      issue(ring[(r + R - 1) % R]);
+      compute(ring[r], cur, begin + group * U, group * U);
+      if (++group == G) {
+        group = 0;
+        finish_unit();
+      }
+    }
   }
 }
 
@@ -802,7 +825,7 @@ __global__ void __launch_bounds__(32 * kBpWarps, 1) GemvBytePairKernel(GemvArgs<
 // splits, 7 rounds of 8 spans, instead of 8 splits, 4 rounds of 16 spans with the last round
 // 39% full). Each warp keeps >= 2 load groups per unit.
 constexpr int64_t kBpUnitOverheadSpans = 1;
-template <typename T, int NT, int U, typename Scales>
+template <typename T, int NT, int U, int R, typename Scales>
 cudaError_t LaunchGemvBytePair(GemvArgs<Scales> a, int64_t groups, int sms, cudaStream_t stream) {
   const int64_t tiles = (a.pairs + 15) / 16;
   const int64_t steps = a.cols / kBpSpan;
@@ -824,7 +847,7 @@ cudaError_t LaunchGemvBytePair(GemvArgs<Scales> a, int64_t groups, int sms, cuda
   const int64_t units = units_for(splits);
   a.groups = groups;
   a.ctas_per_group = units / groups;
-  auto kernel = GemvBytePairKernel<T, NT, U, Scales>;
+  auto kernel = GemvBytePairKernel<T, NT, U, R, Scales>;
   cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
                                          kBpSharedBytes<NT>);
   if (err != cudaSuccess) return err;
@@ -833,14 +856,15 @@ cudaError_t LaunchGemvBytePair(GemvArgs<Scales> a, int64_t groups, int sms, cuda
   return cudaGetLastError();
 }
 
+// Spans of weights a lane holds in registers (in flight or being decoded), loaded in groups
+// of kBpGroupSpans (4 x 32 bytes: a deeper ring spills or slows the loop, measured).
+constexpr int kBpRingSpans = 4;
+constexpr int kBpGroupSpans = 2;
 template <typename T, int NT, typename Scales>
 cudaError_t LaunchGemvBytePairRows(GemvArgs<Scales> a, int64_t groups, int sms,
                                    cudaStream_t stream) {
-  if constexpr (NT == 1) {  // 4-span groups pay off once every warp of 16 has two of them
-    if (a.cols / kBpSpan >= 4 * 2 * kBpWarps)
-      return LaunchGemvBytePair<T, NT, 4, Scales>(a, groups, sms, stream);
-  }
-  return LaunchGemvBytePair<T, NT, 2, Scales>(a, groups, sms, stream);
+  return LaunchGemvBytePair<T, NT, kBpGroupSpans, kBpRingSpans / kBpGroupSpans, Scales>(
+      a, groups, sms, stream);
 }
 
 // The byte-pair kernel where a CTA can have its shared memory (sm_80, sm_90) for M <= 8, else
