@@ -732,8 +732,6 @@ __global__ void __launch_bounds__(32 * kBpWarps, 1) GemvBytePairKernel(GemvArgs<
   // group is computed, and the stream of groups runs on across work units (G groups each), so
   // the next unit's first loads are in flight during this unit's split-K sum.
   const int G = a.steps_per_split / U;
-  const int64_t cta_units = blockIdx.x < units ? (units - 1 - blockIdx.x) / gridDim.x + 1 : 0;
-  const int64_t total = cta_units * G;
   Group ring[R];
   int64_t load_unit = blockIdx.x;
   int load_group = 0;
@@ -759,7 +757,6 @@ __global__ void __launch_bounds__(32 * kBpWarps, 1) GemvBytePairKernel(GemvArgs<
 
   int parity = 0;  // the partial-sum buffer of this unit
   int64_t unit = blockIdx.x;
-  int group = 0;  // of the unit being computed
   Unit cur = setup(blockIdx.x);
 #pragma unroll
   for (int j = 0; j < NT; ++j) acc[j][0] = acc[j][1] = acc[j][2] = acc[j][3] = 0.0f;
@@ -805,17 +802,16 @@ __global__ void __launch_bounds__(32 * kBpWarps, 1) GemvBytePairKernel(GemvArgs<
     unit += gridDim.x;
     cur = setup(unit < units ? unit : int64_t(blockIdx.x));
   };
-  for (int64_t q = 0; q < total; q += R) {
+  // G is a multiple of R (the launch rounds the slices), so every unit starts at ring slot 0.
+  while (unit < units) {
+    for (int group = 0; group < G; group += R) {
 #pragma unroll
-    for (int r = 0; r < R; ++r) {  // ring slot r holds group q + r
-      if (q + r >= total) break;
-      issue(ring[(r + R - 1) % R]);
-      compute(ring[r], cur, begin + group * U, group * U);
-      if (++group == G) {
-        group = 0;
-        finish_unit();
+      for (int r = 0; r < R; ++r) {  // ring slot r holds the unit's group `group + r`
+        issue(ring[(r + R - 1) % R]);
+        compute(ring[r], cur, begin + (group + r) * U, (group + r) * U);
       }
     }
+    finish_unit();
   }
 }
 
@@ -832,8 +828,8 @@ cudaError_t LaunchGemvBytePair(GemvArgs<Scales> a, int64_t groups, int sms, cuda
   auto units_for = [&](int splits) {
     return (tiles + kBpWarps / splits - 1) / (kBpWarps / splits) * groups;
   };
-  auto spans_per_split = [&](int splits) {
-    return (steps + splits * U - 1) / (splits * U) * U;
+  auto spans_per_split = [&](int splits) {  // a multiple of the ring, U x R spans
+    return (steps + splits * U * R - 1) / (splits * U * R) * (U * R);
   };
   int splits = 1;
   int64_t best_cost = -1;
