@@ -61,7 +61,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from jax_nf4.benchmark import device_us_by_kind, top_kernels, trace_call
+from jax_nf4.benchmark import traced_device_ms
 from jax_nf4.models import llama
 
 BF16 = jnp.bfloat16
@@ -134,7 +134,7 @@ def decode_tensor_parallel(config: llama.LlamaConfig, tps: Sequence[int], *, bat
     :func:`llama.generate`) and tensor-parallel over the first ``tp`` devices for each later
     ``tp`` (:func:`llama.shard_model`), best of ``iters`` timed runs after a compiling one.
     With ``profile``, one more run is traced: ``device_ms_per_token`` holds GPU 0's device time
-    per token by kernel class (:func:`jax_nf4.benchmark.device_us_by_kind`) and
+    per token by kernel class (:func:`jax_nf4.benchmark.traced_device_ms`) and
     ``top_kernels`` its 12 longest kernels per token ``(name, ms, calls)``; None on a CPU."""
     if list(tps) != sorted(set(tps)) or tps[0] != 1 or tps[-1] > len(jax.devices()):
         raise ValueError(f"tps must ascend from 1 to at most {len(jax.devices())}, got {tps}")
@@ -166,14 +166,9 @@ def decode_tensor_parallel(config: llama.LlamaConfig, tps: Sequence[int], *, bat
             jax.block_until_ready(llama.generate(target, prompt, new_tokens))
             times.append(time.perf_counter() - t0)
         first = tokens if first is None else first
-        kinds, top = None, None
-        if profile:
-            trace = trace_call(llama.generate, target, prompt, new_tokens)
-            kinds = None if trace is None else device_us_by_kind(trace, device=0)
-            if kinds is not None:
-                kinds = {k: v / 1e3 / new_tokens for k, v in kinds.items()}
-                top = [(kernel, us / 1e3 / new_tokens, calls / new_tokens)
-                       for kernel, us, calls in top_kernels(trace, 12, device=0)]
+        kinds, top = (traced_device_ms(llama.generate, target, prompt, new_tokens,
+                                       per=new_tokens, device=0, top=12)
+                      if profile else (None, None))
         peaks = [llama.peak_device_bytes(d) for d in jax.devices()[:tp]]
         rows.append({"tp": tp, "batch": batch, "new_tokens": new_tokens,
                      "device_ms_per_token": kinds, "top_kernels": top,

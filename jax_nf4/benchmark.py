@@ -97,9 +97,9 @@ def _device_spans(trace: dict, device: int | None = None) -> list[tuple[float, f
     ``Stream #...`` of the ``/device:...`` processes of a ``jax.profiler`` perfetto trace (of
     ``/device:GPU:{device}`` alone when ``device`` is given)."""
     events = trace.get("traceEvents", [])
-    prefix = "/device:" if device is None else f"/device:GPU:{device} "
+    process = re.compile("/device:" if device is None else rf"/device:GPU:{device}\b")
     devices = {e["pid"] for e in events if e.get("ph") == "M" and e.get("name") == "process_name"
-               and (str(e.get("args", {}).get("name", "")) + " ").startswith(prefix)}
+               and process.match(str(e.get("args", {}).get("name", "")))}
     streams = {(e["pid"], e["tid"]) for e in events
                if e.get("ph") == "M" and e.get("name") == "thread_name" and e.get("pid") in devices
                and str(e.get("args", {}).get("name", "")).startswith("Stream #")}
@@ -176,6 +176,21 @@ def trace_call(fn: Callable, *args) -> dict | None:
             return None
         with gzip.open(paths[0]) as f:
             return json.load(f)
+
+
+def traced_device_ms(fn: Callable, *args, per: int, device: int | None = None, top: int = 0
+                     ) -> tuple[dict[str, float] | None, list[tuple[str, float, float]] | None]:
+    """One traced call of ``fn(*args)``: its device milliseconds by kernel class
+    (:func:`device_us_by_kind`) and its ``top`` longest kernels ``(name, ms, calls)``
+    (:func:`top_kernels`), all divided by ``per`` (e.g. the tokens the call generates); of GPU
+    ``device`` alone when given. ``(None, None)`` without device streams (a CPU)."""
+    trace = trace_call(fn, *args)
+    kinds = None if trace is None else device_us_by_kind(trace, device)
+    if kinds is None:
+        return None, None
+    return ({k: v / 1e3 / per for k, v in kinds.items()},
+            [(name, us / 1e3 / per, calls / per)
+             for name, us, calls in top_kernels(trace, top, device)])
 
 
 def _traced_busy_us(fn: Callable, *args) -> float | None:

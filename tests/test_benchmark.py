@@ -119,6 +119,18 @@ def test_device_times_of_one_gpu_and_the_top_kernels():
     assert benchmark.top_kernels(trace, 1) == [("GemvKernel", 13.0, 3)]
 
 
+def test_traced_device_ms_per_unit_of_work(monkeypatch):
+    events = [_meta(2, "/device:GPU:0"), _meta(2, "Stream #1", tid=1),
+              {"ph": "X", "pid": 2, "tid": 1, "ts": 0.0, "dur": 300.0, "name": "GemvKernel"},
+              {"ph": "X", "pid": 2, "tid": 1, "ts": 400.0, "dur": 100.0, "name": "fusion"}]
+    monkeypatch.setattr(benchmark, "trace_call", lambda fn, *args: {"traceEvents": events})
+    kinds, top = benchmark.traced_device_ms(None, per=4, device=0, top=1)
+    assert kinds == {"nf4": 0.075, "gemm": 0.0, "collective": 0.0, "other": 0.025, "busy": 0.1}
+    assert top == [("GemvKernel", 0.075, 0.25)]
+    monkeypatch.setattr(benchmark, "trace_call", lambda fn, *args: None)
+    assert benchmark.traced_device_ms(None, per=4) == (None, None)
+
+
 def test_kernel_kinds():
     def kind(name):
         trace = {"traceEvents": [_meta(2, "/device:GPU:0"), _meta(2, "Stream #1", tid=1),

@@ -630,7 +630,7 @@ def benchmark_decode(config_name: str, batch: int = 1, new_tokens: int = 64, nf4
     :func:`from_checkpoint` (loading timed as ``build_s``) instead of ``config_name``'s preset.
     With ``profile``, one more run is traced with ``jax.profiler`` and ``device_ms_per_token``
     holds its device time per generated token by kernel class (``nf4``, ``gemm``, ``other``,
-    ``busy``; :func:`jax_nf4.benchmark.device_us_by_kind`), None on a CPU.
+    ``busy``; :func:`jax_nf4.benchmark.traced_device_ms`), None on a CPU.
     """
     total = 2 + max(1, iters)
     max_len = prompt_len + new_tokens
@@ -669,12 +669,9 @@ def benchmark_decode(config_name: str, batch: int = 1, new_tokens: int = 64, nf4
         times.append(time.perf_counter() - t0)
     device_ms = None
     if profile:
-        from jax_nf4.benchmark import device_us_by_kind, trace_call
+        from jax_nf4.benchmark import traced_device_ms
 
-        trace = trace_call(generate, model, prompt, new_tokens)
-        kinds = None if trace is None else device_us_by_kind(trace)
-        device_ms = None if kinds is None else {k: v / 1e3 / new_tokens
-                                                for k, v in kinds.items()}
+        device_ms, _ = traced_device_ms(generate, model, prompt, new_tokens, per=new_tokens)
     report(total, "done")
     seconds = min(times)
     return {"config": config_name if checkpoint is None else str(checkpoint),
