@@ -603,8 +603,9 @@ __device__ __forceinline__ auto StagedRow(const Scales& s, const float* staged, 
   return row;
 }
 
-// U: spans whose loads are issued together; R: load groups in the register ring.
-template <typename T, int NT, int U, int R, typename Scales>
+// U: spans whose loads are issued together; R: load groups in the register ring;
+// kPairedScales: see `load`.
+template <typename T, int NT, int U, int R, typename Scales, bool kPairedScales>
 __global__ void __launch_bounds__(32 * kBpWarps, 1) GemvBytePairKernel(GemvArgs<Scales> a) {
   constexpr int W = kBpWarps;
   extern __shared__ __align__(16) unsigned char dynamic_shared[];
@@ -678,14 +679,31 @@ __global__ void __launch_bounds__(32 * kBpWarps, 1) GemvBytePairKernel(GemvArgs<
     uint4 w[U][2];
     typename ScaleRow::Raw scale[U];  // decoded in compute, once the reads have landed
   };
-  // Loads the group at span s (offset o spans from the unit's pointers).
+  // Loads the group at span s (offset o spans from the unit's pointers). With kPairedScales
+  // (plain scales, 64-element blocks, an even block count per row: every pair aligned) the
+  // scales of spans (s + u, s + u + 1), s + u even, come in one 8-byte read, which takes one of
+  // the 32 scale lines a warp's read touches (its lanes read 32 rows) off the L1 per span:
+  // 3 - 6% of the kernel time (bench/NOTES.md, session 8). The read has no branch (a guarded
+  // one measured no faster than v17): pairs past the slice's end, and the empty slices of the
+  // last splits, read the pair ending at `end` (even there: slices start even, K / 64 is even).
+  const int last_pair = end - 2;
   auto load = [&](Group& gr, const Unit& un, int s, int o) {
 #pragma unroll
     for (int u = 0; u < U; ++u) {
       if (s + u >= end) break;
       gr.w[u][0] = __ldcs(un.wa + 4 * (o + u));
       gr.w[u][1] = __ldcs(un.wb + 4 * (o + u));
-      gr.scale[u] = un.scale.Fetch((s + u) >> step_shift);
+      if constexpr (!kPairedScales) gr.scale[u] = un.scale.Fetch((s + u) >> step_shift);
+    }
+    if constexpr (kPairedScales) {
+      static_assert(U % 2 == 0 && std::is_same_v<Scales, PlainScales>);
+#pragma unroll
+      for (int u = 0; u < U; u += 2) {
+        const int b = s + u < last_pair ? s + u : last_pair;
+        const float2 v = __ldg(reinterpret_cast<const float2*>(un.scale.absmax + b));
+        gr.scale[u] = v.x;
+        gr.scale[u + 1] = v.y;
+      }
     }
   };
   float acc[NT][4];
@@ -843,7 +861,11 @@ cudaError_t LaunchGemvBytePair(GemvArgs<Scales> a, int64_t groups, int sms, cuda
   const int64_t units = units_for(splits);
   a.groups = groups;
   a.ctas_per_group = units / groups;
-  auto kernel = GemvBytePairKernel<T, NT, U, R, Scales>;
+  auto kernel = GemvBytePairKernel<T, NT, U, R, Scales, false>;
+  if constexpr (std::is_same_v<Scales, PlainScales>) {  // 64-element blocks, an even count
+    if (a.block_shift == 6 && (a.cols / 64) % 2 == 0)
+      kernel = GemvBytePairKernel<T, NT, U, R, Scales, true>;
+  }
   cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
                                          kBpSharedBytes<NT>);
   if (err != cudaSuccess) return err;

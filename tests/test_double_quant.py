@@ -159,19 +159,22 @@ def test_dequantize_matmul_linear_on_double_quant_weights(platform, device, rng,
     np.testing.assert_array_equal(bits(jax_nf4.dequantize(q, np.float32)), bits(ref))
 
 
-@pytest.mark.parametrize("x_dtype, block_size, rows", [
-    (jnp.bfloat16, 64, 1), (jnp.bfloat16, 128, 13), (np.float16, 64, 32), (jnp.bfloat16, 64, 40),
-    (np.float32, 64, 3), (np.float32, 32, 9), (jnp.bfloat16, 48, 2), (jnp.bfloat16, 128, 5),
-    (np.float16, 256, 3)],
+@pytest.mark.parametrize("x_dtype, block_size, rows, row_blocks", [
+    (jnp.bfloat16, 64, 1, 24), (jnp.bfloat16, 128, 13, 24), (np.float16, 64, 32, 24),
+    (jnp.bfloat16, 64, 40, 24), (np.float32, 64, 3, 24), (np.float32, 32, 9, 24),
+    (jnp.bfloat16, 48, 2, 24), (jnp.bfloat16, 128, 5, 24), (np.float16, 256, 3, 24),
+    (jnp.bfloat16, 64, 2, 25)],
     ids=["tensor-core-M1", "tensor-core-M13", "tensor-core-f16-M32", "dense-path-M40",
          "simt-f32", "simt-f32-tiled", "bytewise-block48", "byte-pair-block128-M5",
-         "byte-pair-block256-M3"])
-def test_kernels_decode_double_quant_scales(platform, device, rng, x_dtype, block_size, rows):
+         "byte-pair-block256-M3", "byte-pair-odd-blocks-M2"])
+def test_kernels_decode_double_quant_scales(platform, device, rng, x_dtype, block_size, rows,
+                                            row_blocks):
     """Every kernel path (fused tensor-core / SIMT / byte-wise GEMV, dequantize + dot) decodes
     the double-quantized scales itself, bit-identically to the float32 scales decoded first.
     N * K / block_size spans more than 256 blocks, so several nested scales are used, and a
-    row has 24 blocks, so nested boundaries fall inside rows (inside a GEMV warp's slice)."""
-    n, k = 96, 3 * 2 * block_size * 4
+    row has 24 (or an odd 25) blocks, so nested boundaries fall inside rows (inside a GEMV
+    warp's slice)."""
+    n, k = 96, row_blocks * block_size
     w = jax.device_put(rng.standard_normal((n, k)).astype(np.float32), device)
     x = jax.device_put(rng.standard_normal((rows, k)).astype(x_dtype), device)
     q = jax_nf4.quantize(w, block_size, double_quant=True)

@@ -285,8 +285,9 @@ def test_matmul_shapes(rng, platform, device, mode, dtype, x_shape, n, block_siz
 
 @pytest.mark.parametrize("dtype", DTYPES[1:])
 @pytest.mark.parametrize("m", [1, 4, 5, 8, 11, 16])
-@pytest.mark.parametrize("n, k, block_size", [(34, 448, 64), (1030, 4160, 64), (4096, 1024, 128)],
-                         ids=["2-tiles-odd-spans", "tail-tile-65-spans", "256-tiles-block128"])
+@pytest.mark.parametrize("n, k, block_size", [
+    (34, 448, 64), (1030, 4160, 64), (1030, 4224, 64), (4096, 1024, 128)],
+    ids=["2-tiles-odd-spans", "tail-tile-65-spans", "tail-tile-66-spans", "256-tiles-block128"])
 def test_matmul_gemv_grid(rng, platform, device, dtype, m, n, k, block_size):
     """GEMV grids: a last tile of 16 row pairs only partly filled, an odd number of 64-element
     spans (the K slices of the split warps end mid-group), and many tiles."""
