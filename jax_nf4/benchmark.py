@@ -382,6 +382,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--kernel-times", action="store_true",
                         help="also trace each matmul chain once with jax.profiler and report "
                              "the GPU busy time per call (kernel durations, no launch gaps)")
+    parser.add_argument("--no-check", action="store_true",
+                        help="skip the check of the fused matmul against the reference before "
+                             "timing (for timing-only kernel builds, wrong by design)")
     args = parser.parse_args(argv)
 
     on_gpu = jax.devices()[0].platform == "gpu"
@@ -392,7 +395,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     min_mb = args.min_mb if args.min_mb is not None else (200.0 if on_gpu else 1.0)
     iters = args.iters or (20 if on_gpu else 2)
     results = run_benchmark(shapes, rows, args.block_size, min_mb * 1e6, iters,
-                            kernel_times=args.kernel_times)
+                            check=not args.no_check, kernel_times=args.kernel_times)
     print(format_table(results))
     if args.json:
         with open(args.json, "w") as f:

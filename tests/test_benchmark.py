@@ -73,6 +73,15 @@ def test_bench_command_writes_json(tmp_path, capsys):
     assert [r["m"] for r in dumped if r["op"] == "dequant + dot"] == [16]
 
 
+@pytest.mark.parametrize("flags, checked", [((), True), (("--no-check",), False)])
+def test_bench_command_checks_unless_told_not_to(monkeypatch, flags, checked):
+    seen = []
+    monkeypatch.setattr(benchmark, "_check_against_reference", lambda q: seen.append(q.shape))
+    assert cli.main(["bench", "--shapes", "64x128", "--rows", "1", "--min-mb", "0.01",
+                     "--iters", "1", *flags]) == 0
+    assert seen == ([(64, 128)] if checked else [])
+
+
 def _meta(pid, name, tid=None):
     e = {"ph": "M", "pid": pid, "name": "thread_name" if tid is not None else "process_name",
          "args": {"name": name}}
