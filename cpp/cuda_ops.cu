@@ -862,8 +862,8 @@ cudaError_t LaunchGemvBytePair(GemvArgs<Scales> a, int64_t groups, int sms, cuda
   a.groups = groups;
   a.ctas_per_group = units / groups;
   auto kernel = GemvBytePairKernel<T, NT, U, R, Scales, false>;
-  if constexpr (std::is_same_v<Scales, PlainScales>) {  // 64-element blocks, an even count
-    if (a.block_shift == 6 && (a.cols / 64) % 2 == 0)
+  if constexpr (std::is_same_v<Scales, PlainScales>) {  // one block per span, an even count
+    if (a.block_size == kBpSpan && (a.cols / kBpSpan) % 2 == 0)
       kernel = GemvBytePairKernel<T, NT, U, R, Scales, true>;
   }
   cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,

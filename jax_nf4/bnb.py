@@ -36,7 +36,7 @@ import numpy as np
 
 from jax_nf4._weight import NF4Weight
 from jax_nf4.double_quant import DoubleQuantScales
-from jax_nf4.reference import CODEBOOK
+from jax_nf4.reference import CODEBOOK, pack_pairs, unpack_pairs
 from jax_nf4.safetensors_io import CheckpointError
 
 __all__ = ["CheckpointError", "QUANT_STATE_SUFFIX", "AUX_SUFFIXES", "BLOCKSIZES",
@@ -70,17 +70,15 @@ def layout_a_from_b(weight: np.ndarray, n: int, k: int) -> np.ndarray:
     codes = np.empty((n, k), np.uint8)
     codes[:, 0::2] = b >> 4
     codes[:, 1::2] = b & 15
-    return (codes[0::2] | (codes[1::2] << 4)).astype(np.uint8)
+    return pack_pairs(codes)
 
 
 def layout_b_from_a(packed: np.ndarray) -> np.ndarray:
     """Layout-A ``packed uint8[N/2, K]`` -> layout-B bytes ``uint8[N*K/2]`` (flat ``2i`` high)."""
     p = np.asarray(packed, np.uint8)
-    half_n, k = p.shape
-    codes = np.empty((2 * half_n, k), np.uint8)
-    codes[0::2] = p & 15
-    codes[1::2] = p >> 4
-    flat = codes.reshape(-1)
+    if p.ndim != 2:
+        raise ValueError(f"layout_b_from_a: packed must be [N/2, K], got shape {p.shape}")
+    flat = unpack_pairs(p).reshape(-1)
     return ((flat[0::2] << 4) | flat[1::2]).astype(np.uint8)
 
 
