@@ -578,34 +578,16 @@ constexpr int kBpWarps = 16;                  // warps per CTA
 template <int NT>
 constexpr int kBpSharedBytes = 65536 + 65536 + 1024 + 2 * kBpWarps * 32 * 4 * NT * 4;
 
-// Double-quantized scales decode through their 256-entry table: with one group (no vmap
-// batch) kernels copy it to shared memory once per CTA (ReadScaleTable's value of thread i
-// goes to entry i). Plain scales need nothing.
-template <typename Scales>
-__device__ __forceinline__ float ReadScaleTable(const Scales& s, int64_t groups) {
-  if constexpr (std::is_same_v<Scales, DoubleQuantScales>) {
-    if (groups == 1 && threadIdx.x < 256) return __ldg(s.table + threadIdx.x);
-  }
-  return 0.0f;
-}
-template <typename Scales>
-__device__ __forceinline__ void StageScaleTable(float value, float* staged, int64_t groups) {
-  if (std::is_same_v<Scales, DoubleQuantScales> && groups == 1 && threadIdx.x < 256)
-    staged[threadIdx.x] = value;
-}
-template <typename Scales>
-__device__ __forceinline__ auto StagedRow(const Scales& s, const float* staged, int64_t groups,
-                                          int64_t g, int64_t n, int64_t rows, int64_t blocks) {
-  auto row = s.RowOf(g, n, rows, blocks);
-  if constexpr (std::is_same_v<Scales, DoubleQuantScales>) {
-    if (groups == 1) row.table = staged;
-  }
-  return row;
-}
+// How the byte-pair kernel reads the scales: one read per span (any scales); plain scales of
+// 64-element blocks with an even count per row in aligned pairs (see `load`); double-quant
+// scales with one group (no vmap batch) through a copy of their 256-entry table in shared
+// memory, made once per CTA (read by LDS with a 32-bit address, see `compute`); the same where
+// a row's blocks lie in one 256-block nested group (K / block_size divides 256), its nested
+// scale read once per unit.
+enum class BpScaleRead { kPerSpan, kPairs, kSharedTable, kSharedTableRowNested };
 
-// U: spans whose loads are issued together; R: load groups in the register ring;
-// kPairedScales: see `load`.
-template <typename T, int NT, int U, int R, typename Scales, bool kPairedScales>
+// U: spans whose loads are issued together; R: load groups in the register ring.
+template <typename T, int NT, int U, int R, typename Scales, BpScaleRead kScaleRead>
 __global__ void __launch_bounds__(32 * kBpWarps, 1) GemvBytePairKernel(GemvArgs<Scales> a) {
   constexpr int W = kBpWarps;
   extern __shared__ __align__(16) unsigned char dynamic_shared[];
@@ -615,7 +597,16 @@ __global__ void __launch_bounds__(32 * kBpWarps, 1) GemvBytePairKernel(GemvArgs<
   float* scale_table = reinterpret_cast<float*>(table + 65536);
   // partial[buffer][warp][2 j + h][lane]: accumulators (4h, 4h + 1) of n-tile j.
   float2(*partial)[W][2 * NT][32] = reinterpret_cast<float2(*)[W][2 * NT][32]>(scale_table + 256);
-  const float scale_table_entry = ReadScaleTable(a.scales, a.groups);
+  constexpr bool kPairedScales = kScaleRead == BpScaleRead::kPairs;
+  constexpr bool kRowNested = kScaleRead == BpScaleRead::kSharedTableRowNested;
+  constexpr bool kSharedTable = kScaleRead == BpScaleRead::kSharedTable || kRowNested;
+  static_assert(!kPairedScales || std::is_same_v<Scales, PlainScales>);
+  static_assert(!kSharedTable || std::is_same_v<Scales, DoubleQuantScales>);
+  float scale_table_entry = 0.0f;  // thread i's entry of the double-quant table
+  if constexpr (kSharedTable) {
+    if (threadIdx.x < 256) scale_table_entry = __ldg(a.scales.table + threadIdx.x);
+  }
+  const uint32_t scale_table_base = table_base + 65536;
   const uint32_t lane_address = table_base | (4 * (threadIdx.x % 32));
   auto lookup = [lane_address](uint32_t word, int byte) {  // table entry of one code byte
     uint32_t v;
@@ -644,11 +635,12 @@ __global__ void __launch_bounds__(32 * kBpWarps, 1) GemvBytePairKernel(GemvArgs<
   // B operand: column g is (m = g / 2, h' = g % 2); the x pair of step s goes to the half h'.
   // Lane (g, t) loads the scale of C column c = t of its quad (rows 2pa, 2pa + 1, 2pb, 2pb + 1)
   // and the quad shares them by shuffles.
-  using ScaleRow = decltype(StagedRow(a.scales, scale_table, 1, 0, 0, 1, 1));
+  using ScaleRow = decltype(a.scales.RowOf(0, 0, 1, 1));
   struct Unit {
     int64_t grp, tile;  // tile: the first row pair of the warp's 16
     const uint4 *wa, *wb, *x;  // x: activation row 0 (row 4j + g / 2 is x_offset[j] further)
     ScaleRow scale;
+    float nested;  // kRowNested: the rows' nested scale
   };
   int x_offset[NT];  // uint4s, the same in every unit (rows past M read row 0)
 #pragma unroll
@@ -670,8 +662,8 @@ __global__ void __launch_bounds__(32 * kBpWarps, 1) GemvBytePairKernel(GemvArgs<
     u.wb = reinterpret_cast<const uint4*>(w0 + rb * K) + 4 * begin;
     u.x = reinterpret_cast<const uint4*>(static_cast<const T*>(a.x) +
                                          (u.grp * a.m_total + a.m0) * K + 16 * t) + 8 * begin;
-    u.scale = StagedRow(a.scales, scale_table, a.groups, u.grp,
-                        t < 2 ? 2 * ra + t : 2 * rb + t - 2, N, blocks);
+    u.scale = a.scales.RowOf(u.grp, t < 2 ? 2 * ra + t : 2 * rb + t - 2, N, blocks);
+    if constexpr (kRowNested) u.nested = __ldg(u.scale.nested);
     return u;
   };
 
@@ -736,7 +728,19 @@ __global__ void __launch_bounds__(32 * kBpWarps, 1) GemvBytePairKernel(GemvArgs<
           MmaType<T>::Mma(part[j], frag, __byte_perm(xw, 0, sel_lo), __byte_perm(xw, 0, sel_hi));
         }
       }
-      const float scale = un.scale.Decode(gr.scale[u], (s + u) >> step_shift);
+      const int b = (s + u) >> step_shift;
+      float scale;
+      if constexpr (kSharedTable) {
+        float entry;
+        asm("ld.shared.f32 %0, [%1];" : "=f"(entry) : "r"(scale_table_base + 4 * gr.scale[u]));
+        if constexpr (kRowNested) {
+          scale = DecodeDoubleQuantScale(entry, un.nested, un.scale.offset);
+        } else {
+          scale = un.scale.DecodeWith(entry, b);
+        }
+      } else {
+        scale = un.scale.Decode(gr.scale[u], b);
+      }
 #pragma unroll
       for (int c = 0; c < 4; ++c) {
         const float sc = __shfl_sync(0xffffffffu, scale, (lane & ~3) | c);
@@ -770,7 +774,7 @@ __global__ void __launch_bounds__(32 * kBpWarps, 1) GemvBytePairKernel(GemvArgs<
     const uint32_t v = MmaType<T>::Pack(kDeviceCodebook[e & 15], kDeviceCodebook[e >> 4]);
     reinterpret_cast<uint4*>(table)[e * 16 + i % 8] = make_uint4(v, v, v, v);
   }
-  StageScaleTable<Scales>(scale_table_entry, scale_table, a.groups);
+  if (kSharedTable && threadIdx.x < 256) scale_table[threadIdx.x] = scale_table_entry;
   __syncthreads();
 
   int parity = 0;  // the partial-sum buffer of this unit
@@ -861,10 +865,15 @@ cudaError_t LaunchGemvBytePair(GemvArgs<Scales> a, int64_t groups, int sms, cuda
   const int64_t units = units_for(splits);
   a.groups = groups;
   a.ctas_per_group = units / groups;
-  auto kernel = GemvBytePairKernel<T, NT, U, R, Scales, false>;
+  auto kernel = GemvBytePairKernel<T, NT, U, R, Scales, BpScaleRead::kPerSpan>;
   if constexpr (std::is_same_v<Scales, PlainScales>) {  // one block per span, an even count
     if (a.block_size == kBpSpan && (a.cols / kBpSpan) % 2 == 0)
-      kernel = GemvBytePairKernel<T, NT, U, R, Scales, true>;
+      kernel = GemvBytePairKernel<T, NT, U, R, Scales, BpScaleRead::kPairs>;
+  } else if (groups == 1) {
+    const int64_t blocks = a.cols / a.block_size;
+    kernel = 256 % blocks == 0
+                 ? GemvBytePairKernel<T, NT, U, R, Scales, BpScaleRead::kSharedTableRowNested>
+                 : GemvBytePairKernel<T, NT, U, R, Scales, BpScaleRead::kSharedTable>;
   }
   cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
                                          kBpSharedBytes<NT>);

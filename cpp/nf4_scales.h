@@ -47,24 +47,30 @@ struct DoubleQuantScales {
 
   struct Row {
     const uint8_t* codes;
-    const float* nested_absmax;
+    const float* nested;  // nested_absmax of the 256-block group holding the row's block 0
     const float* table;
     float offset;
-    int64_t first_block;  // flat block index of (n, 0)
+    int first;  // the row's block 0 within that group, 0 .. 255
     using Raw = int;  // the block's 8-bit code
     NF4_HD Raw Fetch(int64_t b) const { return LoadConstant(codes + b); }
-    // The nested scale (one per 256 blocks, cache-resident) is read here. A plain load of the
-    // table: kernels may point `table` at a copy in shared memory.
-    NF4_HD float Decode(Raw code, int64_t b) const {
-      const float nested = LoadConstant(nested_absmax + ((first_block + b) >> 8));
-      return DecodeDoubleQuantScale(table[code], nested, offset);
+    // The nested scale (one per 256 blocks, cache-resident) is read here. b's type sets the
+    // width of the index arithmetic (kernels pass int: K / 64 < 2^31 there).
+    template <typename I>
+    NF4_HD float DecodeWith(float table_value, I b) const {
+      return DecodeDoubleQuantScale(table_value, LoadConstant(nested + ((I(first) + b) >> 8)),
+                                    offset);
+    }
+    template <typename I>
+    NF4_HD float Decode(Raw code, I b) const {
+      return DecodeWith(LoadConstant(table + code), b);
     }
     NF4_HD float operator()(int64_t b) const { return Decode(Fetch(b), b); }
   };
   NF4_HD Row RowOf(int64_t g, int64_t n, int64_t rows, int64_t blocks) const {
     static_assert(kNestedBlockSize == 256, "Row uses >> 8");
-    return {codes + (g * rows + n) * blocks, nested_absmax + g * nested_len, table + g * 256,
-            LoadConstant(offset + g), n * blocks};
+    const int64_t first_block = n * blocks;  // flat index of (n, 0)
+    return {codes + (g * rows + n) * blocks, nested_absmax + g * nested_len + (first_block >> 8),
+            table + g * 256, LoadConstant(offset + g), int(first_block & 255)};
   }
 };
 
