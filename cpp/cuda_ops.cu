@@ -586,6 +586,17 @@ constexpr int kBpSharedBytes = 65536 + 65536 + 1024 + 2 * kBpWarps * 32 * 4 * NT
 // scale read once per unit.
 enum class BpScaleRead { kPerSpan, kPairs, kSharedTable, kSharedTableRowNested };
 
+// The weights' streaming load (evict-first) with L2's 128-byte prefetch-size hint: L2 fetches the
+// aligned 128 bytes holding the 64 a quad reads of a byte row, so an even span brings the next
+// (0.2 - 1.4% faster on every benchmark shape, H100; the 256-byte hint is 2 - 10% slower).
+__device__ __forceinline__ uint4 LoadWeights(const uint4* p) {
+  uint4 v;
+  asm("ld.global.cs.L2::128B.v4.u32 {%0, %1, %2, %3}, [%4];"
+      : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w)
+      : "l"(p));
+  return v;
+}
+
 // U: spans whose loads are issued together; R: load groups in the register ring.
 template <typename T, int NT, int U, int R, typename Scales, BpScaleRead kScaleRead>
 __global__ void __launch_bounds__(32 * kBpWarps, 1) GemvBytePairKernel(GemvArgs<Scales> a) {
@@ -683,8 +694,8 @@ __global__ void __launch_bounds__(32 * kBpWarps, 1) GemvBytePairKernel(GemvArgs<
 #pragma unroll
     for (int u = 0; u < U; ++u) {
       if (s + u >= end) break;
-      gr.w[u][0] = __ldcs(un.wa + 4 * (o + u));
-      gr.w[u][1] = __ldcs(un.wb + 4 * (o + u));
+      gr.w[u][0] = LoadWeights(un.wa + 4 * (o + u));
+      gr.w[u][1] = LoadWeights(un.wb + 4 * (o + u));
       if constexpr (!kPairedScales) gr.scale[u] = un.scale.Fetch((s + u) >> step_shift);
     }
     if constexpr (kPairedScales) {
