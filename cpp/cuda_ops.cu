@@ -674,6 +674,7 @@ __global__ void __launch_bounds__(32 * kBpWarps, 1) GemvBytePairKernel(GemvArgs<
     u.x = reinterpret_cast<const uint4*>(static_cast<const T*>(a.x) +
                                          (u.grp * a.m_total + a.m0) * K + 16 * t) + 8 * begin;
     u.scale = a.scales.RowOf(u.grp, t < 2 ? 2 * ra + t : 2 * rb + t - 2, N, blocks);
+    // The row's blocks are all in the nested group of its block 0 (K / block_size divides 256).
     if constexpr (kRowNested) u.nested = __ldg(u.scale.nested);
     return u;
   };
@@ -739,7 +740,6 @@ __global__ void __launch_bounds__(32 * kBpWarps, 1) GemvBytePairKernel(GemvArgs<
           MmaType<T>::Mma(part[j], frag, __byte_perm(xw, 0, sel_lo), __byte_perm(xw, 0, sel_hi));
         }
       }
-      const int b = (s + u) >> step_shift;
       float scale;
       if constexpr (kSharedTable) {
         float entry;
@@ -747,10 +747,10 @@ __global__ void __launch_bounds__(32 * kBpWarps, 1) GemvBytePairKernel(GemvArgs<
         if constexpr (kRowNested) {
           scale = DecodeDoubleQuantScale(entry, un.nested, un.scale.offset);
         } else {
-          scale = un.scale.DecodeWith(entry, b);
+          scale = un.scale.DecodeWith(entry, (s + u) >> step_shift);
         }
       } else {
-        scale = un.scale.Decode(gr.scale[u], b);
+        scale = un.scale.Decode(gr.scale[u], (s + u) >> step_shift);
       }
 #pragma unroll
       for (int c = 0; c < 4; ++c) {
