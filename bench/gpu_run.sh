@@ -14,7 +14,8 @@
 #   profile    Nsight Compute on the M = 1 GEMV of 28672x8192 and 4096x4096 and the tiled
 #              kernel at M = 64 (speed of light, memory workload, warp stalls, and per source
 #              line with a JAX_NF4_LINEINFO=1 build; the kernel's own duration, without launch
-#              gaps); the full reports go to $OUT/ncu_*.ncu-rep
+#              gaps); the full reports go to $OUT/ncu_*.ncu-rep. PROFILE_CASES="SHAPE:M[:dq] ..."
+#              picks other cases (:dq for double-quantized scales)
 #   probe      bench/wgmma_probe.cu: the wgmma register-A / descriptor conventions (sm_90a)
 #   floor      bench/read_floor.cu: the read-only floor for the benchmark's weight byte counts, and
 #              the byte-pair GEMV's access pattern (layout A, tile-major) read without arithmetic
@@ -88,17 +89,20 @@ bench() {
 }
 
 profile() {
-  for case in 28672x8192:1 4096x4096:1 28672x8192:64; do
-    local shape=${case%:*} rows=${case#*:}
+  for case in ${PROFILE_CASES:-28672x8192:1 4096x4096:1 28672x8192:64}; do
+    local shape rows dq name
+    IFS=: read -r shape rows dq <<< "$case"
+    name=ncu_${shape}_m$rows${dq:+_dq}
     ncu --clock-control none -k regex:'Gemv|GemmTile' --launch-skip 2 --launch-count 1 \
       --section SpeedOfLight --section MemoryWorkloadAnalysis --section WarpStateStats \
       --section LaunchStats --section Occupancy --section SourceCounters \
-      --import-source yes --export "$OUT/ncu_${shape}_m$rows" --force-overwrite \
-      python3 bench/profile_gemv.py --shape $shape --rows $rows > "/tmp/ncu_${shape}_m$rows.log" 2>&1
+      --import-source yes --export "$OUT/$name" --force-overwrite \
+      python3 bench/profile_gemv.py --shape $shape --rows $rows ${dq:+--double-quant} \
+      > "/tmp/$name.log" 2>&1
     local rc=$?
-    ncu --import "$OUT/ncu_${shape}_m$rows.ncu-rep" > "$OUT/ncu_${shape}_m$rows.txt" 2>&1
-    echo "ncu $shape M=$rows: exit $rc | $(grep -E 'Duration|DRAM Throughput|Compute \(SM\)' \
-      "$OUT/ncu_${shape}_m$rows.txt" | tr -s ' ' | tr '\n' ';')"
+    ncu --import "$OUT/$name.ncu-rep" > "$OUT/$name.txt" 2>&1
+    echo "ncu $case: exit $rc | $(grep -E 'Duration|DRAM Throughput|Compute \(SM\)' \
+      "$OUT/$name.txt" | tr -s ' ' | tr '\n' ';')"
   done
 }
 
