@@ -700,7 +700,7 @@ __global__ void __launch_bounds__(32 * kBpWarps, 1) GemvBytePairKernel(GemvArgs<
       if constexpr (!kPairedScales) gr.scale[u] = un.scale.Fetch((s + u) >> step_shift);
     }
     if constexpr (kPairedScales) {
-      static_assert(U % 2 == 0 && std::is_same_v<Scales, PlainScales>);
+      static_assert(U % 2 == 0, "scales are read in span pairs");
 #pragma unroll
       for (int u = 0; u < U; u += 2) {
         const int b = s + u < last_pair ? s + u : last_pair;
@@ -882,7 +882,7 @@ cudaError_t LaunchGemvBytePair(GemvArgs<Scales> a, int64_t groups, int sms, cuda
       kernel = GemvBytePairKernel<T, NT, U, R, Scales, BpScaleRead::kPairs>;
   } else if (groups == 1) {
     const int64_t blocks = a.cols / a.block_size;
-    kernel = 256 % blocks == 0
+    kernel = kNestedBlockSize % blocks == 0
                  ? GemvBytePairKernel<T, NT, U, R, Scales, BpScaleRead::kSharedTableRowNested>
                  : GemvBytePairKernel<T, NT, U, R, Scales, BpScaleRead::kSharedTable>;
   }
