@@ -348,6 +348,11 @@ struct MmaType<__nv_bfloat16> {
     __nv_bfloat162 v = __floats2bfloat162_rn(lo, hi);
     return *reinterpret_cast<uint32_t*>(&v);
   }
+  static __device__ __forceinline__ uint32_t Mul(uint32_t a, uint32_t b) {  // elementwise
+    __nv_bfloat162 v = __hmul2(*reinterpret_cast<__nv_bfloat162*>(&a),
+                               *reinterpret_cast<__nv_bfloat162*>(&b));
+    return *reinterpret_cast<uint32_t*>(&v);
+  }
   static __device__ __forceinline__ void Mma(float (&c)[4], const uint32_t (&a)[4], uint32_t b0,
                                              uint32_t b1) {
     asm volatile(
@@ -361,6 +366,10 @@ template <>
 struct MmaType<__half> {
   static __device__ __forceinline__ uint32_t Pack(float lo, float hi) {
     __half2 v = __floats2half2_rn(lo, hi);
+    return *reinterpret_cast<uint32_t*>(&v);
+  }
+  static __device__ __forceinline__ uint32_t Mul(uint32_t a, uint32_t b) {  // elementwise
+    __half2 v = __hmul2(*reinterpret_cast<__half2*>(&a), *reinterpret_cast<__half2*>(&b));
     return *reinterpret_cast<uint32_t*>(&v);
   }
   static __device__ __forceinline__ void Mma(float (&c)[4], const uint32_t (&a)[4], uint32_t b0,
@@ -924,26 +933,45 @@ cudaError_t LaunchGemvTensorCore(GemvArgs<Scales> a, int64_t groups, int sms, bo
 // ---------------------------------------------------------------- tiled tensor-core matmul
 
 // Fused dequant + matmul for bf16 / f16 activations, power-of-two block_size >= 64 and M > 8
-// (batched decode, speculative decoding, prefill). A CTA of 8 warps owns 128 weight rows (each
-// warp one 16-row mma tile: tile rows g and g + 8 are the two rows of pair g, decoded as in the
-// 16-row-tile GEMV) for 8 * NT activation rows and one chunk of K, in stages of 4 spans (256 k).
-// A ring of 3 shared-memory slots holds each stage's activations (MT rows, 528 bytes apart:
-// conflict-free LDS.128 of the B fragments, shared by all 8 warps) and packed weights (each
-// lane copies and later reads its own 16 bytes per span); all of it moves by cp.async, two
-// stages ahead of the compute, and the block scales ride along in registers (three sets, the
-// stage loop unrolled by three). With more activation rows than one tile, the CTAs of one
-// weight slice are adjacent in the grid (the second read of the slice hits L2). K splits
-// across CTAs when the row blocks alone would leave SMs idle: each split writes float32
-// partial sums to scratch and SumKSplitsKernel adds them in split order (deterministic).
+// (batched decode, speculative decoding, prefill). A CTA of 8 warps owns 128 * WN weight rows
+// (each warp WN 16-row mma tiles; tile rows g and g + 8 are the two rows of pair g, decoded as
+// in the 16-row-tile GEMV) for 8 * NT activation rows and one chunk of K, in stages of 2 spans
+// (128 k). The kernel is bound by its instruction stream (mostly the decode) at 8 warps per SM,
+// so a warp's WN x NT block of mma tiles uses each decoded A fragment for NT mma and each
+// activation load for WN, and the block scale multiplies the decoded fragment in the activation
+// dtype (the weight rounded as dequantize + dot rounds it; f16 activations need weights within
+// f16 range, as there) so the mma accumulate across spans directly.
+// A ring of 3 shared-memory slots holds each stage's activations (MT rows, shared by all 8
+// warps) and packed weights; all of it moves by cp.async, two stages ahead of the compute. The
+// block scales are read two spans ahead of their use and decoded one span ahead (a
+// double-quantized scale's table and nested reads are dependent loads). With more activation
+// rows than one tile, the CTAs of one weight slice are adjacent in the grid (the second read of
+// the slice hits L2). K splits across CTAs when the row blocks alone would leave SMs idle: each
+// split writes float32 partial sums to scratch and SumKSplitsKernel adds them in split order
+// (deterministic).
 constexpr int kGtWarps = 8;
-constexpr int kGtStageSpans = 4;                      // 64-element spans per stage
-constexpr int kGtRowStride = kGtStageSpans * 64 + 8;  // activation row stride in shared memory
-constexpr int kGtRing = 3;                            // stages in shared memory
-constexpr int kGtWeightBytes = kGtWarps * kGtStageSpans * 32 * 16;  // one stage's weights
-template <int NT>
-constexpr int kGtSlotBytes = 8 * NT * kGtRowStride * 2 + kGtWeightBytes;
-template <int NT>
-constexpr int kGtSharedBytes = kPairTableBytes + kGtRing * kGtSlotBytes<NT>;
+constexpr int kGtStageSpans = 2;                       // 64-element spans per stage
+constexpr int kGtRowStride = kGtStageSpans * 64 + 32;  // activation row stride in shared memory
+constexpr int kGtRing = 3;                             // stages in shared memory
+template <int WN>
+constexpr int kGtPairs = kGtWarps * 8 * WN;  // row pairs per CTA
+template <int NT, int WN>
+constexpr int kGtSlotBytes = 8 * NT * kGtRowStride * 2 + kGtPairs<WN> * kGtStageSpans * 64;
+template <int NT, int WN>
+constexpr int kGtSharedBytes = kPairTableBytes + kGtRing * kGtSlotBytes<NT, WN>;
+
+// The CTA tiles a launch can choose from, by M: 8 * nt activation rows, 16 * wn weight rows
+// per warp (the accumulators, 4 * nt * wn registers, stay within 128).
+struct TileShape {
+  int nt, wn;
+};
+constexpr TileShape kTileShapes[] = {{2, 2}, {4, 2}, {8, 2}, {16, 2}};
+template <int NT, int WN>
+constexpr bool kIsTileShape = (NT == 2 || NT == 4 || NT == 8 || NT == 16) && WN == 2;
+int TileSharedBytes(TileShape s) {
+  return s.nt == 2 ? kGtSharedBytes<2, 2> : s.nt == 4 ? kGtSharedBytes<4, 2>
+         : s.nt == 8 ? kGtSharedBytes<8, 2> : kGtSharedBytes<16, 2>;
+}
 
 template <typename Scales>
 struct TileArgs {
@@ -968,9 +996,12 @@ __device__ __forceinline__ void CopyAsyncWaitRing() {
   asm volatile("cp.async.wait_group %0;\n" ::"n"(kGtRing - 1) : "memory");
 }
 
-template <typename T, int NT, typename Scales>
+template <typename T, int NT, int WN, typename Scales>
 __global__ void __launch_bounds__(32 * kGtWarps, 1) GemmTileKernel(TileArgs<Scales> a) {
   constexpr int S = kGtStageSpans, MT = 8 * NT;
+  constexpr int C = S * 8;  // 16-byte activation chunks per row and stage
+  static_assert(S % 2 == 0, "the span loop's scale pipeline has the same phase every stage");
+  static_assert(MT * C % (32 * kGtWarps) == 0, "every thread copies the same activation chunks");
   extern __shared__ __align__(16) unsigned char dynamic_shared[];
   uint4* pair_table_storage = reinterpret_cast<uint4*>(dynamic_shared);
   const PairTable<T> pair_table(pair_table_storage);
@@ -986,127 +1017,177 @@ __global__ void __launch_bounds__(32 * kGtWarps, 1) GemmTileKernel(TileArgs<Scal
 
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, g = lane / 4, t = lane % 4;
   const int64_t K = a.cols, N = 2 * a.pairs, blocks = K >> a.block_shift;
-  const int64_t pair = (rb * kGtWarps + warp) * 8 + g;
-  const int64_t p = pair < a.pairs ? pair : 0;  // rows past N compute on pair 0, never stored
+  const int64_t pair0 = (rb * kGtWarps + warp) * 8 * WN + g;  // tile wi: pair0 + 8 wi
   const int64_t m_base = mt * MT;
   const int rows = int(a.m_total - m_base < MT ? a.m_total - m_base : MT);
   const int steps = int(K / kTcSpan), step_shift = a.block_shift - 6;
   const int begin = ks * a.spans_per_split;
   const int end = begin + a.spans_per_split < steps ? begin + a.spans_per_split : steps;
 
-  const uint4* wrow = reinterpret_cast<const uint4*>(a.packed + (grp * a.pairs + p) * K) + t;
-  const auto scale_even = a.scales.RowOf(grp, 2 * p, N, blocks);
-  const auto scale_odd = a.scales.RowOf(grp, 2 * p + 1, N, blocks);
-  using Raw = typename decltype(scale_even)::Raw;
+  // Tile wi's weights and scales (rows past N compute on pair 0 and are never stored).
+  const uint8_t* wrow[WN];
+  using Row = decltype(a.scales.RowOf(0, 0, 1, 1));
+  Row row_even[WN], row_odd[WN];
+#pragma unroll
+  for (int wi = 0; wi < WN; ++wi) {
+    const int64_t p = pair0 + 8 * wi < a.pairs ? pair0 + 8 * wi : 0;
+    wrow[wi] = a.packed + (grp * a.pairs + p) * K + 16 * t;
+    row_even[wi] = a.scales.RowOf(grp, 2 * p, N, blocks);
+    row_odd[wi] = a.scales.RowOf(grp, 2 * p + 1, N, blocks);
+  }
   const T* x = static_cast<const T*>(a.x) + (grp * a.m_total + m_base) * K;
-  // This lane's weight chunk of span u in a slot.
-  const int weight_offset = 8 * NT * kGtRowStride * 2 + (warp * S * 32 + lane) * 16;
+  const int x_row0 = threadIdx.x / C, x_chunk = threadIdx.x % C;  // this thread's copies
 
-  struct Scale {
-    Raw even[S], odd[S];
-  };
-  // Stage i (spans s0 .. s0 + 3, s0 = begin + 4i) into slot i % 3: the activations (MT rows x
-  // 32 chunks of 16 bytes; rows past M repeat row 0, chunks past this CTA's K range are
-  // zero-filled and never read) and this lane's weights; its scales into `sc`. One copy group
-  // per stage, empty past the end.
-  auto issue = [&](int stage, Scale& sc) {
+  // Contraction order: in mma steps 2h and 2h + 1 of a span, lane (g, t) covers the eight k
+  // 32 h + 8 t .. 32 h + 8 t + 7, four per step: its A fragments decode those code bytes of pair
+  // g (one 8-byte load), its B fragments are one 16-byte load of the activations at the same k.
+  // Pair g's 64 bytes of a span sit in 16-byte chunks swizzled by pair (chunk c at c ^ (g & 2))
+  // and the activation rows 320 bytes apart, so both loads are conflict-free.
+  const int swizzle = g & 2;
+  // Pair g's 64 bytes of tile wi, span u in a slot: weight_offset + (wi * S + u) * 512.
+  const int weight_offset = 8 * NT * kGtRowStride * 2 + warp * WN * S * 512 + g * 64;
+
+  // Stage i (spans s0 .. s0 + S - 1, s0 = begin + S i) into slot i % 3: the activations (MT
+  // rows x C chunks; rows past M repeat row 0, chunks past this CTA's K range are zero-filled
+  // and never read) and the weights (each lane copies chunk t of pair g). One copy group per
+  // stage, empty past the end.
+  auto issue = [&](int stage) {
     const int s0 = begin + stage * S;
-    const uint32_t slot = ring_base + (stage % kGtRing) * kGtSlotBytes<NT>;
+    const uint32_t slot = ring_base + (stage % kGtRing) * kGtSlotBytes<NT, WN>;
     if (s0 < end) {
-      // Lane c copies chunk c of rows warp, warp + kGtWarps, ...: the K offset and its
-      // validity are the same for all of this thread's rows.
-      static_assert(MT % kGtWarps == 0, "each warp copies the same number of rows");
-      const int64_t k = int64_t(s0) * 64 + 8 * lane;
+      const int64_t k = int64_t(s0) * 64 + 8 * x_chunk;
       const bool valid = k < int64_t(end) * 64;
       const T* src = x + (valid ? k : 0);
 #pragma unroll
-      for (int j = 0; j < MT / kGtWarps; ++j) {
-        const int r = warp + kGtWarps * j;
-        CopyAsync16(slot + (r * kGtRowStride + 8 * lane) * 2, src + (r < rows ? r : 0) * K,
+      for (int j = 0; j < MT * C / (32 * kGtWarps); ++j) {
+        const int r = x_row0 + j * (32 * kGtWarps / C);
+        CopyAsync16(slot + (r * kGtRowStride + 8 * x_chunk) * 2, src + (r < rows ? r : 0) * K,
                     valid);
       }
 #pragma unroll
-      for (int u = 0; u < S; ++u) {
-        const bool valid = s0 + u < end;
-        CopyAsync16(slot + weight_offset + u * 512, wrow + 4 * (valid ? s0 + u : s0), valid);
-        if (valid) {
-          sc.even[u] = scale_even.Fetch((s0 + u) >> step_shift);
-          sc.odd[u] = scale_odd.Fetch((s0 + u) >> step_shift);
+      for (int wi = 0; wi < WN; ++wi)
+#pragma unroll
+        for (int u = 0; u < S; ++u) {
+          const bool valid = s0 + u < end;
+          CopyAsync16(slot + weight_offset + (wi * S + u) * 512 + 16 * (t ^ swizzle),
+                      wrow[wi] + 64 * (valid ? s0 + u : s0), valid);
         }
-      }
     }
     CopyAsyncCommit();
   };
-  float acc[NT][4];
+  // The scale pipeline: at span i the raw scales of span i + 1 are decoded and those of span
+  // i + 2 fetched.
+  typename Row::Raw raw_even[WN], raw_odd[WN];
+  float next_even[WN], next_odd[WN];
+  auto fetch = [&](int span) {
+    if (span >= end) return;
 #pragma unroll
-  for (int j = 0; j < NT; ++j) acc[j][0] = acc[j][1] = acc[j][2] = acc[j][3] = 0.0f;
-  auto compute = [&](int stage, const Scale& sc) {
+    for (int wi = 0; wi < WN; ++wi) {
+      raw_even[wi] = row_even[wi].Fetch(span >> step_shift);
+      raw_odd[wi] = row_odd[wi].Fetch(span >> step_shift);
+    }
+  };
+  auto decode = [&](int span) {
+    if (span >= end) return;
+#pragma unroll
+    for (int wi = 0; wi < WN; ++wi) {
+      next_even[wi] = row_even[wi].Decode(raw_even[wi], span >> step_shift);
+      next_odd[wi] = row_odd[wi].Decode(raw_odd[wi], span >> step_shift);
+    }
+  };
+
+  float acc[WN][NT][4];
+#pragma unroll
+  for (int wi = 0; wi < WN; ++wi)
+#pragma unroll
+    for (int j = 0; j < NT; ++j) acc[wi][j][0] = acc[wi][j][1] = acc[wi][j][2] = acc[wi][j][3] = 0.0f;
+  auto compute = [&](int stage) {
     const int s0 = begin + stage * S;
-    const unsigned char* slot = ring + (stage % kGtRing) * kGtSlotBytes<NT>;
-    const T* xb = reinterpret_cast<const T*>(slot) + g * kGtRowStride + 16 * t;
+    const unsigned char* slot = ring + (stage % kGtRing) * kGtSlotBytes<NT, WN>;
+    const unsigned char* wlane = slot + weight_offset + 8 * (t & 1);
+    const T* xb = reinterpret_cast<const T*>(slot) + g * kGtRowStride + 8 * t;
 #pragma unroll
     for (int u = 0; u < S; ++u) {
-      if (s0 + u >= end) break;
-      const uint4 w = *reinterpret_cast<const uint4*>(slot + weight_offset + u * 512);
-      uint32_t frag[4][4];
-      const uint32_t words[4] = {w.x, w.y, w.z, w.w};
+      const int span = s0 + u;
+      if (span >= end) break;
+      uint32_t se[WN], so[WN];  // this span's scales as value pairs in the activation dtype
 #pragma unroll
-      for (int s = 0; s < 4; ++s) pair_table.Fragment(words[s], frag[s]);
-      const float se = scale_even.Decode(sc.even[u], (s0 + u) >> step_shift);
-      const float so = scale_odd.Decode(sc.odd[u], (s0 + u) >> step_shift);
+      for (int wi = 0; wi < WN; ++wi) {
+        se[wi] = MmaType<T>::Pack(next_even[wi], next_even[wi]);
+        so[wi] = MmaType<T>::Pack(next_odd[wi], next_odd[wi]);
+      }
+      decode(span + 1);
+      fetch(span + 2);
 #pragma unroll
-      for (int j = 0; j < NT; ++j) {
-        const T* xr = xb + 8 * j * kGtRowStride + 64 * u;
-        const uint4 x0 = *reinterpret_cast<const uint4*>(xr);
-        const uint4 x1 = *reinterpret_cast<const uint4*>(xr + 8);
-        const uint32_t xw[8] = {x0.x, x0.y, x0.z, x0.w, x1.x, x1.y, x1.z, x1.w};
-        float part[4] = {0.0f, 0.0f, 0.0f, 0.0f};
+      for (int h = 0; h < 2; ++h) {
+        uint32_t frag[WN][2][4];
 #pragma unroll
-        for (int s = 0; s < 4; ++s) MmaType<T>::Mma(part, frag[s], xw[2 * s], xw[2 * s + 1]);
-        acc[j][0] = fmaf(se, part[0], acc[j][0]);
-        acc[j][1] = fmaf(se, part[1], acc[j][1]);
-        acc[j][2] = fmaf(so, part[2], acc[j][2]);
-        acc[j][3] = fmaf(so, part[3], acc[j][3]);
+        for (int wi = 0; wi < WN; ++wi) {
+          const uint2 words = *reinterpret_cast<const uint2*>(
+              wlane + (wi * S + u) * 512 + 16 * ((2 * h + (t >> 1)) ^ swizzle));
+#pragma unroll
+          for (int q = 0; q < 2; ++q) {
+            pair_table.Fragment(q == 0 ? words.x : words.y, frag[wi][q]);
+            frag[wi][q][0] = MmaType<T>::Mul(frag[wi][q][0], se[wi]);
+            frag[wi][q][1] = MmaType<T>::Mul(frag[wi][q][1], so[wi]);
+            frag[wi][q][2] = MmaType<T>::Mul(frag[wi][q][2], se[wi]);
+            frag[wi][q][3] = MmaType<T>::Mul(frag[wi][q][3], so[wi]);
+          }
+        }
+#pragma unroll
+        for (int j = 0; j < NT; ++j) {
+          const uint4 xv =
+              *reinterpret_cast<const uint4*>(xb + 8 * j * kGtRowStride + 64 * u + 32 * h);
+#pragma unroll
+          for (int wi = 0; wi < WN; ++wi) {
+            MmaType<T>::Mma(acc[wi][j], frag[wi][0], xv.x, xv.y);
+            MmaType<T>::Mma(acc[wi][j], frag[wi][1], xv.z, xv.w);
+          }
+        }
       }
     }
   };
 
-  // The first two stages' copies and loads go out before the table fill. Each step then
-  // issues the stage two ahead (into the slot computed one step before: the barrier at the
-  // top frees it), waits for its own stage and computes it; scale sets rotate A -> B -> C.
-  Scale sa, sb, sc;
+  // The first two stages' copies and the first spans' scales go out before the table fill.
+  // Each step then issues the stage two ahead (into the slot computed one step before: the
+  // barrier at the top frees it), waits for its own stage and computes it.
   const int stages = (end - begin + S - 1) / S;
-  issue(0, sa);
-  issue(1, sb);
+  issue(0);
+  issue(1);
+  fetch(begin);
+  decode(begin);
+  fetch(begin + 1);
   PairTable<T>::Fill(pair_table_storage);
-  auto step = [&](int stage, const Scale& now, Scale& ahead) {
+  for (int stage = 0; stage < stages; ++stage) {
     __syncthreads();
-    issue(stage + 2, ahead);
+    issue(stage + 2);
     CopyAsyncWaitRing();
     __syncthreads();
-    compute(stage, now);
-  };
-  for (int stage = 0; stage < stages; stage += 3) {
-    step(stage, sa, sc);
-    if (stage + 1 >= stages) break;
-    step(stage + 1, sb, sa);
-    if (stage + 2 >= stages) break;
-    step(stage + 2, sc, sb);
+    compute(stage);
   }
 
-  if (pair >= a.pairs) return;
+  // Each lane holds rows 2 pair and 2 pair + 1 for activation rows 8 j + 2 t and 8 j + 2 t + 1:
+  // one 2-element store per activation row.
   const bool direct = a.k_splits == 1;
-  T* out = static_cast<T*>(a.out) + (grp * a.m_total + m_base) * N + 2 * pair;
-  float* partial = a.partial + ((ks * a.groups + grp) * a.m_total + m_base) * N + 2 * pair;
 #pragma unroll
-  for (int j = 0; j < NT; ++j)
+  for (int wi = 0; wi < WN; ++wi) {
+    const int64_t pair = pair0 + 8 * wi;
+    if (pair >= a.pairs) continue;
 #pragma unroll
-    for (int c = 0; c < 4; ++c) {
-      const int m = 8 * j + 2 * t + (c & 1);
-      if (m >= rows) continue;
-      if (direct) out[m * N + (c >> 1)] = FromFloat<T>(acc[j][c]);
-      else partial[m * N + (c >> 1)] = acc[j][c];
-    }
+    for (int j = 0; j < NT; ++j)
+#pragma unroll
+      for (int r = 0; r < 2; ++r) {
+        const int m = 8 * j + 2 * t + r;
+        if (m >= rows) continue;
+        const int64_t at = (grp * a.m_total + m_base + m) * N + 2 * pair;
+        if (direct)
+          *reinterpret_cast<uint32_t*>(static_cast<T*>(a.out) + at) =
+              MmaType<T>::Pack(acc[wi][j][r], acc[wi][j][2 + r]);
+        else
+          *reinterpret_cast<float2*>(a.partial + ks * a.groups * a.m_total * N + at) =
+              make_float2(acc[wi][j][r], acc[wi][j][2 + r]);
+      }
+  }
 }
 
 // out = the sum of the k_splits partial products, added in split order.
@@ -1121,31 +1202,41 @@ __global__ void __launch_bounds__(kThreads) SumKSplitsKernel(const float* partia
   }
 }
 
-// The grid of the tiled kernel: n-tiles per CTA (8 rows each) from M (at most max_nt, what the
-// CTA's shared memory allows), then the K split that minimizes rounds x (spans per CTA + ~4
-// spans of fill, drain and store), rounds = ceil(CTAs / SMs), with at least two stages per CTA.
+// The grid of the tiled kernel: the CTA tile from M (the first of the shapes preferred for M
+// whose shared memory a CTA can have; none: no tiled kernel), then the K split that minimizes
+// rounds x (spans per CTA + ~4 spans of fill, drain and store + the split's partial sums),
+// rounds = ceil(CTAs / SMs), with at least two stages per CTA.
 struct TilePlan {
-  int nt = 8;
+  TileShape shape{0, 0};  // nt == 0: no tile fits
   int64_t row_blocks = 0, m_tiles = 0;
   int k_splits = 1, spans_per_split = 0;
   int64_t partial_bytes = 0;  // scratch for the split-K partial sums
 };
 
 TilePlan PlanGemmTile(int64_t groups, int64_t m_total, int64_t pairs, int64_t cols, int sms,
-                      int max_nt) {
+                      int shared_optin) {
   TilePlan plan;
-  plan.nt = m_total <= 16 ? 2 : m_total <= 32 ? 4 : 8;
-  plan.nt = plan.nt < max_nt ? plan.nt : max_nt;
-  plan.row_blocks = (pairs + 8 * kGtWarps - 1) / (8 * kGtWarps);
-  plan.m_tiles = (m_total + 8 * plan.nt - 1) / (8 * plan.nt);
+  // Preferred first: the widest M tile up to M (decode amortized over more rows), then
+  // narrower ones where the shared memory is smaller (sm_80: up to {4, 4}; sm_86: {2, 2}).
+  const int widest = m_total <= 16 ? 0 : m_total <= 32 ? 1 : m_total <= 64 ? 2 : 3;
+  for (int i = widest; i >= 0 && plan.shape.nt == 0; --i)
+    if (shared_optin >= TileSharedBytes(kTileShapes[i])) plan.shape = kTileShapes[i];
+  if (plan.shape.nt == 0) return plan;
+  const int64_t ctas_pairs = int64_t(kGtWarps) * 8 * plan.shape.wn;
+  plan.row_blocks = (pairs + ctas_pairs - 1) / ctas_pairs;
+  plan.m_tiles = (m_total + 8 * plan.shape.nt - 1) / (8 * plan.shape.nt);
   const int64_t steps = cols / kTcSpan, ctas = groups * plan.row_blocks * plan.m_tiles;
   auto spans = [&](int64_t splits) {
     return (steps + splits * kGtStageSpans - 1) / (splits * kGtStageSpans) * kGtStageSpans;
   };
+  // A split CTA's float32 partial sums (8 nt x 16 wn x 8 warps x 4 bytes, written, then read by
+  // the sum, mostly in L2) weigh about as much as nt * 2 / wn spans of its weights.
+  const int64_t partial_cost = 2 * plan.shape.nt / plan.shape.wn;
   int64_t best_cost = -1;
   for (int splits = 1; splits <= 16 && (splits == 1 || spans(splits) >= 2 * kGtStageSpans);
        ++splits) {
-    const int64_t cost = (ctas * splits + sms - 1) / sms * (spans(splits) + 4);
+    const int64_t cost = (ctas * splits + sms - 1) / sms *
+                         (spans(splits) + 4 + (splits > 1 ? partial_cost : 0));
     if (best_cost < 0 || cost < best_cost) best_cost = cost, plan.k_splits = splits;
   }
   plan.spans_per_split = int(spans(plan.k_splits));
@@ -1154,14 +1245,15 @@ TilePlan PlanGemmTile(int64_t groups, int64_t m_total, int64_t pairs, int64_t co
   return plan;
 }
 
-template <typename T, int NT, typename Scales>
-cudaError_t LaunchGemmTileNt(const TileArgs<Scales>& a, cudaStream_t stream) {
-  auto kernel = GemmTileKernel<T, NT, Scales>;
+template <typename T, int NT, int WN, typename Scales>
+cudaError_t LaunchGemmTileShape(const TileArgs<Scales>& a, cudaStream_t stream) {
+  static_assert(kIsTileShape<NT, WN>, "a shape of kTileShapes");
+  auto kernel = GemmTileKernel<T, NT, WN, Scales>;
   cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                         kGtSharedBytes<NT>);
+                                         kGtSharedBytes<NT, WN>);
   if (err != cudaSuccess) return err;
   const int64_t ctas = a.groups * a.row_blocks * a.k_splits * a.m_tiles;
-  kernel<<<dim3(unsigned(ctas)), 32 * kGtWarps, kGtSharedBytes<NT>, stream>>>(a);
+  kernel<<<dim3(unsigned(ctas)), 32 * kGtWarps, kGtSharedBytes<NT, WN>, stream>>>(a);
   err = cudaGetLastError();
   if (err != cudaSuccess || a.k_splits == 1) return err;
   const int64_t count = a.groups * a.m_total * 2 * a.pairs;
@@ -1176,10 +1268,11 @@ cudaError_t LaunchGemmTile(TileArgs<Scales> a, const TilePlan& plan, cudaStream_
   a.m_tiles = plan.m_tiles;
   a.k_splits = plan.k_splits;
   a.spans_per_split = plan.spans_per_split;
-  switch (plan.nt) {
-    case 2: return LaunchGemmTileNt<T, 2, Scales>(a, stream);
-    case 4: return LaunchGemmTileNt<T, 4, Scales>(a, stream);
-    default: return LaunchGemmTileNt<T, 8, Scales>(a, stream);
+  switch (plan.shape.nt) {
+    case 2: return LaunchGemmTileShape<T, 2, 2, Scales>(a, stream);
+    case 4: return LaunchGemmTileShape<T, 4, 2, Scales>(a, stream);
+    case 8: return LaunchGemmTileShape<T, 8, 2, Scales>(a, stream);
+    default: return LaunchGemmTileShape<T, 16, 2, Scales>(a, stream);
   }
 }
 
@@ -1393,10 +1486,10 @@ ffi::Error Matmul(cudaStream_t stream, ffi::ScratchAllocator& scratch, ffi::AnyB
     cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device);
     cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, device);
   }
-  // The tiled kernel's widest tile that fits a CTA's shared memory (0: none, sm_86 / sm_89).
-  const int max_nt = optin >= kGtSharedBytes<8> ? 8 : optin >= kGtSharedBytes<4> ? 4
-                     : optin >= kGtSharedBytes<2> ? 2 : 0;
-  if (tensor_cores && m_rows > kMaxFusedRows && max_nt > 0) {
+  const TilePlan plan = tensor_cores && m_rows > kMaxFusedRows
+                            ? PlanGemmTile(d.groups, m_rows, d.rows / 2, d.cols, sms, optin)
+                            : TilePlan{};
+  if (plan.shape.nt > 0) {
     TileArgs<Scales> a{};
     a.x = x.untyped_data();
     a.packed = static_cast<const uint8_t*>(packed.untyped_data());
@@ -1407,7 +1500,6 @@ ffi::Error Matmul(cudaStream_t stream, ffi::ScratchAllocator& scratch, ffi::AnyB
     a.pairs = d.rows / 2;
     a.cols = d.cols;
     a.block_shift = block_shift;
-    const TilePlan plan = PlanGemmTile(d.groups, m_rows, a.pairs, d.cols, sms, max_nt);
     if (plan.partial_bytes > 0) {
       auto buffer = scratch.Allocate(plan.partial_bytes, 16);
       if (!buffer.has_value())

@@ -6,15 +6,16 @@ M (activation rows) up to :func:`fused_max_rows` and, above it, the dequantize k
 by an XLA dot (tensor cores on GPU, XLA's threaded dot on CPU):
 
 - CUDA, bfloat16 / float16 activations with a power-of-two ``block_size >= 64``: fused
-  tensor-core kernels (mma.m16n8k16, float32 accumulation) up to M = 128; the weight enters
-  the product as codebook values in the activation dtype, scaled in float32 per 64 elements.
+  tensor-core kernels (mma.m16n8k16, float32 accumulation) up to M = 256.
   M <= 8 runs the byte-pair GEMV (one table lookup per code byte, a persistent grid; on GPUs
-  that give a CTA 145 KB of shared memory: sm_80, sm_90; elsewhere the 16-row-tile GEMV),
-  M > 8 the tiled kernel (activations and weights staged in shared memory, 128 weight rows x
-  up to 64 activation rows per CTA; GPUs whose CTAs cannot have its 107 - 183 KB of shared
-  memory, sm_86 / sm_89, run the 16-row-tile GEMV 8 rows at a time). Above M = 128 the weight
-  is dequantized to the activation dtype and multiplied by an XLA dot (faster there on the H100:
-  BENCHMARKS.md).
+  that give a CTA 145 KB of shared memory: sm_80, sm_90; elsewhere the 16-row-tile GEMV): the
+  weight enters the product as codebook values in the activation dtype, scaled in float32 per
+  64 elements. M > 8 runs the tiled kernel (activations and weights staged in shared memory,
+  256 weight rows x up to 128 activation rows per CTA, 95 - 200 KB of shared memory by M tile:
+  smaller tiles where a CTA gets less): there the weight enters scaled, rounded to the
+  activation dtype as dequantize + dot rounds it (float16 activations need weights within
+  float16 range, as dequantize to float16 does). Above M = 256 the weight is dequantized to
+  the activation dtype and multiplied by an XLA dot (faster there on the H100: BENCHMARKS.md).
 - CUDA otherwise (float32 activations, other block sizes): fused SIMT GEMV up to M = 8.
 - CPU: fused loop up to M = 8; above it the weight is dequantized to float32 and multiplied
   in float32, so CPU results follow the float32 contract for every M.
@@ -39,7 +40,7 @@ except ImportError:  # built without CUDA
     _nf4_cuda = None
 
 
-CUDA_TILED_MAX_ROWS = 128  # the tiled kernel's M range on CUDA (dequantize + dot above)
+CUDA_TILED_MAX_ROWS = 256  # the tiled kernel's M range on CUDA (dequantize + dot above)
 
 
 def fused_max_rows(platform: str, dtype, block_size: int) -> int:

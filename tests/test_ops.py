@@ -299,9 +299,9 @@ def test_matmul_gemv_grid(rng, platform, device, dtype, m, n, k, block_size):
 
 
 @pytest.mark.parametrize("dtype", DTYPES[1:])
-@pytest.mark.parametrize("m", [9, 24, 64, 65, 200])
+@pytest.mark.parametrize("m", [9, 24, 64, 65, 129, 200, 256])
 @pytest.mark.parametrize("n, k, block_size", [(34, 448, 64), (1030, 4160, 64), (256, 8192, 128)],
-                         ids=["partial-tile-7-spans", "9-row-blocks-65-spans", "k-split"])
+                         ids=["partial-tile-7-spans", "5-row-blocks-65-spans", "k-split"])
 def test_matmul_tiled_grid(rng, platform, device, dtype, m, n, k, block_size):
     """The tiled kernel (M > 8 on CUDA): partial row blocks and M tiles, stages cut short by
     the end of K, and K split across CTAs (few row blocks, long K)."""
@@ -313,11 +313,11 @@ def test_matmul_tiled_grid(rng, platform, device, dtype, m, n, k, block_size):
 
 
 @pytest.mark.parametrize("platform_name, dtype, block_size, rows", [
-    ("cuda", jnp.bfloat16, 64, 128), ("cuda", np.float16, 256, 128),
+    ("cuda", jnp.bfloat16, 64, 256), ("cuda", np.float16, 256, 256),
     ("cuda", np.float32, 64, 8), ("cuda", jnp.bfloat16, 48, 8), ("cuda", jnp.bfloat16, 32, 8),
     ("cpu", jnp.bfloat16, 64, 8), ("cpu", np.float32, 64, 8)])
 def test_fused_max_rows(platform_name, dtype, block_size, rows):
-    """The documented routing: tensor-core kernels to M = 128 on CUDA, 8 rows elsewhere."""
+    """The documented routing: tensor-core kernels to M = 256 on CUDA, 8 rows elsewhere."""
     from jax_nf4._lowering import fused_max_rows
     assert fused_max_rows(platform_name, dtype, block_size) == rows
 
