@@ -111,7 +111,10 @@ def matmul(x: ArrayLike, q: NF4Weight) -> jax.Array:
         ``jax.vmap`` or ``lax.scan``); double-quantized scales are decoded inside the kernel.
 
     Returns:
-      ``[..., N]`` in ``x``'s dtype, accumulated in float32.
+      ``[..., N]`` in ``x``'s dtype, accumulated in float32. On GPU with bfloat16 / float16
+      activations the weight meets ``x`` in ``x``'s dtype (for M > 8 rows scaled and rounded
+      as ``dequantize(q, x.dtype)`` rounds it), so with float16 the weight must lie within
+      float16 range, as for ``dequantize`` to float16.
     """
     x, q = _check_matmul_args(x, q, "matmul")
     n, k = q.shape
