@@ -996,8 +996,13 @@ __device__ __forceinline__ void CopyAsyncWaitRing() {
   asm volatile("cp.async.wait_group %0;\n" ::"n"(kGtRing - 1) : "memory");
 }
 
+// The M <= 16 tile has registers (<= 128) and shared memory (95 KB) for two CTAs per SM.
+template <int NT>
+constexpr int kGtMinCtasPerSm = NT == 2 ? 2 : 1;
+
 template <typename T, int NT, int WN, typename Scales>
-__global__ void __launch_bounds__(32 * kGtWarps, 1) GemmTileKernel(TileArgs<Scales> a) {
+__global__ void __launch_bounds__(32 * kGtWarps, kGtMinCtasPerSm<NT>)
+    GemmTileKernel(TileArgs<Scales> a) {
   constexpr int S = kGtStageSpans, MT = 8 * NT;
   constexpr int C = S * 8;  // 16-byte activation chunks per row and stage
   static_assert(S % 2 == 0, "the span loop's scale pipeline has the same phase every stage");
@@ -1202,26 +1207,52 @@ __global__ void __launch_bounds__(kThreads) SumKSplitsKernel(const float* partia
   }
 }
 
-// The grid of the tiled kernel: the CTA tile from M (the first of the shapes preferred for M
-// whose shared memory a CTA can have; none: no tiled kernel), then the K split that minimizes
-// rounds x (spans per CTA + ~4 spans of fill, drain and store + the split's partial sums),
-// rounds = ceil(CTAs / SMs), with at least two stages per CTA.
+// The CTA tile for M: the first of the shapes preferred for M whose shared memory a CTA can
+// have (nt == 0: none). Preferred first: the widest M tile up to M (decode amortized over
+// more rows), then narrower ones where the shared memory is smaller (sm_80: up to {8, 2}).
+TileShape ChooseTileShape(int64_t m_total, int shared_optin) {
+  const int widest = m_total <= 16 ? 0 : m_total <= 32 ? 1 : m_total <= 64 ? 2 : 3;
+  for (int i = widest; i >= 0; --i)
+    if (shared_optin >= TileSharedBytes(kTileShapes[i])) return kTileShapes[i];
+  return {0, 0};
+}
+
+// Sets the kernel's shared-memory size and, given ctas_per_sm, how many of its CTAs an SM holds.
+template <typename T, int NT, int WN, typename Scales>
+cudaError_t PrepareGemmTile(int* ctas_per_sm) {
+  static_assert(kIsTileShape<NT, WN>, "a shape of kTileShapes");
+  auto kernel = GemmTileKernel<T, NT, WN, Scales>;
+  cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                         kGtSharedBytes<NT, WN>);
+  if (err == cudaSuccess && ctas_per_sm != nullptr)
+    err = cudaOccupancyMaxActiveBlocksPerMultiprocessor(ctas_per_sm, kernel, 32 * kGtWarps,
+                                                        kGtSharedBytes<NT, WN>);
+  return err;
+}
+template <typename T, typename Scales>
+cudaError_t GemmTileCtasPerSm(TileShape shape, int* ctas_per_sm) {
+  switch (shape.nt) {
+    case 2: return PrepareGemmTile<T, 2, 2, Scales>(ctas_per_sm);
+    case 4: return PrepareGemmTile<T, 4, 2, Scales>(ctas_per_sm);
+    case 8: return PrepareGemmTile<T, 8, 2, Scales>(ctas_per_sm);
+    default: return PrepareGemmTile<T, 16, 2, Scales>(ctas_per_sm);
+  }
+}
+
+// The grid of the tiled kernel for a tile shape: the K split that minimizes rounds x (spans
+// per CTA + ~4 spans of fill, drain and store + the split's partial sums), rounds =
+// ceil(CTAs / slots), slots = SMs x the CTAs an SM holds, with at least two stages per CTA.
 struct TilePlan {
-  TileShape shape{0, 0};  // nt == 0: no tile fits
+  TileShape shape{0, 0};
   int64_t row_blocks = 0, m_tiles = 0;
   int k_splits = 1, spans_per_split = 0;
   int64_t partial_bytes = 0;  // scratch for the split-K partial sums
 };
 
-TilePlan PlanGemmTile(int64_t groups, int64_t m_total, int64_t pairs, int64_t cols, int sms,
-                      int shared_optin) {
+TilePlan PlanGemmTile(TileShape shape, int64_t groups, int64_t m_total, int64_t pairs,
+                      int64_t cols, int64_t slots) {
   TilePlan plan;
-  // Preferred first: the widest M tile up to M (decode amortized over more rows), then
-  // narrower ones where the shared memory is smaller (sm_80: up to {4, 4}; sm_86: {2, 2}).
-  const int widest = m_total <= 16 ? 0 : m_total <= 32 ? 1 : m_total <= 64 ? 2 : 3;
-  for (int i = widest; i >= 0 && plan.shape.nt == 0; --i)
-    if (shared_optin >= TileSharedBytes(kTileShapes[i])) plan.shape = kTileShapes[i];
-  if (plan.shape.nt == 0) return plan;
+  plan.shape = shape;
   const int64_t ctas_pairs = int64_t(kGtWarps) * 8 * plan.shape.wn;
   plan.row_blocks = (pairs + ctas_pairs - 1) / ctas_pairs;
   plan.m_tiles = (m_total + 8 * plan.shape.nt - 1) / (8 * plan.shape.nt);
@@ -1235,7 +1266,7 @@ TilePlan PlanGemmTile(int64_t groups, int64_t m_total, int64_t pairs, int64_t co
   int64_t best_cost = -1;
   for (int splits = 1; splits <= 16 && (splits == 1 || spans(splits) >= 2 * kGtStageSpans);
        ++splits) {
-    const int64_t cost = (ctas * splits + sms - 1) / sms *
+    const int64_t cost = (ctas * splits + slots - 1) / slots *
                          (spans(splits) + 4 + (splits > 1 ? partial_cost : 0));
     if (best_cost < 0 || cost < best_cost) best_cost = cost, plan.k_splits = splits;
   }
@@ -1247,13 +1278,11 @@ TilePlan PlanGemmTile(int64_t groups, int64_t m_total, int64_t pairs, int64_t co
 
 template <typename T, int NT, int WN, typename Scales>
 cudaError_t LaunchGemmTileShape(const TileArgs<Scales>& a, cudaStream_t stream) {
-  static_assert(kIsTileShape<NT, WN>, "a shape of kTileShapes");
-  auto kernel = GemmTileKernel<T, NT, WN, Scales>;
-  cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                         kGtSharedBytes<NT, WN>);
+  cudaError_t err = PrepareGemmTile<T, NT, WN, Scales>(nullptr);
   if (err != cudaSuccess) return err;
   const int64_t ctas = a.groups * a.row_blocks * a.k_splits * a.m_tiles;
-  kernel<<<dim3(unsigned(ctas)), 32 * kGtWarps, kGtSharedBytes<NT, WN>, stream>>>(a);
+  GemmTileKernel<T, NT, WN, Scales>
+      <<<dim3(unsigned(ctas)), 32 * kGtWarps, kGtSharedBytes<NT, WN>, stream>>>(a);
   err = cudaGetLastError();
   if (err != cudaSuccess || a.k_splits == 1) return err;
   const int64_t count = a.groups * a.m_total * 2 * a.pairs;
@@ -1486,10 +1515,18 @@ ffi::Error Matmul(cudaStream_t stream, ffi::ScratchAllocator& scratch, ffi::AnyB
     cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device);
     cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, device);
   }
-  const TilePlan plan = tensor_cores && m_rows > kMaxFusedRows
-                            ? PlanGemmTile(d.groups, m_rows, d.rows / 2, d.cols, sms, optin)
-                            : TilePlan{};
-  if (plan.shape.nt > 0) {
+  const TileShape tile =
+      tensor_cores && m_rows > kMaxFusedRows ? ChooseTileShape(m_rows, optin) : TileShape{0, 0};
+  if (tile.nt > 0) {
+    int ctas_per_sm = 0;
+    cudaError_t err = DispatchActivation(x.element_type(), [&](auto tag) {
+      using T = decltype(tag);
+      if constexpr (std::is_same_v<T, float>) return cudaErrorInvalidValue;  // not reached
+      else return GemmTileCtasPerSm<T, Scales>(tile, &ctas_per_sm);
+    });
+    if (err != cudaSuccess) return LaunchError("nf4_matmul", err);
+    const TilePlan plan = PlanGemmTile(tile, d.groups, m_rows, d.rows / 2, d.cols,
+                                       int64_t(sms) * (ctas_per_sm > 0 ? ctas_per_sm : 1));
     TileArgs<Scales> a{};
     a.x = x.untyped_data();
     a.packed = static_cast<const uint8_t*>(packed.untyped_data());
@@ -1508,7 +1545,7 @@ ffi::Error Matmul(cudaStream_t stream, ffi::ScratchAllocator& scratch, ffi::AnyB
                                     " bytes of scratch for the split-K partial sums");
       a.partial = static_cast<float*>(*buffer);
     }
-    cudaError_t err = DispatchActivation(x.element_type(), [&](auto tag) {
+    err = DispatchActivation(x.element_type(), [&](auto tag) {
       using T = decltype(tag);
       if constexpr (std::is_same_v<T, float>) return cudaErrorInvalidValue;  // not reached
       else return LaunchGemmTile<T>(a, plan, stream);
