@@ -1241,7 +1241,8 @@ cudaError_t GemmTileCtasPerSm(TileShape shape, int* ctas_per_sm) {
 
 // The grid of the tiled kernel for a tile shape: the K split that minimizes rounds x (spans
 // per CTA + ~4 spans of fill, drain and store + the split's partial sums), rounds =
-// ceil(CTAs / slots), slots = SMs x the CTAs an SM holds, with at least two stages per CTA.
+// ceil(CTAs / slots), slots = SMs x the CTAs an SM holds, with at least four stages per CTA
+// (shorter ones measured slower: 4096^2 at M = 16 split 16 ways took 14.5 µs, 8 ways 12.4).
 struct TilePlan {
   TileShape shape{0, 0};
   int64_t row_blocks = 0, m_tiles = 0;
@@ -1264,7 +1265,7 @@ TilePlan PlanGemmTile(TileShape shape, int64_t groups, int64_t m_total, int64_t 
   // the sum, mostly in L2) weigh about as much as nt * 2 / wn spans of its weights.
   const int64_t partial_cost = 2 * plan.shape.nt / plan.shape.wn;
   int64_t best_cost = -1;
-  for (int splits = 1; splits <= 16 && (splits == 1 || spans(splits) >= 2 * kGtStageSpans);
+  for (int splits = 1; splits <= 16 && (splits == 1 || spans(splits) >= 4 * kGtStageSpans);
        ++splits) {
     const int64_t cost = (ctas * splits + slots - 1) / slots *
                          (spans(splits) + 4 + (splits > 1 ? partial_cost : 0));
