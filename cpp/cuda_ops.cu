@@ -933,14 +933,15 @@ cudaError_t LaunchGemvTensorCore(GemvArgs<Scales> a, int64_t groups, int sms, bo
 // ---------------------------------------------------------------- tiled tensor-core matmul
 
 // Fused dequant + matmul for bf16 / f16 activations, power-of-two block_size >= 64 and M > 8
-// (batched decode, speculative decoding, prefill). A CTA of 8 warps owns 128 * WN weight rows
-// (each warp WN 16-row mma tiles; tile rows g and g + 8 are the two rows of pair g, decoded as
-// in the 16-row-tile GEMV) for 8 * NT activation rows and one chunk of K, in stages of 2 spans
-// (128 k). The kernel is bound by its instruction stream (mostly the decode) at 8 warps per SM,
-// so a warp's WN x NT block of mma tiles uses each decoded A fragment for NT mma and each
-// activation load for WN, and the block scale multiplies the decoded fragment in the activation
-// dtype (the weight rounded as dequantize + dot rounds it; f16 activations need weights within
-// f16 range, as there) so the mma accumulate across spans directly.
+// (batched decode, speculative decoding, prefill). A CTA of 8 warps owns 256 weight rows
+// (each warp WN = 2 16-row mma tiles; tile rows g and g + 8 are the two rows of pair g, decoded
+// as in the 16-row-tile GEMV) for 8 * NT activation rows (NT = 2, 4, 8 or 16 by M) and one
+// chunk of K, in stages of 2 spans (128 k). The kernel is bound by its instruction stream
+// (mostly the decode) at 8 warps per SM, so a warp's WN x NT block of mma tiles uses each
+// decoded A fragment for NT mma and each activation load for WN (the accumulators, 4 WN NT
+// registers, stay within 128), and the block scale multiplies the decoded fragment in the
+// activation dtype (the weight rounded as dequantize + dot rounds it; f16 activations need
+// weights within f16 range, as there) so the mma accumulate across spans directly.
 // A ring of 3 shared-memory slots holds each stage's activations (MT rows, shared by all 8
 // warps) and packed weights; all of it moves by cp.async, two stages ahead of the compute. The
 // block scales are read two spans ahead of their use and decoded one span ahead (a
@@ -953,24 +954,22 @@ constexpr int kGtWarps = 8;
 constexpr int kGtStageSpans = 2;                       // 64-element spans per stage
 constexpr int kGtRowStride = kGtStageSpans * 64 + 32;  // activation row stride in shared memory
 constexpr int kGtRing = 3;                             // stages in shared memory
-template <int WN>
-constexpr int kGtPairs = kGtWarps * 8 * WN;  // row pairs per CTA
-template <int NT, int WN>
-constexpr int kGtSlotBytes = 8 * NT * kGtRowStride * 2 + kGtPairs<WN> * kGtStageSpans * 64;
-template <int NT, int WN>
-constexpr int kGtSharedBytes = kPairTableBytes + kGtRing * kGtSlotBytes<NT, WN>;
+constexpr int kGtWarpTiles = 2;                          // 16-row mma tiles per warp (WN)
+constexpr int kGtPairs = kGtWarps * 8 * kGtWarpTiles;    // row pairs per CTA
+constexpr int GtSlotBytes(int nt) {  // one stage: 8 nt activation rows and the CTA's weights
+  return 8 * nt * kGtRowStride * 2 + kGtPairs * kGtStageSpans * 64;
+}
+constexpr int GtSharedBytes(int nt) { return kPairTableBytes + kGtRing * GtSlotBytes(nt); }
 
-// The CTA tiles a launch can choose from, by M: 8 * nt activation rows, 16 * wn weight rows
-// per warp (the accumulators, 4 * nt * wn registers, stay within 128).
-struct TileShape {
-  int nt, wn;
-};
-constexpr TileShape kTileShapes[] = {{2, 2}, {4, 2}, {8, 2}, {16, 2}};
-template <int NT, int WN>
-constexpr bool kIsTileShape = (NT == 2 || NT == 4 || NT == 8 || NT == 16) && WN == 2;
-int TileSharedBytes(TileShape s) {
-  return s.nt == 2 ? kGtSharedBytes<2, 2> : s.nt == 4 ? kGtSharedBytes<4, 2>
-         : s.nt == 8 ? kGtSharedBytes<8, 2> : kGtSharedBytes<16, 2>;
+// Calls fn(std::integral_constant<int, NT>) for a launch's n-tile count (2, 4, 8 or 16).
+template <typename Fn>
+cudaError_t DispatchTileNt(int nt, Fn&& fn) {
+  switch (nt) {
+    case 2: return fn(std::integral_constant<int, 2>{});
+    case 4: return fn(std::integral_constant<int, 4>{});
+    case 8: return fn(std::integral_constant<int, 8>{});
+    default: return fn(std::integral_constant<int, 16>{});
+  }
 }
 
 template <typename Scales>
@@ -1000,10 +999,10 @@ __device__ __forceinline__ void CopyAsyncWaitRing() {
 template <int NT>
 constexpr int kGtMinCtasPerSm = NT == 2 ? 2 : 1;
 
-template <typename T, int NT, int WN, typename Scales>
+template <typename T, int NT, typename Scales>
 __global__ void __launch_bounds__(32 * kGtWarps, kGtMinCtasPerSm<NT>)
     GemmTileKernel(TileArgs<Scales> a) {
-  constexpr int S = kGtStageSpans, MT = 8 * NT;
+  constexpr int S = kGtStageSpans, MT = 8 * NT, WN = kGtWarpTiles;
   constexpr int C = S * 8;  // 16-byte activation chunks per row and stage
   static_assert(S % 2 == 0, "the span loop's scale pipeline has the same phase every stage");
   static_assert(MT * C % (32 * kGtWarps) == 0, "every thread copies the same activation chunks");
@@ -1058,7 +1057,7 @@ __global__ void __launch_bounds__(32 * kGtWarps, kGtMinCtasPerSm<NT>)
   // stage, empty past the end.
   auto issue = [&](int stage) {
     const int s0 = begin + stage * S;
-    const uint32_t slot = ring_base + (stage % kGtRing) * kGtSlotBytes<NT, WN>;
+    const uint32_t slot = ring_base + (stage % kGtRing) * GtSlotBytes(NT);
     if (s0 < end) {
       const int64_t k = int64_t(s0) * 64 + 8 * x_chunk;
       const bool valid = k < int64_t(end) * 64;
@@ -1105,10 +1104,12 @@ __global__ void __launch_bounds__(32 * kGtWarps, kGtMinCtasPerSm<NT>)
 #pragma unroll
   for (int wi = 0; wi < WN; ++wi)
 #pragma unroll
-    for (int j = 0; j < NT; ++j) acc[wi][j][0] = acc[wi][j][1] = acc[wi][j][2] = acc[wi][j][3] = 0.0f;
+    for (int j = 0; j < NT; ++j)
+#pragma unroll
+      for (int c = 0; c < 4; ++c) acc[wi][j][c] = 0.0f;
   auto compute = [&](int stage) {
     const int s0 = begin + stage * S;
-    const unsigned char* slot = ring + (stage % kGtRing) * kGtSlotBytes<NT, WN>;
+    const unsigned char* slot = ring + (stage % kGtRing) * GtSlotBytes(NT);
     const unsigned char* wlane = slot + weight_offset + 8 * (t & 1);
     const T* xb = reinterpret_cast<const T*>(slot) + g * kGtRowStride + 8 * t;
 #pragma unroll
@@ -1207,63 +1208,50 @@ __global__ void __launch_bounds__(kThreads) SumKSplitsKernel(const float* partia
   }
 }
 
-// The CTA tile for M: the first of the shapes preferred for M whose shared memory a CTA can
-// have (nt == 0: none). Preferred first: the widest M tile up to M (decode amortized over
-// more rows), then narrower ones where the shared memory is smaller (sm_80: up to {8, 2}).
-TileShape ChooseTileShape(int64_t m_total, int shared_optin) {
-  const int widest = m_total <= 16 ? 0 : m_total <= 32 ? 1 : m_total <= 64 ? 2 : 3;
-  for (int i = widest; i >= 0; --i)
-    if (shared_optin >= TileSharedBytes(kTileShapes[i])) return kTileShapes[i];
-  return {0, 0};
+// The n-tile count for M: the widest tile up to M (decode amortized over more rows) whose
+// shared memory a CTA can have, else narrower ones (sm_80: up to 8; sm_86: 2); 0: none fits.
+int ChooseTileNt(int64_t m_total, int shared_optin) {
+  int nt = m_total <= 16 ? 2 : m_total <= 32 ? 4 : m_total <= 64 ? 8 : 16;
+  while (nt >= 2 && shared_optin < GtSharedBytes(nt)) nt /= 2;
+  return nt >= 2 ? nt : 0;
 }
 
 // Sets the kernel's shared-memory size and, given ctas_per_sm, how many of its CTAs an SM holds.
-template <typename T, int NT, int WN, typename Scales>
+template <typename T, int NT, typename Scales>
 cudaError_t PrepareGemmTile(int* ctas_per_sm) {
-  static_assert(kIsTileShape<NT, WN>, "a shape of kTileShapes");
-  auto kernel = GemmTileKernel<T, NT, WN, Scales>;
+  auto kernel = GemmTileKernel<T, NT, Scales>;
   cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                         kGtSharedBytes<NT, WN>);
+                                         GtSharedBytes(NT));
   if (err == cudaSuccess && ctas_per_sm != nullptr)
     err = cudaOccupancyMaxActiveBlocksPerMultiprocessor(ctas_per_sm, kernel, 32 * kGtWarps,
-                                                        kGtSharedBytes<NT, WN>);
+                                                        GtSharedBytes(NT));
   return err;
 }
-template <typename T, typename Scales>
-cudaError_t GemmTileCtasPerSm(TileShape shape, int* ctas_per_sm) {
-  switch (shape.nt) {
-    case 2: return PrepareGemmTile<T, 2, 2, Scales>(ctas_per_sm);
-    case 4: return PrepareGemmTile<T, 4, 2, Scales>(ctas_per_sm);
-    case 8: return PrepareGemmTile<T, 8, 2, Scales>(ctas_per_sm);
-    default: return PrepareGemmTile<T, 16, 2, Scales>(ctas_per_sm);
-  }
-}
 
-// The grid of the tiled kernel for a tile shape: the K split that minimizes rounds x (spans
+// The grid of the tiled kernel for an n-tile count: the K split that minimizes rounds x (spans
 // per CTA + ~4 spans of fill, drain and store + the split's partial sums), rounds =
 // ceil(CTAs / slots), slots = SMs x the CTAs an SM holds, with at least four stages per CTA
 // (shorter ones measured slower: 4096^2 at M = 16 split 16 ways took 14.5 µs, 8 ways 12.4).
 struct TilePlan {
-  TileShape shape{0, 0};
+  int nt = 0;
   int64_t row_blocks = 0, m_tiles = 0;
   int k_splits = 1, spans_per_split = 0;
   int64_t partial_bytes = 0;  // scratch for the split-K partial sums
 };
 
-TilePlan PlanGemmTile(TileShape shape, int64_t groups, int64_t m_total, int64_t pairs,
-                      int64_t cols, int64_t slots) {
+TilePlan PlanGemmTile(int nt, int64_t groups, int64_t m_total, int64_t pairs, int64_t cols,
+                      int64_t slots) {
   TilePlan plan;
-  plan.shape = shape;
-  const int64_t ctas_pairs = int64_t(kGtWarps) * 8 * plan.shape.wn;
-  plan.row_blocks = (pairs + ctas_pairs - 1) / ctas_pairs;
-  plan.m_tiles = (m_total + 8 * plan.shape.nt - 1) / (8 * plan.shape.nt);
+  plan.nt = nt;
+  plan.row_blocks = (pairs + kGtPairs - 1) / kGtPairs;
+  plan.m_tiles = (m_total + 8 * nt - 1) / (8 * nt);
   const int64_t steps = cols / kTcSpan, ctas = groups * plan.row_blocks * plan.m_tiles;
   auto spans = [&](int64_t splits) {
     return (steps + splits * kGtStageSpans - 1) / (splits * kGtStageSpans) * kGtStageSpans;
   };
-  // A split CTA's float32 partial sums (8 nt x 16 wn x 8 warps x 4 bytes, written, then read by
-  // the sum, mostly in L2) weigh about as much as nt * 2 / wn spans of its weights.
-  const int64_t partial_cost = 2 * plan.shape.nt / plan.shape.wn;
+  // A split CTA's float32 partial sums (8 nt x 2 kGtPairs x 4 bytes, written, then read by the
+  // sum, mostly in L2) weigh about as much as nt spans of its weights (kGtPairs x 64 bytes).
+  const int64_t partial_cost = nt;
   int64_t best_cost = -1;
   for (int splits = 1; splits <= 16 && (splits == 1 || spans(splits) >= 4 * kGtStageSpans);
        ++splits) {
@@ -1277,13 +1265,13 @@ TilePlan PlanGemmTile(TileShape shape, int64_t groups, int64_t m_total, int64_t 
   return plan;
 }
 
-template <typename T, int NT, int WN, typename Scales>
-cudaError_t LaunchGemmTileShape(const TileArgs<Scales>& a, cudaStream_t stream) {
-  cudaError_t err = PrepareGemmTile<T, NT, WN, Scales>(nullptr);
+template <typename T, int NT, typename Scales>
+cudaError_t LaunchGemmTileNt(const TileArgs<Scales>& a, cudaStream_t stream) {
+  cudaError_t err = PrepareGemmTile<T, NT, Scales>(nullptr);
   if (err != cudaSuccess) return err;
   const int64_t ctas = a.groups * a.row_blocks * a.k_splits * a.m_tiles;
-  GemmTileKernel<T, NT, WN, Scales>
-      <<<dim3(unsigned(ctas)), 32 * kGtWarps, kGtSharedBytes<NT, WN>, stream>>>(a);
+  GemmTileKernel<T, NT, Scales>
+      <<<dim3(unsigned(ctas)), 32 * kGtWarps, GtSharedBytes(NT), stream>>>(a);
   err = cudaGetLastError();
   if (err != cudaSuccess || a.k_splits == 1) return err;
   const int64_t count = a.groups * a.m_total * 2 * a.pairs;
@@ -1298,12 +1286,9 @@ cudaError_t LaunchGemmTile(TileArgs<Scales> a, const TilePlan& plan, cudaStream_
   a.m_tiles = plan.m_tiles;
   a.k_splits = plan.k_splits;
   a.spans_per_split = plan.spans_per_split;
-  switch (plan.shape.nt) {
-    case 2: return LaunchGemmTileShape<T, 2, 2, Scales>(a, stream);
-    case 4: return LaunchGemmTileShape<T, 4, 2, Scales>(a, stream);
-    case 8: return LaunchGemmTileShape<T, 8, 2, Scales>(a, stream);
-    default: return LaunchGemmTileShape<T, 16, 2, Scales>(a, stream);
-  }
+  return DispatchTileNt(plan.nt, [&](auto nt) {
+    return LaunchGemmTileNt<T, decltype(nt)::value, Scales>(a, stream);
+  });
 }
 
 // ---------------------------------------------------------------- dequantize
@@ -1516,17 +1501,18 @@ ffi::Error Matmul(cudaStream_t stream, ffi::ScratchAllocator& scratch, ffi::AnyB
     cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device);
     cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, device);
   }
-  const TileShape tile =
-      tensor_cores && m_rows > kMaxFusedRows ? ChooseTileShape(m_rows, optin) : TileShape{0, 0};
-  if (tile.nt > 0) {
+  const int tile_nt = tensor_cores && m_rows > kMaxFusedRows ? ChooseTileNt(m_rows, optin) : 0;
+  if (tile_nt > 0) {
     int ctas_per_sm = 0;
     cudaError_t err = DispatchActivation(x.element_type(), [&](auto tag) {
       using T = decltype(tag);
       if constexpr (std::is_same_v<T, float>) return cudaErrorInvalidValue;  // not reached
-      else return GemmTileCtasPerSm<T, Scales>(tile, &ctas_per_sm);
+      else return DispatchTileNt(tile_nt, [&](auto nt) {
+        return PrepareGemmTile<T, decltype(nt)::value, Scales>(&ctas_per_sm);
+      });
     });
     if (err != cudaSuccess) return LaunchError("nf4_matmul", err);
-    const TilePlan plan = PlanGemmTile(tile, d.groups, m_rows, d.rows / 2, d.cols,
+    const TilePlan plan = PlanGemmTile(tile_nt, d.groups, m_rows, d.rows / 2, d.cols,
                                        int64_t(sms) * (ctas_per_sm > 0 ? ctas_per_sm : 1));
     TileArgs<Scales> a{};
     a.x = x.untyped_data();
