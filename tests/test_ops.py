@@ -299,12 +299,13 @@ def test_matmul_gemv_grid(rng, platform, device, dtype, m, n, k, block_size):
 
 
 @pytest.mark.parametrize("dtype", DTYPES[1:])
-@pytest.mark.parametrize("m", [9, 24, 64, 65, 129, 200, 256])
+@pytest.mark.parametrize("m", [9, 16, 24, 33, 64, 65, 129, 200, 256])
 @pytest.mark.parametrize("n, k, block_size", [(34, 448, 64), (1030, 4160, 64), (256, 8192, 128)],
                          ids=["partial-tile-7-spans", "5-row-blocks-65-spans", "k-split"])
 def test_matmul_tiled_grid(rng, platform, device, dtype, m, n, k, block_size):
-    """The tiled kernel (M > 8 on CUDA): partial row blocks and M tiles, stages cut short by
-    the end of K, and K split across CTAs (few row blocks, long K)."""
+    """The tiled kernel (M = 9..256 on CUDA): each n-tile count (M <= 16, 32, 64, above) full
+    and partial, several M tiles, partial row blocks, stages cut short by the end of K, and K
+    split across CTAs (few row blocks, long K)."""
     w = random_weight(rng, (n, k), np.float32)
     x = random_activations(rng, (m, k), dtype)
     y = jax.jit(jax_nf4.matmul)(jax.device_put(x, device), quantize_on(device, w, block_size))
