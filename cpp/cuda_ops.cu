@@ -1216,16 +1216,16 @@ int ChooseTileNt(int64_t m_total, int shared_optin) {
   return nt >= 2 ? nt : 0;
 }
 
-// Sets the kernel's shared-memory size and, given ctas_per_sm, how many of its CTAs an SM holds.
+// Sets the kernel's shared-memory size (before its launch) and gives how many of its CTAs an
+// SM holds.
 template <typename T, int NT, typename Scales>
 cudaError_t PrepareGemmTile(int* ctas_per_sm) {
   auto kernel = GemmTileKernel<T, NT, Scales>;
   cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
                                          GtSharedBytes(NT));
-  if (err == cudaSuccess && ctas_per_sm != nullptr)
-    err = cudaOccupancyMaxActiveBlocksPerMultiprocessor(ctas_per_sm, kernel, 32 * kGtWarps,
-                                                        GtSharedBytes(NT));
-  return err;
+  if (err != cudaSuccess) return err;
+  return cudaOccupancyMaxActiveBlocksPerMultiprocessor(ctas_per_sm, kernel, 32 * kGtWarps,
+                                                       GtSharedBytes(NT));
 }
 
 // The grid of the tiled kernel for an n-tile count: the K split that minimizes rounds x (spans
@@ -1265,14 +1265,14 @@ TilePlan PlanGemmTile(int nt, int64_t groups, int64_t m_total, int64_t pairs, in
   return plan;
 }
 
+// Launches the tiled kernel (PrepareGemmTile has set its shared-memory size) and, with K split,
+// the sum of the splits.
 template <typename T, int NT, typename Scales>
 cudaError_t LaunchGemmTileNt(const TileArgs<Scales>& a, cudaStream_t stream) {
-  cudaError_t err = PrepareGemmTile<T, NT, Scales>(nullptr);
-  if (err != cudaSuccess) return err;
   const int64_t ctas = a.groups * a.row_blocks * a.k_splits * a.m_tiles;
   GemmTileKernel<T, NT, Scales>
       <<<dim3(unsigned(ctas)), 32 * kGtWarps, GtSharedBytes(NT), stream>>>(a);
-  err = cudaGetLastError();
+  cudaError_t err = cudaGetLastError();
   if (err != cudaSuccess || a.k_splits == 1) return err;
   const int64_t count = a.groups * a.m_total * 2 * a.pairs;
   SumKSplitsKernel<T><<<GridFor(count, kThreads), kThreads, 0, stream>>>(
