@@ -990,9 +990,10 @@ __device__ __forceinline__ void CopyAsync16(uint32_t dst, const void* src, bool 
                : "r"(dst), "l"(src), "r"(valid ? 16 : 0));
 }
 __device__ __forceinline__ void CopyAsyncCommit() { asm volatile("cp.async.commit_group;\n"); }
-// Waits until at most `kGtRing - 1` of this thread's copy groups are still in flight.
+// Waits until at most `kGtRing - 2` of this thread's copy groups are still in flight: the
+// oldest of the ring's stages has landed.
 __device__ __forceinline__ void CopyAsyncWaitRing() {
-  asm volatile("cp.async.wait_group %0;\n" ::"n"(kGtRing - 1) : "memory");
+  asm volatile("cp.async.wait_group %0;\n" ::"n"(kGtRing - 2) : "memory");
 }
 
 // The M <= 16 tile has registers (<= 128) and shared memory (95 KB) for two CTAs per SM.
@@ -1155,8 +1156,9 @@ __global__ void __launch_bounds__(32 * kGtWarps, kGtMinCtasPerSm<NT>)
   };
 
   // The first two stages' copies and the first spans' scales go out before the table fill.
-  // Each step then issues the stage two ahead (into the slot computed one step before: the
-  // barrier at the top frees it), waits for its own stage and computes it.
+  // Each step then waits for its own stage's copies, and one barrier both makes every
+  // thread's copies of it visible and frees the slot computed one step before, into which
+  // the stage two ahead goes out before the compute.
   const int stages = (end - begin + S - 1) / S;
   issue(0);
   issue(1);
@@ -1165,10 +1167,9 @@ __global__ void __launch_bounds__(32 * kGtWarps, kGtMinCtasPerSm<NT>)
   fetch(begin + 1);
   PairTable<T>::Fill(pair_table_storage);
   for (int stage = 0; stage < stages; ++stage) {
-    __syncthreads();
-    issue(stage + 2);
     CopyAsyncWaitRing();
     __syncthreads();
+    issue(stage + 2);
     compute(stage);
   }
 
