@@ -959,7 +959,10 @@ constexpr int kGtPairs = kGtWarps * 8 * kGtWarpTiles;    // row pairs per CTA
 constexpr int GtSlotBytes(int nt) {  // one stage: 8 nt activation rows and the CTA's weights
   return 8 * nt * kGtRowStride * 2 + kGtPairs * kGtStageSpans * 64;
 }
-constexpr int GtSharedBytes(int nt) { return kPairTableBytes + kGtRing * GtSlotBytes(nt); }
+// The pair table, the ring and the double-quant scale table (1 KB; unused with plain scales).
+constexpr int GtSharedBytes(int nt) {
+  return kPairTableBytes + kGtRing * GtSlotBytes(nt) + 256 * 4;
+}
 
 // Calls fn(std::integral_constant<int, NT>) for a launch's n-tile count (2, 4, 8 or 16).
 template <typename Fn>
@@ -1012,6 +1015,9 @@ __global__ void __launch_bounds__(32 * kGtWarps, kGtMinCtasPerSm<NT>)
   const PairTable<T> pair_table(pair_table_storage);
   unsigned char* ring = dynamic_shared + kPairTableBytes;  // slots: x [MT][kGtRowStride], weights
   const uint32_t ring_base = static_cast<uint32_t>(__cvta_generic_to_shared(ring));
+  float* dq_table = reinterpret_cast<float*>(ring + kGtRing * GtSlotBytes(NT));
+  const uint32_t dq_table_base = ring_base + kGtRing * GtSlotBytes(NT);
+  constexpr bool kDoubleQuant = std::is_same_v<Scales, DoubleQuantScales>;
 
   int64_t b = blockIdx.x;
   const int64_t mt = b % a.m_tiles;
@@ -1092,12 +1098,23 @@ __global__ void __launch_bounds__(32 * kGtWarps, kGtMinCtasPerSm<NT>)
       raw_odd[wi] = row_odd[wi].Fetch(span >> step_shift);
     }
   };
+  // Double-quant scales take their table entry from the CTA's shared copy (a 32-bit LDS; the
+  // global read was one more dependent load in the span loop).
+  auto decode_one = [&](const Row& row, typename Row::Raw raw, int b) {
+    if constexpr (kDoubleQuant) {
+      float entry;
+      asm("ld.shared.f32 %0, [%1];" : "=f"(entry) : "r"(dq_table_base + 4 * raw));
+      return row.DecodeWith(entry, b);
+    } else {
+      return row.Decode(raw, b);
+    }
+  };
   auto decode = [&](int span) {
     if (span >= end) return;
 #pragma unroll
     for (int wi = 0; wi < WN; ++wi) {
-      next_even[wi] = row_even[wi].Decode(raw_even[wi], span >> step_shift);
-      next_odd[wi] = row_odd[wi].Decode(raw_odd[wi], span >> step_shift);
+      next_even[wi] = decode_one(row_even[wi], raw_even[wi], span >> step_shift);
+      next_odd[wi] = decode_one(row_odd[wi], raw_odd[wi], span >> step_shift);
     }
   };
 
@@ -1155,17 +1172,32 @@ __global__ void __launch_bounds__(32 * kGtWarps, kGtMinCtasPerSm<NT>)
     }
   };
 
-  // The first two stages' copies and the first spans' scales go out before the table fill.
-  // Each step then waits for its own stage's copies, and one barrier both makes every
-  // thread's copies of it visible and frees the slot computed one step before, into which
-  // the stage two ahead goes out before the compute.
+  // The first two stages' copies and the first spans' scale reads go out before the table
+  // fills; the first span's scales decode once the tables are visible. Each step then waits
+  // for its own stage's copies, and one barrier both makes every thread's copies of it visible
+  // and frees the slot computed one step before, into which the stage two ahead goes out
+  // before the compute.
   const int stages = (end - begin + S - 1) / S;
   issue(0);
   issue(1);
   fetch(begin);
-  decode(begin);
+  typename Row::Raw first_even[WN], first_odd[WN];
+#pragma unroll
+  for (int wi = 0; wi < WN; ++wi) first_even[wi] = raw_even[wi], first_odd[wi] = raw_odd[wi];
   fetch(begin + 1);
   PairTable<T>::Fill(pair_table_storage);
+  if constexpr (kDoubleQuant) {
+    for (int i = threadIdx.x; i < 256; i += 32 * kGtWarps)
+      dq_table[i] = __ldg(a.scales.table + grp * 256 + i);
+    __syncthreads();
+  }
+  if (begin < end) {  // a split past the end of K has no spans
+#pragma unroll
+    for (int wi = 0; wi < WN; ++wi) {
+      next_even[wi] = decode_one(row_even[wi], first_even[wi], begin >> step_shift);
+      next_odd[wi] = decode_one(row_odd[wi], first_odd[wi], begin >> step_shift);
+    }
+  }
   for (int stage = 0; stage < stages; ++stage) {
     CopyAsyncWaitRing();
     __syncthreads();
