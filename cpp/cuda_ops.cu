@@ -1100,13 +1100,13 @@ __global__ void __launch_bounds__(32 * kGtWarps, kGtMinCtasPerSm<NT>)
   };
   // Double-quant scales take their table entry from the CTA's shared copy (a 32-bit LDS; the
   // global read was one more dependent load in the span loop).
-  auto decode_one = [&](const Row& row, typename Row::Raw raw, int b) {
+  auto decode_one = [&](const Row& row, typename Row::Raw raw, int blk) {
     if constexpr (kDoubleQuant) {
       float entry;
       asm("ld.shared.f32 %0, [%1];" : "=f"(entry) : "r"(dq_table_base + 4 * raw));
-      return row.DecodeWith(entry, b);
+      return row.DecodeWith(entry, blk);
     } else {
-      return row.Decode(raw, b);
+      return row.Decode(raw, blk);
     }
   };
   auto decode = [&](int span) {
