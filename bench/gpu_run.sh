@@ -10,7 +10,8 @@
 #   examples   examples/inference.py and examples/qlora_finetune.py
 #   bench      the kernel benchmark table (args go to bench/bench_matmul.py)
 #   decode     bench/bench_decode.py (8B decode, 70B shard timing)
-#   tp         bench/bench_decode.py (d): 70B decoding on 1 GPU and tensor-parallel on all GPUs
+#   tp         bench/bench_decode.py (d): 70B decoding on 1 GPU and tensor-parallel on all GPUs,
+#              then again with TP_XLA_FLAGS (default: XLA command buffers for the decode step)
 #   profile    Nsight Compute on the M = 1 GEMV of 28672x8192 and 4096x4096 and the tiled
 #              kernel at M = 64 (speed of light, memory workload, warp stalls, and per source
 #              line with a JAX_NF4_LINEINFO=1 build; the kernel's own duration, without launch
@@ -124,14 +125,16 @@ decode() {
 tp() {  # the 70B NF4 model (44 GB) and a shard of it on GPU 0 at once: let XLA have 92%
   XLA_PYTHON_CLIENT_MEM_FRACTION=0.92 python3 bench/bench_decode.py --skip-8b --skip-70b \
     --json "$OUT/decode_tp.json" 2>&1 | tee "$OUT/decode_tp.log"
-  # Then with XLA's one-shot all-reduce kernel (peer access, no NVLink multicast) for the two
-  # small all-reduces per layer, whose latency is most of the tp = 2 loss.
-  echo "with --xla_gpu_unsupported_use_all_reduce_one_shot_kernel=true:"
-  XLA_PYTHON_CLIENT_MEM_FRACTION=0.92 \
-    XLA_FLAGS="${XLA_FLAGS:-} --xla_gpu_unsupported_use_all_reduce_one_shot_kernel=true" \
+  # Then tp = 1 and all GPUs with TP_XLA_FLAGS: by default XLA command buffers (CUDA graphs)
+  # for the whole decode step, since at tp = 4 one host thread launching for four GPUs left
+  # them 1.83 ms idle per token (session 7; its one-shot all-reduce kernel changed nothing:
+  # TP_XLA_FLAGS=--xla_gpu_unsupported_use_all_reduce_one_shot_kernel=true reruns that).
+  local flags=${TP_XLA_FLAGS:---xla_gpu_enable_command_buffer=FUSION,CUBLAS,CUBLASLT,CUSTOM_CALL,COLLECTIVES,CONDITIONAL,WHILE --xla_gpu_graph_min_graph_size=1}
+  echo "with $flags:"
+  XLA_PYTHON_CLIENT_MEM_FRACTION=0.92 XLA_FLAGS="${XLA_FLAGS:-} $flags" \
     python3 bench/bench_decode.py --skip-8b --skip-70b --tps "1,$(nvidia-smi -L | wc -l)" \
-    --json "$OUT/decode_tp_one_shot.json" \
-    2>&1 | tee "$OUT/decode_tp_one_shot.log"
+    --json "$OUT/decode_tp_flags.json" \
+    2>&1 | tee "$OUT/decode_tp_flags.log"
 }
 
 ab() {  # ab DIR[,DIR...] [bench args]
