@@ -23,9 +23,9 @@
 #   ab         this checkout (A, installed by `build`: run `build,ab` on a fresh machine) against
 #              other trees given as the first bench arg, comma-separated (e.g. `git archive
 #              BRANCH | tar -x -C ab_x`, untracked folders in the checkout; distinct folder
-#              names): each built into /tmp/ab_NAME in parallel, its GPU kernel tests (AB_TESTS=0
-#              skips them), the bench (the other args) for A and each in turn, then
-#              bench/ab_compare.py's table
+#              names): each built into /tmp/ab_NAME in parallel, their GPU kernel tests side by
+#              side (AB_TESTS=0 skips them), the bench (the other args) for A and each in turn,
+#              then bench/ab_compare.py's table
 #   check      = build,tests,sanitize,examples
 # Logs go to $OUT (the device tool's output folder) or /tmp/jax_nf4_out.
 set -uo pipefail
@@ -151,15 +151,28 @@ ab() {  # ab DIR[,DIR...] [bench args]
     wait "${pids[$i]}" || { echo "build of ${dirs[$i]} failed:"
                             tail -5 "$OUT/ab_build_${names[$i]}.log"; return 1; }
   done
+  for i in "${!dirs[@]}"; do
+    (cd /tmp && PYTHONPATH="/tmp/ab_${names[$i]}" python3 -c \
+      "import jax_nf4; print('${names[$i]} is', jax_nf4.__file__)")
+  done
+  if [[ ${AB_TESTS:-1} == 1 ]]; then  # AB_TESTS=0: the trees are tested (e.g. commits)
+    # The trees' kernel tests side by side (no XLA preallocation, so that they share the GPU),
+    # before any timing.
+    pids=()
+    for i in "${!dirs[@]}"; do
+      XLA_PYTHON_CLIENT_PREALLOCATE=false PYTHONPATH="/tmp/ab_${names[$i]}" \
+        kernel_tests "$REPO/${dirs[$i]}" "ab_tests_${names[$i]}.log" > /dev/null &
+      pids+=($!)
+    done
+    for i in "${!dirs[@]}"; do
+      wait "${pids[$i]}"
+      echo "${names[$i]}'s GPU kernel tests: $(tail -1 "$OUT/ab_tests_${names[$i]}.log")"
+    done
+  fi
   python3 bench/bench_matmul.py --json "$OUT/ab_A.json" "$@" > /tmp/ab_A.txt 2>&1
   for i in "${!dirs[@]}"; do
-    local name=${names[$i]} path="/tmp/ab_${names[$i]}"
-    (cd /tmp && PYTHONPATH=$path python3 -c "import jax_nf4; print('$name is', jax_nf4.__file__)")
-    if [[ ${AB_TESTS:-1} == 1 ]]; then  # AB_TESTS=0: the trees are tested (e.g. commits)
-      echo "$name's GPU kernel tests: $(PYTHONPATH=$path kernel_tests "$REPO/${dirs[$i]}" \
-                                         "ab_tests_$name.log" | tail -1)"
-    fi
-    PYTHONPATH=$path python3 bench/bench_matmul.py --json "$OUT/ab_$name.json" "$@" \
+    local name=${names[$i]}
+    PYTHONPATH="/tmp/ab_$name" python3 bench/bench_matmul.py --json "$OUT/ab_$name.json" "$@" \
       > "/tmp/ab_$name.txt" 2>&1
     jsons+=("$OUT/ab_$name.json")
   done
