@@ -129,7 +129,9 @@ tp() {  # the 70B NF4 model (44 GB) and a shard of it on GPU 0 at once: let XLA 
   # for the whole decode step, since at tp = 4 one host thread launching for four GPUs left
   # them 1.83 ms idle per token (session 7; its one-shot all-reduce kernel changed nothing:
   # TP_XLA_FLAGS=--xla_gpu_unsupported_use_all_reduce_one_shot_kernel=true reruns that).
-  local flags=${TP_XLA_FLAGS:---xla_gpu_enable_command_buffer=FUSION,CUBLAS,CUBLASLT,CUSTOM_CALL,COLLECTIVES,CONDITIONAL,WHILE --xla_gpu_graph_min_graph_size=1}
+  local graphs="--xla_gpu_enable_command_buffer=FUSION,CUBLAS,CUBLASLT,CUSTOM_CALL,COLLECTIVES"
+  graphs+=",CONDITIONAL,WHILE --xla_gpu_graph_min_graph_size=1"
+  local flags=${TP_XLA_FLAGS:-$graphs}
   echo "with $flags:"
   XLA_PYTHON_CLIENT_MEM_FRACTION=0.92 XLA_FLAGS="${XLA_FLAGS:-} $flags" \
     python3 bench/bench_decode.py --skip-8b --skip-70b --tps "1,$(nvidia-smi -L | wc -l)" \
