@@ -10,6 +10,7 @@
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
 
+#include <atomic>
 #include <cstdint>
 #include <string>
 #include <type_traits>
@@ -1088,7 +1089,8 @@ __global__ void __launch_bounds__(32 * kGtWarps, kGtMinCtasPerSm<NT>)
   };
   // The scale pipeline: at span i the raw scales of span i + 1 are decoded and those of span
   // i + 2 fetched.
-  typename Row::Raw raw_even[WN], raw_odd[WN];
+  using Raws = typename Row::Raw[WN];
+  Raws raw_even, raw_odd;
   float next_even[WN], next_odd[WN];
   auto fetch = [&](int span) {
     if (span >= end) return;
@@ -1109,14 +1111,15 @@ __global__ void __launch_bounds__(32 * kGtWarps, kGtMinCtasPerSm<NT>)
       return row.Decode(raw, blk);
     }
   };
-  auto decode = [&](int span) {
+  auto decode_from = [&](const Raws& even, const Raws& odd, int span) {
     if (span >= end) return;
 #pragma unroll
     for (int wi = 0; wi < WN; ++wi) {
-      next_even[wi] = decode_one(row_even[wi], raw_even[wi], span >> step_shift);
-      next_odd[wi] = decode_one(row_odd[wi], raw_odd[wi], span >> step_shift);
+      next_even[wi] = decode_one(row_even[wi], even[wi], span >> step_shift);
+      next_odd[wi] = decode_one(row_odd[wi], odd[wi], span >> step_shift);
     }
   };
+  auto decode = [&](int span) { decode_from(raw_even, raw_odd, span); };
 
   float acc[WN][NT][4];
 #pragma unroll
@@ -1181,7 +1184,7 @@ __global__ void __launch_bounds__(32 * kGtWarps, kGtMinCtasPerSm<NT>)
   issue(0);
   issue(1);
   fetch(begin);
-  typename Row::Raw first_even[WN], first_odd[WN];
+  Raws first_even, first_odd;
 #pragma unroll
   for (int wi = 0; wi < WN; ++wi) first_even[wi] = raw_even[wi], first_odd[wi] = raw_odd[wi];
   fetch(begin + 1);
@@ -1191,13 +1194,7 @@ __global__ void __launch_bounds__(32 * kGtWarps, kGtMinCtasPerSm<NT>)
       dq_table[i] = __ldg(a.scales.table + grp * 256 + i);
     __syncthreads();
   }
-  if (begin < end) {  // a split past the end of K has no spans
-#pragma unroll
-    for (int wi = 0; wi < WN; ++wi) {
-      next_even[wi] = decode_one(row_even[wi], first_even[wi], begin >> step_shift);
-      next_odd[wi] = decode_one(row_odd[wi], first_odd[wi], begin >> step_shift);
-    }
-  }
+  decode_from(first_even, first_odd, begin);  // nothing where a split is past the end of K
   for (int stage = 0; stage < stages; ++stage) {
     CopyAsyncWaitRing();
     __syncthreads();
@@ -1249,16 +1246,29 @@ int ChooseTileNt(int64_t m_total, int shared_optin) {
   return nt >= 2 ? nt : 0;
 }
 
-// Sets the kernel's shared-memory size (before its launch) and gives how many of its CTAs an
-// SM holds.
+// Sets the kernel's shared-memory size on `device` (before its first launch there) and gives
+// how many of its CTAs an SM holds; both once per device and process (the attribute lasts with
+// the device's context; the answer is kept for later calls).
 template <typename T, int NT, typename Scales>
-cudaError_t PrepareGemmTile(int* ctas_per_sm) {
+cudaError_t PrepareGemmTile(int device, int* ctas_per_sm) {
+  constexpr int kMaxDevices = 64;
+  static std::atomic<int> prepared[kMaxDevices];  // CTAs per SM + 1 once prepared, else 0
+  const bool cached = device >= 0 && device < kMaxDevices;
+  if (cached) {
+    if (const int v = prepared[device].load(std::memory_order_relaxed); v > 0) {
+      *ctas_per_sm = v - 1;
+      return cudaSuccess;
+    }
+  }
   auto kernel = GemmTileKernel<T, NT, Scales>;
   cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
                                          GtSharedBytes(NT));
-  if (err != cudaSuccess) return err;
-  return cudaOccupancyMaxActiveBlocksPerMultiprocessor(ctas_per_sm, kernel, 32 * kGtWarps,
-                                                       GtSharedBytes(NT));
+  if (err == cudaSuccess)
+    err = cudaOccupancyMaxActiveBlocksPerMultiprocessor(ctas_per_sm, kernel, 32 * kGtWarps,
+                                                        GtSharedBytes(NT));
+  if (err == cudaSuccess && cached)
+    prepared[device].store(*ctas_per_sm + 1, std::memory_order_relaxed);
+  return err;
 }
 
 // The grid of the tiled kernel for an n-tile count: the K split that minimizes rounds x (spans
@@ -1527,9 +1537,8 @@ ffi::Error Matmul(cudaStream_t stream, ffi::ScratchAllocator& scratch, ffi::AnyB
   const int block_shift = Log2IfPowerOfTwo(d.block_size);
   const bool tensor_cores = x.element_type() != ffi::DataType::F32 &&
                             d.block_size % kTcSpan == 0 && block_shift >= 0;
-  int sms = 0, optin = 0;  // what the tensor-core kernels are sized by
+  int sms = 0, optin = 0, device = 0;  // what the tensor-core kernels are sized by
   if (tensor_cores) {
-    int device = 0;
     cudaGetDevice(&device);
     cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device);
     cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, device);
@@ -1541,7 +1550,7 @@ ffi::Error Matmul(cudaStream_t stream, ffi::ScratchAllocator& scratch, ffi::AnyB
       using T = decltype(tag);
       if constexpr (std::is_same_v<T, float>) return cudaErrorInvalidValue;  // not reached
       else return DispatchTileNt(tile_nt, [&](auto nt) {
-        return PrepareGemmTile<T, decltype(nt)::value, Scales>(&ctas_per_sm);
+        return PrepareGemmTile<T, decltype(nt)::value, Scales>(device, &ctas_per_sm);
       });
     });
     if (err != cudaSuccess) return LaunchError("nf4_matmul", err);
