@@ -158,8 +158,10 @@ ab() {  # ab DIR[,DIR...] [bench args]
       "import jax_nf4; print('${names[$i]} is', jax_nf4.__file__)")
   done
   if [[ ${AB_TESTS:-1} == 1 ]]; then  # AB_TESTS=0: the trees are tested (e.g. commits)
-    # The trees' kernel tests side by side (no XLA preallocation, so that they share the GPU),
-    # before any timing.
+    # The trees' kernel tests side by side, this checkout's too (no XLA preallocation, so that
+    # they share the GPU), before any timing.
+    XLA_PYTHON_CLIENT_PREALLOCATE=false kernel_tests "$REPO" ab_tests_A.log > /dev/null &
+    local pid_a=$!
     pids=()
     for i in "${!dirs[@]}"; do
       XLA_PYTHON_CLIENT_PREALLOCATE=false PYTHONPATH="/tmp/ab_${names[$i]}" \
@@ -170,6 +172,8 @@ ab() {  # ab DIR[,DIR...] [bench args]
       wait "${pids[$i]}"
       echo "${names[$i]}'s GPU kernel tests: $(tail -1 "$OUT/ab_tests_${names[$i]}.log")"
     done
+    wait $pid_a
+    echo "A's GPU kernel tests: $(tail -1 "$OUT/ab_tests_A.log")"
   fi
   python3 bench/bench_matmul.py --json "$OUT/ab_A.json" "$@" > /tmp/ab_A.txt 2>&1
   for i in "${!dirs[@]}"; do
