@@ -175,11 +175,11 @@ ab() {  # ab DIR[,DIR...] [bench args]
     wait $pid_a
     echo "A's GPU kernel tests: $(tail -1 "$OUT/ab_tests_A.log")"
   fi
-  python3 bench/bench_matmul.py --json "$OUT/ab_A.json" "$@" > /tmp/ab_A.txt 2>&1
+  python3 bench/bench_matmul.py --json "$OUT/ab_A.json" "$@" > "$OUT/ab_bench_A.txt" 2>&1
   for i in "${!dirs[@]}"; do
     local name=${names[$i]}
     PYTHONPATH="/tmp/ab_$name" python3 bench/bench_matmul.py --json "$OUT/ab_$name.json" "$@" \
-      > "/tmp/ab_$name.txt" 2>&1
+      > "$OUT/ab_bench_$name.txt" 2>&1 || tail -3 "$OUT/ab_bench_$name.txt"
     jsons+=("$OUT/ab_$name.json")
   done
   python3 bench/ab_compare.py "${jsons[@]}" | tee "$OUT/ab.md"
