@@ -94,7 +94,7 @@ profile() {
     local shape rows dq name
     IFS=: read -r shape rows dq <<< "$case"
     name=ncu_${shape}_m$rows${dq:+_dq}
-    ncu --clock-control none -k regex:'Gemv|GemmTile' --launch-skip 2 --launch-count 1 \
+    ncu --clock-control none -k regex:'Gemv|GemmTile|GemmWgmma' --launch-skip 2 --launch-count 1 \
       --section SpeedOfLight --section MemoryWorkloadAnalysis --section WarpStateStats \
       --section LaunchStats --section Occupancy --section SourceCounters \
       --import-source yes --export "$OUT/$name" --force-overwrite \
