@@ -164,12 +164,13 @@ def test_dequantize_matmul_linear_on_double_quant_weights(platform, device, rng,
     (jnp.bfloat16, 64, 40, 24), (np.float32, 64, 3, 24), (np.float32, 32, 9, 24),
     (jnp.bfloat16, 48, 2, 24), (jnp.bfloat16, 128, 5, 24), (np.float16, 256, 3, 24),
     (jnp.bfloat16, 64, 2, 25), (jnp.bfloat16, 64, 1, 32), (jnp.bfloat16, 64, 8, 32),
-    (np.float16, 128, 4, 16), (jnp.bfloat16, 64, 150, 24), (jnp.bfloat16, 64, 300, 24)],
+    (np.float16, 128, 4, 16), (jnp.bfloat16, 64, 150, 24), (np.float16, 64, 100, 24),
+    (np.float16, 128, 200, 25), (jnp.bfloat16, 64, 300, 24)],
     ids=["tensor-core-M1", "tensor-core-M13", "tensor-core-f16-M32", "tiled-M40",
          "simt-f32", "simt-f32-tiled", "bytewise-block48", "byte-pair-block128-M5",
          "byte-pair-block256-M3", "byte-pair-odd-blocks-M2", "byte-pair-row-nested-M1",
          "byte-pair-row-nested-M8", "byte-pair-row-nested-block128-M4", "tiled-two-m-tiles-M150",
-         "dense-path-M300"])
+         "tiled-f16-M100", "tiled-f16-odd-blocks-M200", "dense-path-M300"])
 def test_kernels_decode_double_quant_scales(platform, device, rng, x_dtype, block_size, rows,
                                             row_blocks):
     """Every kernel path (fused tensor-core / SIMT / byte-wise GEMV, dequantize + dot) decodes
