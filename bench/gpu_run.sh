@@ -183,6 +183,9 @@ ab() {  # ab DIR[,DIR...] [bench args]
     jsons+=("$OUT/ab_$name.json")
   done
   python3 bench/ab_compare.py "${jsons[@]}" | tee "$OUT/ab.md"
+  # The device tool brings back a handful of files: the logs travel as one archive.
+  (cd "$OUT" && tar -czf ab_logs.tar.gz ab_build_*.log ab_tests_*.log ab_bench_*.txt \
+    && rm -f ab_build_*.log ab_tests_*.log ab_bench_*.txt)
 }
 
 [[ $stages == check ]] && stages=build,tests,sanitize,examples
