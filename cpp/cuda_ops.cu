@@ -82,12 +82,16 @@ __device__ __forceinline__ void StoreVec(T* p, const Vec<T, V>& val) {
   }
 }
 
-// V packed weight bytes; 16 of them come in one streaming (evict-first) load.
+// V packed weight bytes; 4, 8 or 16 of them come in one streaming (evict-first) load.
 template <int V>
 __device__ __forceinline__ Vec<uint8_t, V> LoadPacked(const uint8_t* p) {
   Vec<uint8_t, V> out;
   if constexpr (V == 16) {
     *reinterpret_cast<uint4*>(&out) = __ldcs(reinterpret_cast<const uint4*>(p));
+  } else if constexpr (V == 8) {
+    *reinterpret_cast<uint2*>(&out) = __ldcs(reinterpret_cast<const uint2*>(p));
+  } else if constexpr (V == 4) {
+    *reinterpret_cast<unsigned int*>(&out) = __ldcs(reinterpret_cast<const unsigned int*>(p));
   } else {
 #pragma unroll
     for (int i = 0; i < V; ++i) out.v[i] = p[i];
@@ -1336,8 +1340,10 @@ cudaError_t LaunchGemmTile(TileArgs<Scales> a, const TilePlan& plan, cudaStream_
 
 // ---------------------------------------------------------------- dequantize
 
-// One thread per V-byte chunk of one row pair: 2V outputs.
-template <typename T, int V, typename Scales>
+// One thread per V-byte chunk of one row pair: 2V outputs, V x sizeof(T) bytes to each row (16
+// where the block size allows, so that a warp's store writes 512 contiguous bytes). I: the
+// index type, 32-bit where the chunks and the grid's stride fit (cheaper divisions).
+template <typename T, int V, typename I, typename Scales>
 __global__ void __launch_bounds__(kThreads) DequantizeKernel(const uint8_t* packed, Scales scales,
                                                              T* out, int64_t groups,
                                                              int64_t pairs, int64_t cols,
@@ -1346,14 +1352,14 @@ __global__ void __launch_bounds__(kThreads) DequantizeKernel(const uint8_t* pack
   codebook.Fill();
   __syncthreads();
   const int lane = threadIdx.x % 32;
-  const int64_t chunks = cols / V, blocks = cols / block_size;
-  const int64_t total = groups * pairs * chunks;
-  for (int64_t t = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; t < total;
-       t += int64_t(gridDim.x) * blockDim.x) {
-    const int64_t row_pair = t / chunks;  // g * pairs + pair
-    const int64_t g = row_pair / pairs, pair = row_pair % pairs;
-    const int64_t k0 = (t % chunks) * V;
-    const Vec<uint8_t, V> w = LoadPacked<V>(packed + row_pair * cols + k0);
+  const I chunks = I(cols / V), pairs_i = I(pairs);
+  const int64_t blocks = cols / block_size;
+  const I total = I(groups * pairs * (cols / V));
+  for (I t = I(blockIdx.x) * blockDim.x + threadIdx.x; t < total; t += I(gridDim.x) * blockDim.x) {
+    const I row_pair = t / chunks;  // g * pairs + pair
+    const I g = row_pair / pairs_i, pair = row_pair - g * pairs_i;
+    const int64_t k0 = int64_t(t - row_pair * chunks) * V;
+    const Vec<uint8_t, V> w = LoadPacked<V>(packed + int64_t(row_pair) * cols + k0);
     const float s0 = scales.RowOf(g, 2 * pair, 2 * pairs, blocks)(k0 / block_size);
     const float s1 = scales.RowOf(g, 2 * pair + 1, 2 * pairs, blocks)(k0 / block_size);
     Vec<T, V> even, odd;
@@ -1362,8 +1368,8 @@ __global__ void __launch_bounds__(kThreads) DequantizeKernel(const uint8_t* pack
       even.v[i] = FromFloat<T>(codebook(EvenRowCode(w.v[i]), lane) * s0);
       odd.v[i] = FromFloat<T>(codebook(OddRowCode(w.v[i]), lane) * s1);
     }
-    StoreVec<T, V>(out + (2 * row_pair) * cols + k0, even);
-    StoreVec<T, V>(out + (2 * row_pair + 1) * cols + k0, odd);
+    StoreVec<T, V>(out + (2 * int64_t(row_pair)) * cols + k0, even);
+    StoreVec<T, V>(out + (2 * int64_t(row_pair) + 1) * cols + k0, odd);
   }
 }
 
@@ -1511,14 +1517,20 @@ ffi::Error Dequantize(cudaStream_t stream, ffi::AnyBuffer packed, const Scales& 
   const int64_t pairs = d.rows / 2;
   cudaError_t err = DispatchActivation(out->element_type(), [&](auto tag) {
     using T = decltype(tag);
-    auto launch = [&](auto kernel, int v) {
-      kernel<<<GridFor(d.groups * pairs * (d.cols / v), kThreads), kThreads, 0, stream>>>(
+    constexpr int kStoreV = 16 / sizeof(T);  // packed bytes per thread for 16-byte stores
+    auto launch = [&](auto v_tag) {
+      constexpr int V = decltype(v_tag)::value;
+      const int64_t work = d.groups * pairs * (d.cols / V);
+      // 32-bit indices while the last index plus the grid's stride (< 2^24) stays below 2^32
+      auto kernel = work < (int64_t(1) << 31) ? DequantizeKernel<T, V, uint32_t, Scales>
+                                              : DequantizeKernel<T, V, int64_t, Scales>;
+      kernel<<<GridFor(work, kThreads), kThreads, 0, stream>>>(
           static_cast<const uint8_t*>(packed.untyped_data()), scales,
           static_cast<T*>(out->untyped_data()), d.groups, pairs, d.cols, d.block_size);
       return cudaGetLastError();
     };
-    return d.block_size % 16 == 0 ? launch(DequantizeKernel<T, 16, Scales>, 16)
-                                  : launch(DequantizeKernel<T, 1, Scales>, 1);
+    return d.block_size % kStoreV == 0 ? launch(std::integral_constant<int, kStoreV>{})
+                                       : launch(std::integral_constant<int, 1>{});
   });
   return err == cudaSuccess ? ffi::Error::Success() : LaunchError("nf4_dequantize", err);
 }
