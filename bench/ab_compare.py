@@ -13,11 +13,11 @@ import argparse
 import json
 import os
 
-OPS = ("nf4 matmul", "nf4 dq matmul")
+OPS = ("nf4 matmul", "nf4 dq matmul", "nf4 dequantize", "nf4 quantize")  # the last two: M = 0
 
 
 def load(path: str) -> dict[tuple, dict]:
-    """The matmul rows of a bench_matmul JSON file, keyed by (shape, M, op)."""
+    """The rows of a bench_matmul JSON file, keyed by (shape, M, op) (M = 0: no activations)."""
     with open(path) as f:
         return {(tuple(r["shape"]), r["m"], r["op"]): r for r in json.load(f) if "m" in r}
 
@@ -35,7 +35,8 @@ def table(runs: dict[str, dict[tuple, dict]]) -> list[str]:
     for shape, m, op in keys:
         rows = [runs[n][shape, m, op] for n in names]
         key = "kernel_us" if all(r.get("kernel_us") for r in rows) else "us"
-        cells = [f"{shape[0]}x{shape[1]}", str(m), op, "kernel" if key == "kernel_us" else "wall",
+        cells = [f"{shape[0]}x{shape[1]}", str(m) if m else "-", op,
+                 "kernel" if key == "kernel_us" else "wall",
                  f"{rows[0][key]:.1f}"]
         for r in rows[1:]:
             cells += [f"{r[key]:.1f}", f"{r[key] / rows[0][key]:.3f}"]
