@@ -184,8 +184,8 @@ ab() {  # ab DIR[,DIR...] [bench args]
   done
   python3 bench/ab_compare.py "${jsons[@]}" | tee "$OUT/ab.md"
   # The device tool brings back a handful of files: the logs travel as one archive.
-  (cd "$OUT" && tar -czf ab_logs.tar.gz ab_build_*.log ab_tests_*.log ab_bench_*.txt \
-    && rm -f ab_build_*.log ab_tests_*.log ab_bench_*.txt)
+  (cd "$OUT" && shopt -s nullglob && logs=(ab_build_*.log ab_tests_*.log ab_bench_*.txt) \
+    && (( ${#logs[@]} )) && tar -czf ab_logs.tar.gz "${logs[@]}" && rm -f "${logs[@]}")
 }
 
 [[ $stages == check ]] && stages=build,tests,sanitize,examples

@@ -86,12 +86,9 @@ __device__ __forceinline__ void StoreVec(T* p, const Vec<T, V>& val) {
 template <int V>
 __device__ __forceinline__ Vec<uint8_t, V> LoadPacked(const uint8_t* p) {
   Vec<uint8_t, V> out;
-  if constexpr (V == 16) {
-    *reinterpret_cast<uint4*>(&out) = __ldcs(reinterpret_cast<const uint4*>(p));
-  } else if constexpr (V == 8) {
-    *reinterpret_cast<uint2*>(&out) = __ldcs(reinterpret_cast<const uint2*>(p));
-  } else if constexpr (V == 4) {
-    *reinterpret_cast<unsigned int*>(&out) = __ldcs(reinterpret_cast<const unsigned int*>(p));
+  if constexpr (V == 4 || V == 8 || V == 16) {
+    using Word = std::conditional_t<V == 16, uint4, std::conditional_t<V == 8, uint2, unsigned>>;
+    *reinterpret_cast<Word*>(&out) = __ldcs(reinterpret_cast<const Word*>(p));
   } else {
 #pragma unroll
     for (int i = 0; i < V; ++i) out.v[i] = p[i];

@@ -73,8 +73,8 @@ def assert_matmul_close(y, x: np.ndarray, packed: np.ndarray, absmax: np.ndarray
     * On GPU, bf16/f16 activations meet the weight in their own dtype (the tensor-core GEMV takes
       the code values as mma operands; the tiled kernel and dequantize-to-x.dtype + an XLA dot
       round the scaled weight to x.dtype): a relative error of up to u per product, summing to
-      ~0.6 * u * sqrt(K) * s. There we add
-      u * sqrt(K) * max|x[m]| * max|absmax[n]|, and one more u * |ref|_F to the Frobenius bound.
+      ~0.6 * u * sqrt(K) * s. There we add u * sqrt(K) * max|x[m]| * max|absmax[n]|, and one
+      more u * |ref|_F to the Frobenius bound.
     The Frobenius error must stay below u * |ref|_F per rounding (the elementwise rounding bound,
     summed; its rms is about u / sqrt(3)) plus half the elementwise accumulation allowance,
     aggregated (accumulation errors follow the size of the terms, not |ref|: terms cancel).
