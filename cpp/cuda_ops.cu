@@ -1005,7 +1005,9 @@ __device__ __forceinline__ void CopyAsyncWaitRing() {
 template <int NT>
 constexpr int kGtMinCtasPerSm = NT == 2 ? 2 : 1;
 
-template <typename T, int NT, typename Scales>
+// kRowNested (double-quant scales where K / block_size divides 256): every row's blocks lie in
+// one nested group, so each row's nested scale is read once per CTA instead of once per span.
+template <typename T, int NT, typename Scales, bool kRowNested>
 __global__ void __launch_bounds__(32 * kGtWarps, kGtMinCtasPerSm<NT>)
     GemmTileKernel(TileArgs<Scales> a) {
   constexpr int S = kGtStageSpans, MT = 8 * NT, WN = kGtWarpTiles;
@@ -1020,6 +1022,7 @@ __global__ void __launch_bounds__(32 * kGtWarps, kGtMinCtasPerSm<NT>)
   float* dq_table = reinterpret_cast<float*>(ring + kGtRing * GtSlotBytes(NT));
   const uint32_t dq_table_base = ring_base + kGtRing * GtSlotBytes(NT);
   constexpr bool kDoubleQuant = std::is_same_v<Scales, DoubleQuantScales>;
+  static_assert(kDoubleQuant || !kRowNested, "row-nested reads are for double-quant scales");
 
   int64_t b = blockIdx.x;
   const int64_t mt = b % a.m_tiles;
@@ -1047,6 +1050,14 @@ __global__ void __launch_bounds__(32 * kGtWarps, kGtMinCtasPerSm<NT>)
     wrow[wi] = a.packed + (grp * a.pairs + p) * K + 16 * t;
     row_even[wi] = a.scales.RowOf(grp, 2 * p, N, blocks);
     row_odd[wi] = a.scales.RowOf(grp, 2 * p + 1, N, blocks);
+  }
+  float nested_even[WN] = {}, nested_odd[WN] = {};  // kRowNested: the rows' nested scales
+  if constexpr (kRowNested) {
+#pragma unroll
+    for (int wi = 0; wi < WN; ++wi) {
+      nested_even[wi] = LoadConstant(row_even[wi].nested);
+      nested_odd[wi] = LoadConstant(row_odd[wi].nested);
+    }
   }
   const T* x = static_cast<const T*>(a.x) + (grp * a.m_total + m_base) * K;
   const int x_row0 = threadIdx.x / C, x_chunk = threadIdx.x % C;  // this thread's copies
@@ -1103,11 +1114,12 @@ __global__ void __launch_bounds__(32 * kGtWarps, kGtMinCtasPerSm<NT>)
   };
   // Double-quant scales take their table entry from the CTA's shared copy (a 32-bit LDS; the
   // global read was one more dependent load in the span loop).
-  auto decode_one = [&](const Row& row, typename Row::Raw raw, int blk) {
+  auto decode_one = [&](const Row& row, typename Row::Raw raw, float nested, int blk) {
     if constexpr (kDoubleQuant) {
       float entry;
       asm("ld.shared.f32 %0, [%1];" : "=f"(entry) : "r"(dq_table_base + 4 * raw));
-      return row.DecodeWith(entry, blk);
+      if constexpr (kRowNested) return DecodeDoubleQuantScale(entry, nested, row.offset);
+      else return row.DecodeWith(entry, blk);
     } else {
       return row.Decode(raw, blk);
     }
@@ -1116,8 +1128,8 @@ __global__ void __launch_bounds__(32 * kGtWarps, kGtMinCtasPerSm<NT>)
     if (span >= end) return;
 #pragma unroll
     for (int wi = 0; wi < WN; ++wi) {
-      next_even[wi] = decode_one(row_even[wi], even[wi], span >> step_shift);
-      next_odd[wi] = decode_one(row_odd[wi], odd[wi], span >> step_shift);
+      next_even[wi] = decode_one(row_even[wi], even[wi], nested_even[wi], span >> step_shift);
+      next_odd[wi] = decode_one(row_odd[wi], odd[wi], nested_odd[wi], span >> step_shift);
     }
   };
   auto decode = [&](int span) { decode_from(raw_even, raw_odd, span); };
@@ -1247,9 +1259,16 @@ int ChooseTileNt(int64_t m_total, int shared_optin) {
   return nt >= 2 ? nt : 0;
 }
 
-// Sets the kernel's shared-memory size on `device` (before its first launch there) and gives
-// how many of its CTAs an SM holds; both once per device and process (the attribute lasts with
-// the device's context; the answer is kept for later calls).
+// Whether a launch takes the row-nested kernel: double-quant scales, K / block_size divides 256.
+template <typename Scales>
+bool TileRowNested(const TileArgs<Scales>& a) {
+  return std::is_same_v<Scales, DoubleQuantScales> &&
+         kNestedBlockSize % (a.cols >> a.block_shift) == 0;
+}
+
+// Sets the kernels' shared-memory size on `device` (before their first launch there) and gives
+// how many of their CTAs an SM holds (the same for both forms); once per device and process
+// (the attribute lasts with the device's context; the answer is kept for later calls).
 template <typename T, int NT, typename Scales>
 cudaError_t PrepareGemmTile(int device, int* ctas_per_sm) {
   constexpr int kMaxDevices = 64;
@@ -1261,9 +1280,13 @@ cudaError_t PrepareGemmTile(int device, int* ctas_per_sm) {
       return cudaSuccess;
     }
   }
-  auto kernel = GemmTileKernel<T, NT, Scales>;
+  constexpr bool kDoubleQuant = std::is_same_v<Scales, DoubleQuantScales>;
+  auto kernel = GemmTileKernel<T, NT, Scales, false>;
   cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
                                          GtSharedBytes(NT));
+  if (err == cudaSuccess && kDoubleQuant)
+    err = cudaFuncSetAttribute(GemmTileKernel<T, NT, Scales, kDoubleQuant>,
+                               cudaFuncAttributeMaxDynamicSharedMemorySize, GtSharedBytes(NT));
   if (err == cudaSuccess)
     err = cudaOccupancyMaxActiveBlocksPerMultiprocessor(ctas_per_sm, kernel, 32 * kGtWarps,
                                                         GtSharedBytes(NT));
@@ -1314,8 +1337,10 @@ TilePlan PlanGemmTile(int nt, int64_t groups, int64_t m_total, int64_t pairs, in
 template <typename T, int NT, typename Scales>
 cudaError_t LaunchGemmTileNt(const TileArgs<Scales>& a, cudaStream_t stream) {
   const int64_t ctas = a.groups * a.row_blocks * a.k_splits * a.m_tiles;
-  GemmTileKernel<T, NT, Scales>
-      <<<dim3(unsigned(ctas)), 32 * kGtWarps, GtSharedBytes(NT), stream>>>(a);
+  constexpr bool kDoubleQuant = std::is_same_v<Scales, DoubleQuantScales>;
+  auto kernel = TileRowNested(a) ? GemmTileKernel<T, NT, Scales, kDoubleQuant>
+                                 : GemmTileKernel<T, NT, Scales, false>;
+  kernel<<<dim3(unsigned(ctas)), 32 * kGtWarps, GtSharedBytes(NT), stream>>>(a);
   cudaError_t err = cudaGetLastError();
   if (err != cudaSuccess || a.k_splits == 1) return err;
   const int64_t count = a.groups * a.m_total * 2 * a.pairs;

@@ -165,12 +165,14 @@ def test_dequantize_matmul_linear_on_double_quant_weights(platform, device, rng,
     (jnp.bfloat16, 48, 2, 24), (jnp.bfloat16, 128, 5, 24), (np.float16, 256, 3, 24),
     (jnp.bfloat16, 64, 2, 25), (jnp.bfloat16, 64, 1, 32), (jnp.bfloat16, 64, 8, 32),
     (np.float16, 128, 4, 16), (jnp.bfloat16, 64, 150, 24), (np.float16, 64, 100, 24),
-    (np.float16, 128, 200, 25), (jnp.bfloat16, 64, 300, 24)],
+    (np.float16, 128, 200, 25), (jnp.bfloat16, 64, 40, 32), (np.float16, 128, 130, 16),
+    (jnp.bfloat16, 64, 300, 24)],
     ids=["tensor-core-M1", "tensor-core-M13", "tensor-core-f16-M32", "tiled-M40",
          "simt-f32", "simt-f32-tiled", "bytewise-block48", "byte-pair-block128-M5",
          "byte-pair-block256-M3", "byte-pair-odd-blocks-M2", "byte-pair-row-nested-M1",
          "byte-pair-row-nested-M8", "byte-pair-row-nested-block128-M4", "tiled-two-m-tiles-M150",
-         "tiled-f16-M100", "tiled-f16-odd-blocks-M200", "dense-path-M300"])
+         "tiled-f16-M100", "tiled-f16-odd-blocks-M200", "tiled-row-nested-M40",
+         "tiled-row-nested-block128-M130", "dense-path-M300"])
 def test_kernels_decode_double_quant_scales(platform, device, rng, x_dtype, block_size, rows,
                                             row_blocks):
     """Every kernel path (fused tensor-core / SIMT / byte-wise GEMV, dequantize + dot) decodes
@@ -178,7 +180,7 @@ def test_kernels_decode_double_quant_scales(platform, device, rng, x_dtype, bloc
     N * K / block_size spans more than 256 blocks, so several nested scales are used. A row
     has 24 (or an odd 25) blocks, so nested boundaries fall inside rows (inside a GEMV warp's
     slice), or 16 / 32, which divide 256: each row lies in one nested group, and the byte-pair
-    GEMV reads its nested scale once per work unit."""
+    GEMV reads its nested scale once per work unit, the tiled kernel once per CTA."""
     n, k = 96, row_blocks * block_size
     w = jax.device_put(rng.standard_normal((n, k)).astype(np.float32), device)
     x = jax.device_put(rng.standard_normal((rows, k)).astype(x_dtype), device)
@@ -191,13 +193,17 @@ def test_kernels_decode_double_quant_scales(platform, device, rng, x_dtype, bloc
                                   bits(jax.jit(jax_nf4.dequantize)(twin)))
 
 
-@pytest.mark.parametrize("x_dtype", [np.float32, jnp.bfloat16], ids=["f32", "bf16"])
-def test_vmap_over_stacked_double_quant_weights(platform, device, rng, x_dtype):
+@pytest.mark.parametrize("x_dtype, m, k", [
+    (np.float32, 4, 640), (jnp.bfloat16, 4, 640), (jnp.bfloat16, 24, 640),
+    (jnp.bfloat16, 24, 2048)], ids=["f32", "bf16", "bf16-tiled", "bf16-tiled-row-nested"])
+def test_vmap_over_stacked_double_quant_weights(platform, device, rng, x_dtype, m, k):
     """A vmap over stacked weights is one kernel launch over all of them (on the GPU with bf16
-    activations the byte-pair GEMV with one group per weight, its table read per block); 32
-    rows of 10 blocks put a nested-scale boundary inside row 25 of each weight."""
-    w = jax.device_put(rng.standard_normal((3, 32, 640)).astype(np.float32), device)
-    x = jax.device_put(rng.standard_normal((4, 640)).astype(x_dtype), device)
+    activations the byte-pair GEMV with one group per weight, its table read per block, or at
+    M = 24 the tiled kernel, each CTA with its weight's table); 32 rows of 10 blocks put a
+    nested-scale boundary inside row 25 of each weight, 32 blocks per row (row-nested reads)
+    put 8 rows in each nested group."""
+    w = jax.device_put(rng.standard_normal((3, 32, k)).astype(np.float32), device)
+    x = jax.device_put(rng.standard_normal((m, k)).astype(x_dtype), device)
     q = jax_nf4.quantize(w, 64, double_quant=True)
     got = jax.jit(jax.vmap(jax_nf4.matmul, in_axes=(None, 0)))(x, q)
     for i in range(3):
