@@ -14,8 +14,10 @@ them); one jit dispatch makes at least MIN_CALLS_PER_DISPATCH calls, so that the
 per-dispatch work is hidden (one pass per dispatch for ops with work on the weight alone, which
 XLA would merge across passes). Times are wall clock over many chained calls after a warm-up,
 divided by the number of calls (the launch gap between dependent kernels included). With
---kernel-times the matmuls are also traced once with jax.profiler: "kernel us" is the time the
-GPU streams were busy per call (no gaps).
+--kernel-times every timed op is also traced once with jax.profiler: "kernel us" is the time the
+GPU streams were busy per call (no gaps); dequantize and quantize are traced as one jit call
+over all the weight copies, since their wall times (one dispatch per call) are host-bound on
+small shapes.
 """
 
 from __future__ import annotations
@@ -59,6 +61,12 @@ class Row:
     @property
     def gbps(self) -> float:
         return self.weight_bytes / (self.us * 1e-6) / 1e9
+
+    @property
+    def kernel_gbps(self) -> float | None:
+        """GB/s at the kernel time (None without one)."""
+        return (None if self.kernel_us is None
+                else self.weight_bytes / (self.kernel_us * 1e-6) / 1e9)
 
 
 def _random_weights(key, n: int, k: int, copies: int, block_size: int):
@@ -255,25 +263,35 @@ def _time_chain(op: Callable, weights: Sequence, x, iters: int, reps: int,
     return best / (dispatches * calls) * 1e6, None if busy is None else busy / calls
 
 
-def _time_calls(fn: Callable, args: Sequence, reps: int) -> float:
+def _time_calls(fn: Callable, args: Sequence, reps: int, kernel_time: bool = False
+                ) -> tuple[float, float | None]:
     """Microseconds per call of jit(fn), dispatched back to back over the rotating args
     (independent calls: XLA sees one op per dispatch and cannot share work between them).
-    Small ops are dispatch-bound this way; large ones are timed fairly."""
-    fn = jax.jit(fn)
+    Small ops are dispatch-bound this way; large ones are timed fairly. With `kernel_time`,
+    also the GPU busy time per call of one traced jit that applies fn to every arg (distinct
+    args: XLA cannot merge the calls; no dispatch per call), else None."""
+    one = jax.jit(fn)
     for _ in range(2):  # compile, then warm the allocator with a full rotation
-        jax.block_until_ready([fn(a) for a in args])
+        jax.block_until_ready([one(a) for a in args])
     calls = max(reps * len(args), 20)
     t0 = time.perf_counter()
-    outs = [fn(args[i % len(args)]) for i in range(calls)]
+    outs = [one(args[i % len(args)]) for i in range(calls)]
     jax.block_until_ready(outs)
-    return (time.perf_counter() - t0) / calls * 1e6
+    us = (time.perf_counter() - t0) / calls * 1e6
+    del outs  # the timed outputs are not needed past here: free them before the traced call
+    if not kernel_time:
+        return us, None
+    every = jax.jit(lambda xs: [fn(a) for a in xs])
+    jax.block_until_ready(every(args))  # compile + warm up
+    busy = _traced_busy_us(every, args)
+    return us, None if busy is None else busy / len(args)
 
 
 def run_benchmark(shapes=LLAMA_SHAPES, rows=DEFAULT_ROWS, block_size: int = 64,
                   min_bytes: float = 200e6, iters: int = 20, reps: int = 3,
                   check: bool = True, kernel_times: bool = False) -> list[Row]:
     """Times every op on every shape and M; returns the rows of the table. `kernel_times`:
-    the matmul rows also get their GPU busy time per call from a profiler trace."""
+    every row also gets its GPU busy time per call from a profiler trace."""
     key = jax.random.PRNGKey(0)
     results: list[Row] = []
     for n, k in shapes:
@@ -312,10 +330,11 @@ def run_benchmark(shapes=LLAMA_SHAPES, rows=DEFAULT_ROWS, block_size: int = 64,
                 us, kernel_us = _time_chain(op, chain, x, iters, reps, kernel_times,
                                             _weight_only_work(op_name, m, block_size))
                 results.append(Row((n, k), m, op_name, us, int(nbytes), kernel_us))
-        us = _time_calls(lambda q: dequantize(q, jnp.bfloat16), q1, reps)
-        results.append(Row((n, k), 0, "nf4 dequantize", us, nf4_bytes + 2 * n * k))
-        us = _time_calls(lambda w: quantize(w, block_size), d1, reps)
-        results.append(Row((n, k), 0, "nf4 quantize", us, nf4_bytes + 2 * n * k))
+        for op_name, fn, args in (
+                ("nf4 dequantize", lambda q: dequantize(q, jnp.bfloat16), q1),
+                ("nf4 quantize", lambda w: quantize(w, block_size), d1)):
+            us, kernel_us = _time_calls(fn, args, reps, kernel_times)
+            results.append(Row((n, k), 0, op_name, us, nf4_bytes + 2 * n * k, kernel_us))
         del d1, q1, dq1, d2, q2, dq2, chain_q, chain_dq, chain_d
     return results
 
@@ -332,15 +351,24 @@ def _check_against_reference(q: NF4Weight) -> None:
         raise RuntimeError(f"nf4 matmul disagrees with the reference: relative error {err:.3g}")
 
 
+def _cell(value: float | None, spec: str = ".1f") -> str:
+    """A table cell: `value` formatted, '-' when None."""
+    return "-" if value is None else format(value, spec)
+
+
 def format_table(results: list[Row]) -> str:
-    """A markdown table: one line per shape and M, times in microseconds per call."""
+    """Markdown tables: one line per shape and M of the matmuls, one per shape of dequantize
+    and quantize; times in microseconds per call. Kernel columns where any row has a kernel
+    time ('-' in those without)."""
     device = jax.devices()[0]
     kernel = any(r.kernel_us is not None for r in results)
     lines = [f"device: {device.device_kind} ({device.platform}), jax {jax.__version__}", "",
              "| N x K | M | nf4 matmul us | GB/s | dq matmul us | jnp nf4 us | dense bf16 us | "
              "dequant+dot us | vs jnp nf4 | vs dense | vs dequant+dot |"
-             + (" nf4 kernel us | dense kernel us | kernel vs dense |" if kernel else ""),
-             "|---|---|---|---|---|---|---|---|---|---|---|" + ("---|---|---|" if kernel else "")]
+             + (" nf4 kernel us | dq kernel us | dense kernel us | kernel vs dense |"
+                if kernel else ""),
+             "|---|---|---|---|---|---|---|---|---|---|---|"
+             + ("---|---|---|---|" if kernel else "")]
     by_key = {(r.shape, r.m, r.op): r for r in results}
     for (shape, m, op), r in by_key.items():
         if op != "nf4 matmul":
@@ -354,15 +382,21 @@ def format_table(results: list[Row]) -> str:
                 f"{f'{dd.us / r.us:.2f}x' if dd else '-'} |")
         if kernel:
             both = r.kernel_us is not None and de.kernel_us is not None
-            line += (f" {r.kernel_us:.1f} | {de.kernel_us:.1f} | "
-                     f"{de.kernel_us / r.kernel_us:.2f}x |" if both else " - | - | - |")
+            line += (f" {_cell(r.kernel_us)} | {_cell(dq.kernel_us)} | {_cell(de.kernel_us)} | "
+                     f"{f'{de.kernel_us / r.kernel_us:.2f}x' if both else '-'} |")
         lines.append(line)
-    lines += ["", "| N x K | dequantize us | GB/s | quantize us | GB/s |", "|---|---|---|---|---|"]
+    lines += ["", "| N x K | dequantize us | GB/s | quantize us | GB/s |"
+              + (" dequantize kernel us | GB/s | quantize kernel us | GB/s |" if kernel else ""),
+              "|---|---|---|---|---|" + ("---|---|---|---|" if kernel else "")]
     for (shape, m, op), r in by_key.items():
         if op == "nf4 dequantize":
             qr = by_key[(shape, m, "nf4 quantize")]
-            lines.append(f"| {shape[0]}x{shape[1]} | {r.us:.1f} | {r.gbps:.0f} | {qr.us:.1f} | "
-                         f"{qr.gbps:.0f} |")
+            line = (f"| {shape[0]}x{shape[1]} | {r.us:.1f} | {r.gbps:.0f} | {qr.us:.1f} | "
+                    f"{qr.gbps:.0f} |")
+            if kernel:
+                line += (f" {_cell(r.kernel_us)} | {_cell(r.kernel_gbps, '.0f')} | "
+                         f"{_cell(qr.kernel_us)} | {_cell(qr.kernel_gbps, '.0f')} |")
+            lines.append(line)
     lines.append("(GB/s of bytes read plus written)")
     return "\n".join(lines)
 
@@ -380,8 +414,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--iters", type=int, default=None, help="chain passes per timing")
     parser.add_argument("--json", default=None, help="also write the rows to this JSON file")
     parser.add_argument("--kernel-times", action="store_true",
-                        help="also trace each matmul chain once with jax.profiler and report "
-                             "the GPU busy time per call (kernel durations, no launch gaps)")
+                        help="also trace each op once with jax.profiler and report the GPU "
+                             "busy time per call (kernel durations, no launch gaps)")
     parser.add_argument("--no-check", action="store_true",
                         help="skip the check of the fused matmul against the reference before "
                              "timing (for timing-only kernel builds, wrong by design)")

@@ -162,5 +162,75 @@ def test_kernel_times_on_cpu_are_absent():
         rows = benchmark.run_benchmark(shapes=((64, 128),), rows=(1,), min_bytes=1e4, iters=1,
                                        reps=1, kernel_times=True)
     assert all(r.kernel_us is None for r in rows)
+    assert {(0, "nf4 dequantize"), (0, "nf4 quantize")} <= {(r.m, r.op) for r in rows}
     table = benchmark.format_table(rows)
-    assert "nf4 kernel us" not in table  # no device streams traced: the columns are left out
+    # no device streams traced: the kernel columns of both tables are left out
+    assert "kernel us" not in table
+    assert "| N x K | dequantize us | GB/s | quantize us | GB/s |\n|---|---|---|---|---|\n" in table
+
+
+def _stream_trace(busy_us):
+    return {"traceEvents": [_meta(2, "/device:GPU:0"), _meta(2, "Stream #1", tid=1),
+                            {"ph": "X", "pid": 2, "tid": 1, "ts": 0.0, "dur": busy_us,
+                             "name": "kernel"}]}
+
+
+def test_dequantize_and_quantize_kernel_times_trace_one_call_over_all_copies(monkeypatch,
+                                                                             tmp_path):
+    traced = []
+
+    def trace_call(fn, *args):  # runs the call as the profiler would; 600 µs busy each time
+        traced.append(jax.block_until_ready(fn(*args)))
+        return _stream_trace(600.0)
+
+    monkeypatch.setattr(benchmark, "trace_call", trace_call)
+    out = tmp_path / "bench.json"
+    assert cli.main(["bench", "--shapes", "64x128", "--rows", "1", "--min-mb", "0.01",
+                     "--iters", "1", "--kernel-times", "--json", str(out)]) == 0
+    # 64x128 NF4 is 4608 bytes, paired with a 128x64 one: 2 copies rotate 1e4 bytes
+    dequantized, quantized = traced[-2:]
+    assert [w.shape for w in dequantized] == [(64, 128)] * 2
+    assert [w.dtype for w in dequantized] == [jax.numpy.bfloat16] * 2
+    assert [type(q) for q in quantized] == [jax_nf4.NF4Weight] * 2
+    dumped = {r["op"]: r for r in json.loads(out.read_text())}
+    assert dumped["nf4 dequantize"]["kernel_us"] == dumped["nf4 quantize"]["kernel_us"] == 300.0
+    assert dumped["nf4 dq matmul"]["kernel_us"] is not None
+
+
+def _rows(kernel_us):
+    """Hand-made rows of one shape, M = 1, with the kernel times `kernel_us` by op."""
+    ops = {"nf4 matmul": 10.0, "nf4 dq matmul": 12.0, "jnp nf4": 40.0, "dense bf16": 20.0,
+           "nf4 dequantize": 50.0, "nf4 quantize": 80.0}
+    return [benchmark.Row((64, 128), 0 if "quantize" in op else 1, op, us, 2_000_000,
+                          kernel_us.get(op)) for op, us in ops.items()]
+
+
+def test_table_kernel_columns():
+    table = benchmark.format_table(_rows({
+        "nf4 matmul": 5.0, "nf4 dq matmul": 6.0, "jnp nf4": 30.0, "dense bf16": 15.0,
+        "nf4 dequantize": 20.0, "nf4 quantize": 40.0}))
+    lines = table.splitlines()
+    assert lines[2].endswith("| nf4 kernel us | dq kernel us | dense kernel us | "
+                             "kernel vs dense |")
+    matmul = next(l for l in lines if l.startswith("| 64x128 | 1 |"))
+    assert matmul.endswith("| 5.0 | 6.0 | 15.0 | 3.00x |")
+    assert lines[2].count("|") == lines[3].count("|") == matmul.count("|")
+    head = lines.index("| N x K | dequantize us | GB/s | quantize us | GB/s | "
+                       "dequantize kernel us | GB/s | quantize kernel us | GB/s |")
+    # 2 MB per call: 50 / 80 µs wall, 20 / 40 µs kernel
+    assert lines[head + 2] == "| 64x128 | 50.0 | 40 | 80.0 | 25 | 20.0 | 100 | 40.0 | 50 |"
+    assert lines[head].count("|") == lines[head + 1].count("|") == lines[head + 2].count("|")
+
+
+def test_table_kernel_columns_with_missing_kernel_times():
+    # kernel times of some rows only: their columns are there, '-' where a row has none
+    table = benchmark.format_table(_rows({"nf4 matmul": 5.0, "nf4 dequantize": 20.0}))
+    lines = table.splitlines()
+    assert next(l for l in lines if l.startswith("| 64x128 | 1 |")).endswith(
+        "| 5.0 | - | - | - |")
+    assert "| 64x128 | 50.0 | 40 | 80.0 | 25 | 20.0 | 100 | - | - |" in lines
+    # none at all: no kernel columns
+    table = benchmark.format_table(_rows({}))
+    assert "kernel" not in table
+    assert "| 64x128 | 50.0 | 40 | 80.0 | 25 |" in table.splitlines()
+    assert benchmark.Row((1, 1), 0, "nf4 quantize", 1.0, 1).kernel_gbps is None
