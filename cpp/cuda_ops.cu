@@ -1040,7 +1040,13 @@ __global__ void __launch_bounds__(32 * kGtWarps, kGtMinCtasPerSm<NT>)
   const int begin = ks * a.spans_per_split;
   const int end = begin + a.spans_per_split < steps ? begin + a.spans_per_split : steps;
 
-  // Tile wi's weights and scales (rows past N compute on pair 0 and are never stored).
+  // Tile wi's weights and scales (rows past N compute on pair 0 and are never stored). A quad
+  // needs four row scales per span (tiles 0, 1 x even, odd rows). Plain scales: each lane loads
+  // all four. Double-quant scales up to NT = 8 (kQuadScales): lane t reads and decodes one, row
+  // `t & 1` of tile t / 2 (row_even[0] holds it), and the quad shares them by shuffles: a
+  // quarter of the loads and decodes (at NT = 16 the shuffles' registers made ptxas spill).
+  constexpr bool kQuadScales = kDoubleQuant && NT <= 8;
+  static_assert(!kQuadScales || 2 * WN == 4, "one double-quant row scale per lane of a quad");
   const uint8_t* wrow[WN];
   using Row = decltype(a.scales.RowOf(0, 0, 1, 1));
   Row row_even[WN], row_odd[WN];
@@ -1051,8 +1057,14 @@ __global__ void __launch_bounds__(32 * kGtWarps, kGtMinCtasPerSm<NT>)
     row_even[wi] = a.scales.RowOf(grp, 2 * p, N, blocks);
     row_odd[wi] = a.scales.RowOf(grp, 2 * p + 1, N, blocks);
   }
-  float nested_even[WN] = {}, nested_odd[WN] = {};  // kRowNested: the rows' nested scales
-  if constexpr (kRowNested) {
+  float own_nested = 0.0f;  // kQuadScales and kRowNested: the nested scale of the lane's row
+  if constexpr (kQuadScales) {
+    const int64_t p = pair0 + 8 * (t >> 1) < a.pairs ? pair0 + 8 * (t >> 1) : 0;
+    row_even[0] = a.scales.RowOf(grp, 2 * p + (t & 1), N, blocks);
+    if constexpr (kRowNested) own_nested = LoadConstant(row_even[0].nested);
+  }
+  float nested_even[WN] = {}, nested_odd[WN] = {};  // the same, per row, without kQuadScales
+  if constexpr (kRowNested && !kQuadScales) {
 #pragma unroll
     for (int wi = 0; wi < WN; ++wi) {
       nested_even[wi] = LoadConstant(row_even[wi].nested);
@@ -1106,10 +1118,14 @@ __global__ void __launch_bounds__(32 * kGtWarps, kGtMinCtasPerSm<NT>)
   float next_even[WN], next_odd[WN];
   auto fetch = [&](int span) {
     if (span >= end) return;
+    if constexpr (kQuadScales) {
+      raw_even[0] = row_even[0].Fetch(span >> step_shift);
+    } else {
 #pragma unroll
-    for (int wi = 0; wi < WN; ++wi) {
-      raw_even[wi] = row_even[wi].Fetch(span >> step_shift);
-      raw_odd[wi] = row_odd[wi].Fetch(span >> step_shift);
+      for (int wi = 0; wi < WN; ++wi) {
+        raw_even[wi] = row_even[wi].Fetch(span >> step_shift);
+        raw_odd[wi] = row_odd[wi].Fetch(span >> step_shift);
+      }
     }
   };
   // Double-quant scales take their table entry from the CTA's shared copy (a 32-bit LDS; the
@@ -1126,10 +1142,20 @@ __global__ void __launch_bounds__(32 * kGtWarps, kGtMinCtasPerSm<NT>)
   };
   auto decode_from = [&](const Raws& even, const Raws& odd, int span) {
     if (span >= end) return;
+    const int blk = span >> step_shift;
+    if constexpr (kQuadScales) {
+      const float own = decode_one(row_even[0], even[0], own_nested, blk);
 #pragma unroll
-    for (int wi = 0; wi < WN; ++wi) {
-      next_even[wi] = decode_one(row_even[wi], even[wi], nested_even[wi], span >> step_shift);
-      next_odd[wi] = decode_one(row_odd[wi], odd[wi], nested_odd[wi], span >> step_shift);
+      for (int wi = 0; wi < WN; ++wi) {
+        next_even[wi] = __shfl_sync(0xffffffffu, own, (lane & ~3) | (2 * wi));
+        next_odd[wi] = __shfl_sync(0xffffffffu, own, (lane & ~3) | (2 * wi + 1));
+      }
+    } else {
+#pragma unroll
+      for (int wi = 0; wi < WN; ++wi) {
+        next_even[wi] = decode_one(row_even[wi], even[wi], nested_even[wi], blk);
+        next_odd[wi] = decode_one(row_odd[wi], odd[wi], nested_odd[wi], blk);
+      }
     }
   };
   auto decode = [&](int span) { decode_from(raw_even, raw_odd, span); };
