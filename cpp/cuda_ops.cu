@@ -1005,6 +1005,9 @@ __device__ __forceinline__ void CopyAsyncWaitRing() {
 template <int NT>
 constexpr int kGtMinCtasPerSm = NT == 2 ? 2 : 1;
 
+template <typename Scales>
+constexpr bool kIsDoubleQuant = std::is_same_v<Scales, DoubleQuantScales>;
+
 // kRowNested (double-quant scales where K / block_size divides 256): every row's blocks lie in
 // one nested group, so each row's nested scale is read once per CTA instead of once per span.
 template <typename T, int NT, typename Scales, bool kRowNested>
@@ -1021,7 +1024,7 @@ __global__ void __launch_bounds__(32 * kGtWarps, kGtMinCtasPerSm<NT>)
   const uint32_t ring_base = static_cast<uint32_t>(__cvta_generic_to_shared(ring));
   float* dq_table = reinterpret_cast<float*>(ring + kGtRing * GtSlotBytes(NT));
   const uint32_t dq_table_base = ring_base + kGtRing * GtSlotBytes(NT);
-  constexpr bool kDoubleQuant = std::is_same_v<Scales, DoubleQuantScales>;
+  constexpr bool kDoubleQuant = kIsDoubleQuant<Scales>;
   static_assert(kDoubleQuant || !kRowNested, "row-nested reads are for double-quant scales");
 
   int64_t b = blockIdx.x;
@@ -1042,26 +1045,29 @@ __global__ void __launch_bounds__(32 * kGtWarps, kGtMinCtasPerSm<NT>)
 
   // Tile wi's weights and scales (rows past N compute on pair 0 and are never stored). A quad
   // needs four row scales per span (tiles 0, 1 x even, odd rows). Plain scales: each lane loads
-  // all four. Double-quant scales up to NT = 8 (kQuadScales): lane t reads and decodes one, row
-  // `t & 1` of tile t / 2 (row_even[0] holds it), and the quad shares them by shuffles: a
-  // quarter of the loads and decodes (at NT = 16 the shuffles' registers made ptxas spill).
+  // all four. Double-quant scales up to NT = 8 (kQuadScales): lane t reads and decodes one,
+  // `own_row` (row `t & 1` of tile t / 2; its raw scale travels in raw_even[0]), and the quad
+  // shares them by shuffles: a quarter of the loads and decodes (at NT = 16 the shuffles'
+  // registers made ptxas spill).
   constexpr bool kQuadScales = kDoubleQuant && NT <= 8;
   static_assert(!kQuadScales || 2 * WN == 4, "one double-quant row scale per lane of a quad");
   const uint8_t* wrow[WN];
   using Row = decltype(a.scales.RowOf(0, 0, 1, 1));
-  Row row_even[WN], row_odd[WN];
+  Row row_even[WN] = {}, row_odd[WN] = {}, own_row = {};
 #pragma unroll
   for (int wi = 0; wi < WN; ++wi) {
     const int64_t p = pair0 + 8 * wi < a.pairs ? pair0 + 8 * wi : 0;
     wrow[wi] = a.packed + (grp * a.pairs + p) * K + 16 * t;
-    row_even[wi] = a.scales.RowOf(grp, 2 * p, N, blocks);
-    row_odd[wi] = a.scales.RowOf(grp, 2 * p + 1, N, blocks);
+    if constexpr (!kQuadScales) {
+      row_even[wi] = a.scales.RowOf(grp, 2 * p, N, blocks);
+      row_odd[wi] = a.scales.RowOf(grp, 2 * p + 1, N, blocks);
+    }
   }
   float own_nested = 0.0f;  // kQuadScales and kRowNested: the nested scale of the lane's row
   if constexpr (kQuadScales) {
     const int64_t p = pair0 + 8 * (t >> 1) < a.pairs ? pair0 + 8 * (t >> 1) : 0;
-    row_even[0] = a.scales.RowOf(grp, 2 * p + (t & 1), N, blocks);
-    if constexpr (kRowNested) own_nested = LoadConstant(row_even[0].nested);
+    own_row = a.scales.RowOf(grp, 2 * p + (t & 1), N, blocks);
+    if constexpr (kRowNested) own_nested = LoadConstant(own_row.nested);
   }
   float nested_even[WN] = {}, nested_odd[WN] = {};  // the same, per row, without kQuadScales
   if constexpr (kRowNested && !kQuadScales) {
@@ -1119,7 +1125,7 @@ __global__ void __launch_bounds__(32 * kGtWarps, kGtMinCtasPerSm<NT>)
   auto fetch = [&](int span) {
     if (span >= end) return;
     if constexpr (kQuadScales) {
-      raw_even[0] = row_even[0].Fetch(span >> step_shift);
+      raw_even[0] = own_row.Fetch(span >> step_shift);
     } else {
 #pragma unroll
       for (int wi = 0; wi < WN; ++wi) {
@@ -1144,7 +1150,7 @@ __global__ void __launch_bounds__(32 * kGtWarps, kGtMinCtasPerSm<NT>)
     if (span >= end) return;
     const int blk = span >> step_shift;
     if constexpr (kQuadScales) {
-      const float own = decode_one(row_even[0], even[0], own_nested, blk);
+      const float own = decode_one(own_row, even[0], own_nested, blk);
 #pragma unroll
       for (int wi = 0; wi < WN; ++wi) {
         next_even[wi] = __shfl_sync(0xffffffffu, own, (lane & ~3) | (2 * wi));
@@ -1288,8 +1294,7 @@ int ChooseTileNt(int64_t m_total, int shared_optin) {
 // Whether a launch takes the row-nested kernel: double-quant scales, K / block_size divides 256.
 template <typename Scales>
 bool TileRowNested(const TileArgs<Scales>& a) {
-  return std::is_same_v<Scales, DoubleQuantScales> &&
-         kNestedBlockSize % (a.cols >> a.block_shift) == 0;
+  return kIsDoubleQuant<Scales> && kNestedBlockSize % (a.cols >> a.block_shift) == 0;
 }
 
 // Sets the kernels' shared-memory size on `device` (before their first launch there) and gives
@@ -1306,7 +1311,7 @@ cudaError_t PrepareGemmTile(int device, int* ctas_per_sm) {
       return cudaSuccess;
     }
   }
-  constexpr bool kDoubleQuant = std::is_same_v<Scales, DoubleQuantScales>;
+  constexpr bool kDoubleQuant = kIsDoubleQuant<Scales>;
   auto kernel = GemmTileKernel<T, NT, Scales, false>;
   cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
                                          GtSharedBytes(NT));
@@ -1363,7 +1368,7 @@ TilePlan PlanGemmTile(int nt, int64_t groups, int64_t m_total, int64_t pairs, in
 template <typename T, int NT, typename Scales>
 cudaError_t LaunchGemmTileNt(const TileArgs<Scales>& a, cudaStream_t stream) {
   const int64_t ctas = a.groups * a.row_blocks * a.k_splits * a.m_tiles;
-  constexpr bool kDoubleQuant = std::is_same_v<Scales, DoubleQuantScales>;
+  constexpr bool kDoubleQuant = kIsDoubleQuant<Scales>;
   auto kernel = TileRowNested(a) ? GemmTileKernel<T, NT, Scales, kDoubleQuant>
                                  : GemmTileKernel<T, NT, Scales, false>;
   kernel<<<dim3(unsigned(ctas)), 32 * kGtWarps, GtSharedBytes(NT), stream>>>(a);
