@@ -1,11 +1,14 @@
 """The Llama-style decoder of jax_nf4.models.llama on the tiny preset (CPU): NF4 vs dequantized
 dense logits, KV-cache decoding vs recomputing the whole sequence, jit and determinism, cache
-shapes, the benchmark helper, `jax-nf4 generate` and bench/bench_decode.py --quick."""
+shapes, the fused qkv projection (its row order, tensor-parallel shards, a float64 Hugging Face
+reference with separate q / k / v, exact NF4 rows from checkpoints), the benchmark helper,
+`jax-nf4 generate` and bench/bench_decode.py --quick."""
 
 from __future__ import annotations
 
 import dataclasses
 import importlib.util
+import itertools
 import json
 from pathlib import Path
 
@@ -17,7 +20,7 @@ import pytest
 pytest.importorskip("flax")
 from flax import nnx  # noqa: E402
 
-from jax_nf4 import NF4Weight, cli, dequantize, load_checkpoint  # noqa: E402
+from jax_nf4 import NF4Weight, cli, dequantize, load_checkpoint, quantize  # noqa: E402
 from jax_nf4.checkpoint import CheckpointError  # noqa: E402
 from jax_nf4.cli import main  # noqa: E402
 from jax_nf4.convert import quantize_checkpoint  # noqa: E402
@@ -73,15 +76,16 @@ def test_presets():
 
 def test_linear_layers_follow_the_flag(models):
     model, dense = models
-    per_model = 5 * TINY.n_layers  # q, kv (interleaved), o, gate_up (interleaved), down
+    per_model = 4 * TINY.n_layers  # qkv (grouped by KV head), o, gate_up (interleaved), down
     nf4_layers = [m for _, m in nnx.iter_modules(model) if isinstance(m, NF4Linear)]
     assert len(nf4_layers) == per_model
     assert all(isinstance(m.kernel.get_value(), NF4Weight) for m in nf4_layers)
     assert isinstance(model.lm_head, nnx.Linear)  # lm_head stays dense by default
     assert not any(isinstance(m, NF4Linear) for _, m in nnx.iter_modules(dense))
     assert sum(isinstance(m, nnx.Linear) for _, m in nnx.iter_modules(dense)) == per_model + 1
-    kv = model.layers[0].attn.kv_proj.kernel.get_value()
-    assert kv.shape == (2 * TINY.n_kv_heads * TINY.head_dim, TINY.d_model)
+    qkv = model.layers[0].attn.qkv_proj.kernel.get_value()
+    assert qkv.shape == ((TINY.n_heads + 2 * TINY.n_kv_heads) * TINY.head_dim, TINY.d_model)
+    assert dense.layers[0].attn.qkv_proj.kernel.get_value().shape == qkv.shape[::-1]
     assert model.layers[0].mlp.gate_up_proj.kernel.get_value().shape == (2 * TINY.d_ff,
                                                                         TINY.d_model)
     assert dense.layers[0].mlp.gate_up_proj.kernel.get_value().shape == (TINY.d_model,
@@ -207,7 +211,7 @@ def test_explicit_head_dim():
     c = llama.LlamaConfig(256, 128, 1, 2, 1, 128, 8, head_dim=32)
     block = llama.Block(c, True, dtype=jnp.float32, param_dtype=jnp.float32,
                         rngs=nnx.Rngs(0))
-    assert block.attn.q_proj.kernel.get_value().shape == (64, 128)
+    assert block.attn.qkv_proj.kernel.get_value().shape == ((2 + 2 * 1) * 32, 128)
     assert block.attn.o_proj.kernel.get_value().shape == (128, 64)
     x = jnp.ones((1, 3, 128), jnp.float32)
     y, (k, _) = nnx.jit(lambda b, x: b(x, jnp.arange(3), None))(block, x)
@@ -243,6 +247,62 @@ def _bench_decode_module():
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
+
+
+def test_qkv_rows():
+    """qkv_proj's features grouped by KV head: its g query heads, then k, then v."""
+    d = TINY.head_dim                                  # tiny: 4 heads, 2 KV heads, g = 2
+    q, k, v = np.arange(4 * d), 4 * d + np.arange(2 * d), 6 * d + np.arange(2 * d)
+    want = np.concatenate([q[:2 * d], k[:d], v[:d], q[2 * d:], k[d:], v[d:]])
+    np.testing.assert_array_equal(llama.qkv_rows(TINY), want)
+    c8 = llama.get_config("llama3-8b")                 # 32 heads, 8 KV heads, g = 4
+    rows = llama.qkv_rows(c8)
+    assert sorted(rows.tolist()) == list(range((32 + 16) * 128))   # a permutation
+    group = rows.reshape(8, 6, 128)                    # [KV head, g + 2, head_dim]
+    for h in (0, 7):
+        np.testing.assert_array_equal(group[h, :4].reshape(-1), np.arange(4 * h * 128,
+                                                                          4 * (h + 1) * 128))
+        np.testing.assert_array_equal(group[h, 4], 32 * 128 + h * 128 + np.arange(128))
+        np.testing.assert_array_equal(group[h, 5], 40 * 128 + h * 128 + np.arange(128))
+    np.testing.assert_array_equal(llama.gate_up_rows(dataclasses.replace(TINY, d_ff=3)),
+                                  [0, 3, 1, 4, 2, 5])
+
+
+def test_qkv_shards_are_whole_kv_head_groups():
+    """A contiguous split of qkv_proj's features (and of o_proj's inputs) is a tp shard: the
+    shards' attention outputs add up to the whole layer's."""
+    x = jax.random.normal(jax.random.PRNGKey(2), (2, 5, TINY.d_model), jnp.float32)
+    pos = jnp.arange(5)
+    run = nnx.jit(lambda a, x: a(x, pos, None)[0])
+    cases = [(TINY, (2,)),                                                      # g = 2
+             (dataclasses.replace(TINY, n_heads=8, head_dim=32), (2,)),         # g = 4
+             (dataclasses.replace(TINY, n_kv_heads=4, block_size=32), (2, 4))]  # g = 1
+    with jax.default_matmul_precision("highest"):
+        for (c, tps), nf4 in itertools.product(cases, (False, True)):
+            attn = llama.Attention(c, nf4, dtype=jnp.float32, param_dtype=jnp.float32,
+                                   rngs=nnx.Rngs(0))
+            want = run(attn, x)
+            for tp in tps:
+                shard = llama.shard_config(c, tp)
+                total = 0
+                for i in range(tp):
+                    part = llama.Attention(shard, nf4, dtype=jnp.float32,
+                                           param_dtype=jnp.float32, rngs=nnx.Rngs(1))
+                    # qkv_proj by output features, o_proj by input features
+                    for name, out in (("qkv_proj", True), ("o_proj", False)):
+                        w = getattr(attn, name).kernel.get_value()
+                        if nf4:   # NF4Weight (out, in): packed row pairs and scale rows
+                            ax = 0 if out else 1
+                            n, k = w.shape
+                            w = NF4Weight(jnp.split(w.packed, tp, ax)[i],
+                                          jnp.split(w.absmax, tp, ax)[i],
+                                          (n // tp, k) if out else (n, k // tp), w.block_size,
+                                          w.dtype)
+                        else:     # nnx.Linear kernel (in, out)
+                            w = jnp.split(w, tp, 1 if out else 0)[i]
+                        getattr(part, name).kernel.set_value(w)
+                    total = total + run(part, x)
+                np.testing.assert_allclose(total, want, rtol=1e-5, atol=1e-5)
 
 
 def test_tensor_parallel_formulas():
@@ -322,14 +382,18 @@ _HF_CONFIG = {"model_type": "llama", "vocab_size": TINY.vocab_size, "hidden_size
 
 def _hf_tensors(model: llama.Llama) -> dict[str, np.ndarray]:
     """A dense model's weights under Hugging Face LlamaForCausalLM names ((out, in) weights)."""
+    c = model.config
     t = {"model.embed_tokens.weight": model.embed.embedding.get_value()}
     for i, layer in enumerate(model.layers):
         p = f"model.layers.{i}."
         t[p + "input_layernorm.weight"] = layer.attn_norm.scale.get_value()
-        t[p + "self_attn.q_proj.weight"] = layer.attn.q_proj.kernel.get_value().T
-        kv = layer.attn.kv_proj.kernel.get_value()          # [in, 2 out]: k, v interleaved
-        t[p + "self_attn.k_proj.weight"] = kv[:, 0::2].T
-        t[p + "self_attn.v_proj.weight"] = kv[:, 1::2].T
+        qkv = np.asarray(layer.attn.qkv_proj.kernel.get_value())   # [in, out] by KV head
+        stacked = np.empty_like(qkv)
+        stacked[:, llama.qkv_rows(c)] = qkv                          # [in, q | k | v]
+        q, kv = c.n_heads * c.head_dim, c.n_kv_heads * c.head_dim
+        t[p + "self_attn.q_proj.weight"] = stacked[:, :q].T
+        t[p + "self_attn.k_proj.weight"] = stacked[:, q:q + kv].T
+        t[p + "self_attn.v_proj.weight"] = stacked[:, q + kv:].T
         t[p + "self_attn.o_proj.weight"] = layer.attn.o_proj.kernel.get_value().T
         t[p + "post_attention_layernorm.weight"] = layer.mlp_norm.scale.get_value()
         gate_up = layer.mlp.gate_up_proj.kernel.get_value()
@@ -373,6 +437,44 @@ def hf_folders(tmp_path_factory):
     return dense, src, dst
 
 
+def _reference_logits(t: dict[str, np.ndarray], c: llama.LlamaConfig, tokens) -> np.ndarray:
+    """Hugging Face Llama's forward pass in float64 NumPy from its own tensors (separate q, k,
+    v projections; query head j attends with KV head j // g, ``repeat_kv``)."""
+    t = {k: np.asarray(v, np.float64) for k, v in t.items()}
+    d, g = c.head_dim, c.n_heads // c.n_kv_heads
+    b, s = tokens.shape
+
+    def norm(x, w):
+        return x / np.sqrt(np.mean(x * x, axis=-1, keepdims=True) + c.norm_eps) * w
+
+    inv_freq = 1.0 / c.rope_theta ** (np.arange(0, d, 2) / d)
+    angles = np.concatenate([np.arange(s)[:, None] * inv_freq] * 2, axis=-1)[:, None]  # [S,1,D]
+
+    def rope(x):   # x * cos + rotate_half(x) * sin
+        return x * np.cos(angles) + np.concatenate([-x[..., d // 2:], x[..., :d // 2]],
+                                                   axis=-1) * np.sin(angles)
+
+    x = t["model.embed_tokens.weight"][np.asarray(tokens)]
+    causal = np.tril(np.ones((s, s), bool))
+    for i in range(c.n_layers):
+        p = f"model.layers.{i}."
+        h = norm(x, t[p + "input_layernorm.weight"])
+        q = rope((h @ t[p + "self_attn.q_proj.weight"].T).reshape(b, s, c.n_heads, d))
+        k = rope((h @ t[p + "self_attn.k_proj.weight"].T).reshape(b, s, c.n_kv_heads, d))
+        v = (h @ t[p + "self_attn.v_proj.weight"].T).reshape(b, s, c.n_kv_heads, d)
+        k, v = np.repeat(k, g, axis=2), np.repeat(v, g, axis=2)
+        scores = np.einsum("bshd,bthd->bhst", q, k) / np.sqrt(d)
+        scores = np.where(causal, scores, -np.inf)
+        probs = np.exp(scores - scores.max(-1, keepdims=True))
+        probs /= probs.sum(-1, keepdims=True)
+        out = np.einsum("bhst,bthd->bshd", probs, v).reshape(b, s, -1)
+        x = x + out @ t[p + "self_attn.o_proj.weight"].T
+        h = norm(x, t[p + "post_attention_layernorm.weight"])
+        gate, up = h @ t[p + "mlp.gate_proj.weight"].T, h @ t[p + "mlp.up_proj.weight"].T
+        x = x + (gate / (1 + np.exp(-gate)) * up) @ t[p + "mlp.down_proj.weight"].T
+    return norm(x, t["model.norm.weight"]) @ t["lm_head.weight"].T
+
+
 def _states_equal(a: nnx.Module, b: nnx.Module) -> bool:
     la, lb = jax.tree.leaves(nnx.state(a)), jax.tree.leaves(nnx.state(b))
     return len(la) == len(lb) and all(
@@ -404,6 +506,81 @@ def test_from_checkpoint_nf4_is_the_models_own_quantization(models, hf_folders, 
     assert _states_equal(loaded, nf4_model)
     np.testing.assert_array_equal(np.asarray(llama.generate(loaded, prompt, 4)),
                                   np.asarray(llama.generate(nf4_model, prompt, 4)))
+
+
+def test_fused_qkv_matches_separate_projections(tmp_path, prompt):
+    """A checkpoint's separate q / k / v (random, not made by this model) loaded into qkv_proj
+    give Hugging Face Llama's logits (float64 reference), dense and NF4 (the reference on
+    the dequantized NF4 weights)."""
+    c = dataclasses.replace(TINY, n_heads=8, n_kv_heads=2, head_dim=32)   # g = 4
+    hf = {**_HF_CONFIG, "num_attention_heads": 8, "head_dim": 32}
+    rng = np.random.default_rng(3)
+    dense = llama.Llama(c, nf4=False, dtype=jnp.float32, rngs=nnx.Rngs(0))
+    tensors = _hf_tensors(dense)
+    for i in range(c.n_layers):
+        for n, rows in (("q", 8 * 32), ("k", 2 * 32), ("v", 2 * 32)):
+            tensors[f"model.layers.{i}.self_attn.{n}_proj.weight"] = (
+                rng.standard_normal((rows, c.d_model)) / np.sqrt(c.d_model)).astype(np.float32)
+    src = _write_folder(tmp_path / "dense", {"model.safetensors": tensors}, hf)
+    quantize_checkpoint(src, tmp_path / "nf4")
+    deq = {k: (np.asarray(dequantize(v, jnp.float32)) if isinstance(v, NF4Weight) else v)
+           for k, v in load_checkpoint(tmp_path / "nf4", nested=False).items()}
+    with jax.default_matmul_precision("highest"):
+        for folder, nf4, ref in ((src, False, tensors), (tmp_path / "nf4", True, deq)):
+            model = llama.from_checkpoint(folder, nf4=nf4, dtype=jnp.float32)
+            assert model.config == dataclasses.replace(c, max_len=TINY.max_len)
+            got, _ = forward(model, prompt)
+            want = _reference_logits(ref, c, prompt)
+            np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4)
+
+
+def test_from_checkpoint_gathers_exact_rows(hf_folders):
+    """NF4 q / k / v (gate / up) load into qkv_proj (gate_up_proj) with their own codes and
+    scales in the order of qkv_rows (gate_up_rows)."""
+    _, _, nf4_folder = hf_folders
+    model = llama.from_checkpoint(nf4_folder, dtype=jnp.float32)
+    flat = load_checkpoint(nf4_folder, nested=False)
+    for i in range(TINY.n_layers):
+        p = f"model.layers.{i}."
+        for module, names, rows in (
+                (model.layers[i].attn.qkv_proj, ("q", "k", "v"), llama.qkv_rows(TINY)),
+                (model.layers[i].mlp.gate_up_proj, ("gate", "up"), llama.gate_up_rows(TINY))):
+            kind = "self_attn" if len(names) == 3 else "mlp"
+            parts = [flat[f"{p}{kind}.{n}_proj.weight"] for n in names]
+            fused = module.kernel.get_value()
+            codes = np.concatenate([np.asarray(w.codes()) for w in parts])[rows]
+            scales = np.concatenate([np.asarray(w.absmax) for w in parts])[rows]
+            np.testing.assert_array_equal(np.asarray(fused.codes()), codes)
+            np.testing.assert_array_equal(np.asarray(fused.absmax), scales)
+            assert fused.absmax.dtype == jnp.float32 and fused.block_size == parts[0].block_size
+
+
+@pytest.mark.parametrize("double_quant", [False, True], ids=["plain", "dq"])
+def test_gather_rows(double_quant):
+    """_gather_rows: exact codes and scales for row orders that keep packed pairs (copied as
+    bytes) and that split them (repacked); double-quantized scales decoded; the errors."""
+    rng = np.random.default_rng(0)
+    ws = [quantize(rng.standard_normal((n, 128)).astype(np.float32), 32, double_quant)
+          for n in (6, 4, 8)]
+    codes = np.concatenate([np.asarray(w.codes()) for w in ws])
+    scales = np.concatenate([np.asarray(w.scales()) for w in ws])
+    for rows in (np.array([8, 9, 0, 1, 16, 17, 6, 7]), np.arange(18)[::-1],
+                 rng.permutation(18), np.array([3, 3, 0, 17])):
+        got = llama._gather_rows(ws, rows)
+        assert got.shape == (len(rows), 128) and got.block_size == 32 and not got.double_quant
+        np.testing.assert_array_equal(np.asarray(got.codes()), codes[rows])
+        np.testing.assert_array_equal(np.asarray(got.absmax), scales[rows])
+        np.testing.assert_array_equal(np.asarray(dequantize(got, jnp.float32)), np.concatenate(
+            [np.asarray(dequantize(w, jnp.float32)) for w in ws])[rows])
+    other = quantize(np.ones((2, 128), np.float32), 64)
+    with pytest.raises(ValueError, match="q_proj.*k_proj.*block_size 64.*same K and block_size"):
+        llama._gather_rows([ws[0], other], [0, 1], ("q_proj", "k_proj"))
+    with pytest.raises(ValueError, match=r"rows must be an even number .* \[0, 18\)"):
+        llama._gather_rows(ws, [0, 18])
+    with pytest.raises(ValueError, match="rows must be an even number"):
+        llama._gather_rows(ws, [0, 1, 2])
+    with pytest.raises(ValueError, match="stack of weights"):
+        llama._gather_rows([jax.tree.map(lambda a: a[None], ws[0])], [0, 1])
 
 
 def test_from_checkpoint_dense(models, hf_folders):
@@ -472,19 +649,42 @@ def test_cli_generate_from_checkpoint(capsys, hf_folders):
 
 
 def test_from_checkpoint_double_quant(tmp_path, hf_folders):
-    """Double-quantized k/v weights interleave into one NF4 weight with their decoded scales:
-    its rows dequantize exactly as the checkpoint's k and v do."""
+    """Double-quantized q / k / v weights go into one NF4 weight with their decoded scales:
+    its rows dequantize exactly as the checkpoint's q, k and v do."""
     _, src, _ = hf_folders
     dq = tmp_path / "dq"
     quantize_checkpoint(src, dq, double_quant=True)
     model = llama.from_checkpoint(dq, dtype=jnp.float32)
-    kv = model.layers[1].attn.kv_proj.kernel.get_value()
-    assert not kv.double_quant and kv.shape == (2 * TINY.n_kv_heads * TINY.head_dim,
-                                                TINY.d_model)
+    qkv = model.layers[1].attn.qkv_proj.kernel.get_value()
+    assert not qkv.double_quant and qkv.shape == (
+        (TINY.n_heads + 2 * TINY.n_kv_heads) * TINY.head_dim, TINY.d_model)
     flat = load_checkpoint(dq, nested=False)
-    k, v = (flat[f"model.layers.1.self_attn.{n}_proj.weight"] for n in "kv")
-    assert k.double_quant
-    both = np.asarray(dequantize(kv, jnp.float32))
-    np.testing.assert_array_equal(both[0::2], np.asarray(dequantize(k, jnp.float32)))
-    np.testing.assert_array_equal(both[1::2], np.asarray(dequantize(v, jnp.float32)))
+    parts = [flat[f"model.layers.1.self_attn.{n}_proj.weight"] for n in "qkv"]
+    assert all(w.double_quant for w in parts)
+    stacked = np.concatenate([np.asarray(dequantize(w, jnp.float32)) for w in parts])
+    np.testing.assert_array_equal(np.asarray(dequantize(qkv, jnp.float32)),
+                                  stacked[llama.qkv_rows(TINY)])
+    np.testing.assert_array_equal(np.asarray(qkv.codes()), np.concatenate(
+        [np.asarray(w.codes()) for w in parts])[llama.qkv_rows(TINY)])
     assert llama.generate(model, jnp.zeros((1, 2), jnp.int32), 2).shape == (1, 2)
+
+
+def test_from_checkpoint_mixed_block_sizes(tmp_path, hf_folders):
+    """q and k quantized with different block sizes cannot share qkv_proj: a CheckpointError
+    naming them."""
+    from jax_nf4.safetensors_io import load_file, save_file
+
+    _, src, nf4_folder = hf_folders
+    quantize_checkpoint(src, tmp_path / "b32", block_size=32)
+    tensors = {k: v for f in sorted(nf4_folder.glob("*.safetensors")) for k, v in
+               load_file(f).items()}
+    key = "model.layers.0.self_attn.k_proj.weight"
+    for f in sorted((tmp_path / "b32").glob("*.safetensors")):
+        tensors.update({k: v for k, v in load_file(f).items() if k.startswith(key)})
+    mixed = tmp_path / "mixed"
+    mixed.mkdir()
+    save_file(tensors, mixed / "model.safetensors")
+    (mixed / "config.json").write_text((nf4_folder / "config.json").read_text())
+    with pytest.raises(CheckpointError, match=r"q_proj.weight.*block_size 64\).*k_proj.weight "
+                                              r"\(shape \(64, 128\), block_size 32\)"):
+        llama.from_checkpoint(mixed, dtype=jnp.float32)

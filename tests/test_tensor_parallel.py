@@ -49,7 +49,7 @@ with jax.default_matmul_precision("highest"):
             got = np.asarray(llama.generate(sharded, prompt, 8))
             paths = [jax.tree_util.keystr(p) for p, _ in
                      jax.tree_util.tree_flatten_with_path(nnx.state(model))[0]]
-            q = sharded.leaves[[i for i, p in enumerate(paths) if "q_proj" in p][0]]
+            q = sharded.leaves[[i for i, p in enumerate(paths) if "qkv_proj" in p][0]]
             hlo = llama._generate_sharded.lower(
                 sharded.graphdef, sharded.treedef, mesh, sharded.specs, sharded.leaves, prompt,
                 8).compile().as_text()
@@ -74,17 +74,17 @@ report("errors",
                                                                 devices=jax.devices()[:3]))),
        sharded_twice=error(lambda: llama.shard_model(
            llama.Llama(llama.shard_config(config, 2), rngs=nnx.Rngs(0)), mesh2)))
-w = np.random.default_rng(0).standard_normal((128, 128)).astype(np.float32)
-model.layers[0].attn.q_proj.kernel.set_value(jax_nf4.quantize(w, 32, double_quant=True))
+w = np.random.default_rng(0).standard_normal((384, 128)).astype(np.float32)  # (4 + 2 * 4) * 32
+model.layers[0].attn.qkv_proj.kernel.set_value(jax_nf4.quantize(w, 32, double_quant=True))
 with jax.default_matmul_precision("highest"):  # double-quantized scales decoded for sharding
     sharded = llama.shard_model(model, mesh2)
     report("double_quant", equal=bool((np.asarray(llama.generate(model, prompt, 8)) ==
                                        np.asarray(llama.generate(sharded, prompt, 8))).all()),
            q_scales=str(jax.tree.unflatten(sharded.treedef, sharded.leaves)["layers"][0]
-                        ["attn"]["q_proj"]["kernel"].get_value().absmax.dtype))
+                        ["attn"]["qkv_proj"]["kernel"].get_value().absmax.dtype))
 donor = llama.Llama(config, nf4=True, dtype=jnp.float32, rngs=nnx.Rngs(0))
 placed = llama.shard_model(donor, mesh2, donate=True)
-# the split leaves: 2 layers x 5 NF4 layers (packed, absmax) + lm_head
+# the split leaves: 2 layers x 4 NF4 layers (packed, absmax) + lm_head
 split = [x for x, s in zip(jax.tree.leaves(nnx.state(donor)), placed.specs) if "tp" in s]
 report("donate", split=len(split), deleted=all(x.is_deleted() for x in split),
        placed_alive=not any(x.is_deleted() for x in placed.leaves))
@@ -108,7 +108,7 @@ def results(run_on_8_cpu_devices) -> dict:
 def test_same_tokens_as_one_device(results, nf4, tp):
     r = results[f"tokens_{nf4}_{tp}"]
     assert r["equal"]
-    assert r["q_split"] == tp      # q_proj's weight really is split tp ways
+    assert r["q_split"] == tp      # qkv_proj's weight really is split tp ways
     assert not r["weight_gather"]
     if tp > 1:
         # Row-parallel outputs are all-reduced: 2 per layer per step (prefill, scan body).
@@ -134,7 +134,7 @@ def test_double_quant_weights_are_decoded(results):
 
 def test_donate_frees_the_model(results):
     r = results["donate"]
-    assert r["split"] == 2 * 5 * 2 + 1 and r["deleted"] and r["placed_alive"]
+    assert r["split"] == 2 * 4 * 2 + 1 and r["deleted"] and r["placed_alive"]
 
 
 def test_bench_measured_tensor_parallel(results):

@@ -3,11 +3,13 @@
 RMSNorm, rotary attention with grouped-query heads (``n_heads`` query heads sharing ``n_kv_heads``
 key/value heads) and a static KV cache, a SwiGLU MLP. Every projection is a
 :class:`jax_nf4.flax.NF4Linear` (``nf4=True``) or an ``nnx.Linear`` (``nf4=False``, the dense
-baseline); the rest of the code is shared. The k and v projections are one layer (``kv_proj``) whose
-output features interleave them (feature ``2 i`` is k's ``i``, ``2 i + 1`` v's), as are gate and up
-(``gate_up_proj``): one matmul each, and a contiguous split of the features (tensor parallelism)
-keeps matching pairs together. The embedding, the norms and (by default) ``lm_head`` stay dense, as
-in bitsandbytes / ``jax-nf4 quantize`` checkpoints. Weights are random (no downloads; with the same
+baseline); the rest of the code is shared. Each layer has 4 projections, so 4 NF4 matmuls:
+``qkv_proj`` (q, k and v in one layer whose output features are grouped by KV head: the KV head's
+query heads, then its k, then its v; :func:`qkv_rows`), ``o_proj``, ``gate_up_proj`` (gate and up
+interleaved: feature ``2 i`` is gate's ``i``, ``2 i + 1`` up's) and ``down_proj``. A contiguous
+split of the output features (tensor parallelism) keeps whole KV-head groups and gate / up pairs
+together. The embedding, the norms and (by default) ``lm_head`` stay dense, as in bitsandbytes /
+``jax-nf4 quantize`` checkpoints. Weights are random (no downloads; with the same
 ``rngs`` seed the NF4 model's kernels are the quantization of the dense model's) or those of a
 Hugging Face checkpoint folder (:func:`from_checkpoint`).
 Tensor parallelism: :func:`shard_model`.
@@ -37,6 +39,7 @@ from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
@@ -46,8 +49,9 @@ from jax_nf4.flax import NF4Linear
 from jax_nf4.ops import dequantize
 
 __all__ = ["CONFIGS", "KVCache", "Llama", "LlamaConfig", "ShardedLlama", "benchmark_decode",
-           "compare_decode", "dequantized_copy", "from_checkpoint", "generate", "get_config",
-           "hf_config", "peak_device_bytes", "shard_config", "shard_model"]
+           "compare_decode", "dequantized_copy", "from_checkpoint", "gate_up_rows", "generate",
+           "get_config", "hf_config", "peak_device_bytes", "qkv_rows", "shard_config",
+           "shard_model"]
 
 Array = jax.Array
 
@@ -120,14 +124,15 @@ def get_config(name: str, **overrides: Any) -> LlamaConfig:
 def shard_config(config: LlamaConfig, tp: int, axis: str | None = None) -> LlamaConfig:
     """The shard of ``config`` that one of ``tp`` devices holds under tensor parallelism.
 
-    Megatron-style: q/k/v/gate/up and lm_head column-parallel (their outputs split ``tp``
-    ways), o_proj and down_proj row-parallel (their inputs split), so ``n_heads``,
-    ``n_kv_heads``, ``d_ff`` and lm_head's ``vocab_size`` columns are divided by ``tp`` while
-    ``d_model``, ``head_dim``, the embedding and the norms stay whole. With ``axis`` (a mesh
-    axis name) the shard's forward pass adds its collectives: a psum of the o_proj and
-    down_proj partial outputs (in float32) and an all-gather of the logits, so it must run
-    inside ``jax.shard_map`` over that axis (:func:`shard_model` does that). Without
-    ``axis`` it is what one device computes, without communication (for timing).
+    Megatron-style: qkv_proj, gate_up_proj and lm_head column-parallel (their outputs split
+    ``tp`` ways: whole KV-head groups of :func:`qkv_rows`, whole gate / up pairs), o_proj and
+    down_proj row-parallel (their inputs split), so ``n_heads``, ``n_kv_heads``, ``d_ff`` and
+    lm_head's ``vocab_size`` columns are divided by ``tp`` while ``d_model``, ``head_dim``, the
+    embedding and the norms stay whole. With ``axis`` (a mesh axis name) the shard's forward
+    pass adds its collectives: a psum of the o_proj and down_proj partial outputs (in float32)
+    and an all-gather of the logits, so it must run inside ``jax.shard_map`` over that axis
+    (:func:`shard_model` does that). Without ``axis`` it is what one device computes, without
+    communication (for timing).
     """
     c = config
     if c.tp != 1:
@@ -206,16 +211,18 @@ class KVCache(NamedTuple):
 
 
 class Attention(nnx.Module):
-    """Grouped-query self-attention with rotary embeddings; k and v projections interleaved
-    in ``kv_proj`` (one matmul)."""
+    """Grouped-query self-attention with rotary embeddings; q, k and v in one projection,
+    ``qkv_proj`` (one matmul), its ``(n_heads + 2 n_kv_heads) * head_dim`` output features
+    grouped by KV head ``h``: query heads ``h g .. h g + g - 1`` (``g = n_heads //
+    n_kv_heads``), then k's head ``h``, then v's (:func:`qkv_rows`)."""
 
     def __init__(self, config: LlamaConfig, nf4: bool, *, dtype: Any, param_dtype: Any,
                  rngs: nnx.Rngs):
         c = config
         self.config = c
         kw = {"dtype": dtype, "param_dtype": param_dtype, "rngs": rngs}
-        self.q_proj = _linear(c, nf4, c.d_model, c.n_heads * c.head_dim, **kw)
-        self.kv_proj = _linear(c, nf4, c.d_model, 2 * c.n_kv_heads * c.head_dim, **kw)
+        self.qkv_proj = _linear(c, nf4, c.d_model, (c.n_heads + 2 * c.n_kv_heads) * c.head_dim,
+                                **kw)
         self.o_proj = _linear(c, nf4, c.n_heads * c.head_dim, c.d_model, **kw)
 
     def __call__(self, x: Array, positions: Array, kv: tuple[Array, Array] | None
@@ -227,10 +234,12 @@ class Attention(nnx.Module):
         without one the (rotated) keys and values of ``x`` ``[B, S, kv, D]``."""
         c = self.config
         b, s, _ = x.shape
-        q = rope(self.q_proj(x).reshape(b, s, c.n_heads, c.head_dim), positions, c.rope_theta)
-        k_v = self.kv_proj(x).reshape(b, s, c.n_kv_heads, c.head_dim, 2)
-        k = rope(k_v[..., 0], positions, c.rope_theta)
-        v = k_v[..., 1]
+        groups = c.n_heads // c.n_kv_heads
+        qkv = self.qkv_proj(x).reshape(b, s, c.n_kv_heads, groups + 2, c.head_dim)
+        q = rope(qkv[..., :groups, :].reshape(b, s, c.n_heads, c.head_dim), positions,
+                 c.rope_theta)                       # query head h g + i: KV head h's i-th
+        k = rope(qkv[..., groups, :], positions, c.rope_theta)
+        v = qkv[..., groups + 1, :]
         if kv is None:
             keys, values, key_pos = k, v, positions
         else:
@@ -238,7 +247,6 @@ class Attention(nnx.Module):
             keys = jax.lax.dynamic_update_slice(kv[0], k.astype(kv[0].dtype), start)
             values = jax.lax.dynamic_update_slice(kv[1], v.astype(kv[1].dtype), start)
             key_pos = jnp.arange(keys.shape[1])
-        groups = c.n_heads // c.n_kv_heads
         q = q.reshape(b, s, c.n_kv_heads, groups, c.head_dim)
         scores = jnp.einsum("bskgd,btkd->bkgst", q, keys.astype(q.dtype),
                             preferred_element_type=jnp.float32) / math.sqrt(c.head_dim)
@@ -332,33 +340,85 @@ class Llama(nnx.Module):
 
 # ----------------------------------------------------------------------------- checkpoints
 
-#: Hugging Face ``LlamaForCausalLM`` tensor names of one layer's modules, by module path here
-#: (two names: the projections whose output features one module interleaves).
-_HF_LAYER_NAMES = {
-    ("attn", "q_proj"): ("self_attn.q_proj",),
-    ("attn", "kv_proj"): ("self_attn.k_proj", "self_attn.v_proj"),
-    ("attn", "o_proj"): ("self_attn.o_proj",),
-    ("mlp", "gate_up_proj"): ("mlp.gate_proj", "mlp.up_proj"),
-    ("mlp", "down_proj"): ("mlp.down_proj",),
-    ("attn_norm",): ("input_layernorm",), ("mlp_norm",): ("post_attention_layernorm",)}
+def qkv_rows(config: LlamaConfig) -> np.ndarray:
+    """For each output feature of ``qkv_proj``, its row in the Hugging Face weights stacked
+    ``[q_proj; k_proj; v_proj]`` (``(n_heads + 2 n_kv_heads) * head_dim`` rows):
+    ``int64[(n_heads + 2 n_kv_heads) * head_dim]``. Per KV head ``h`` in order: the rows of
+    query heads ``h g .. h g + g - 1`` (``g = n_heads // n_kv_heads``, the heads that attend
+    with KV head ``h``), then k's head ``h``, then v's head ``h``."""
+    c = config
+    d, kv = c.head_dim, c.n_kv_heads
+    q = np.arange(c.n_heads * d).reshape(kv, -1)          # [kv, g d]: a KV head's query heads
+    k = c.n_heads * d + np.arange(kv * d).reshape(kv, d)  # [kv, d]
+    return np.concatenate([q, k, k + kv * d], axis=1).reshape(-1)
 
 
-def _interleave_rows(weights: list[NF4Weight], keys: tuple[str, ...], ck: Any) -> NF4Weight:
-    """Two NF4 weights (out, in) as one (2 out, in) whose row 2i is the first's row i and row
-    2i + 1 the second's (the same codes and scales; double-quantized scales are decoded to
-    float32 first, as their nested blocks run across rows)."""
-    from jax_nf4.checkpoint import CheckpointError
+def gate_up_rows(config: LlamaConfig) -> np.ndarray:
+    """For each output feature of ``gate_up_proj``, its row in ``[gate_proj; up_proj]``:
+    ``int64[2 d_ff]``, feature ``2 i`` from gate's row ``i`` and ``2 i + 1`` from up's."""
+    return np.arange(2 * config.d_ff).reshape(2, -1).T.reshape(-1)
 
-    a, b = weights
-    if a.block_size != b.block_size:
-        raise CheckpointError(f"{keys[0]} and {keys[1]} have block sizes {a.block_size} and "
-                              f"{b.block_size}; this model interleaves their rows in one "
-                              "NF4 weight", path=ck.source_of(keys[0]), key=keys[0])
 
-    n, k = a.shape
-    packed = (a.codes() | (b.codes() << 4)).astype(jnp.uint8)
-    absmax = jnp.stack([a.scales(), b.scales()], axis=1).reshape(2 * n, -1)
-    return NF4Weight(packed, absmax, (2 * n, k), a.block_size, a.dtype)
+def _hf_layer_sources(c: LlamaConfig) -> dict[tuple[str, ...],
+                                              tuple[dict[str, int], np.ndarray | None]]:
+    """Per module path of one layer: the Hugging Face ``LlamaForCausalLM`` tensor names it is
+    made of with their rows (output features), and for a fused projection the order of its
+    rows in their concatenation (:func:`qkv_rows`, :func:`gate_up_rows`)."""
+    q, kv = c.n_heads * c.head_dim, c.n_kv_heads * c.head_dim
+    return {
+        ("attn", "qkv_proj"): ({"self_attn.q_proj": q, "self_attn.k_proj": kv,
+                                "self_attn.v_proj": kv}, qkv_rows(c)),
+        ("attn", "o_proj"): ({"self_attn.o_proj": c.d_model}, None),
+        ("mlp", "gate_up_proj"): ({"mlp.gate_proj": c.d_ff, "mlp.up_proj": c.d_ff},
+                                  gate_up_rows(c)),
+        ("mlp", "down_proj"): ({"mlp.down_proj": c.d_model}, None),
+        ("attn_norm",): ({"input_layernorm": c.d_model}, None),
+        ("mlp_norm",): ({"post_attention_layernorm": c.d_model}, None)}
+
+
+def _gather_rows(weights: list[NF4Weight], rows: Any, names: tuple[str, ...] | None = None
+                 ) -> NF4Weight:
+    """The NF4 weight ``(len(rows), K)`` whose row ``i`` is row ``rows[i]`` of the weights
+    ``(N_j, K)`` stacked ``[weights[0]; weights[1]; ...]``: the same 4-bit codes and the same
+    float32 scales. Double-quantized scales are decoded to float32 first (exactly the values
+    they encode): their nested groups of 256 blocks run across rows and each weight has its
+    own ``offset``, so gathered rows cannot keep them. Row pairs that stay together (rows
+    ``2 j`` and ``2 j + 1`` from one packed row) are copied as packed bytes, others repacked.
+    Raises ``ValueError`` (naming the weights by ``names``) for weights that do not stack
+    (stacked dims, different ``K`` or ``block_size``) or for ``rows`` that are not an even
+    number of valid row indices."""
+    names = tuple(names) if names is not None else tuple(f"weights[{i}]"
+                                                         for i in range(len(weights)))
+    if not weights or len(names) != len(weights):
+        raise ValueError(f"_gather_rows: need one or more weights and one name each, got "
+                         f"{len(weights)} weights and {len(names)} names")
+    first = weights[0]
+    for w, name in zip(weights, names):
+        if w.stack_shape:
+            raise ValueError(f"_gather_rows: {name} is a stack of weights "
+                             f"{w.stack_shape}; rows can only be gathered from single matrices")
+        if w.shape[1] != first.shape[1] or w.block_size != first.block_size:
+            raise ValueError(
+                f"_gather_rows: {names[0]} (shape {first.shape}, block_size "
+                f"{first.block_size}) and {name} (shape {w.shape}, block_size {w.block_size}) "
+                "must have the same K and block_size to share one NF4 weight")
+    total = sum(w.shape[0] for w in weights)
+    rows = np.asarray(rows)
+    if rows.ndim != 1 or rows.dtype.kind not in "iu" or rows.size % 2 or (
+            rows.size and (rows.min() < 0 or rows.max() >= total)):
+        raise ValueError(f"_gather_rows: rows must be an even number of row indices in "
+                         f"[0, {total}) (the rows of {', '.join(names)}), got "
+                         f"{rows.dtype} {rows.shape} in [{rows.min() if rows.size else '-'}, "
+                         f"{rows.max() if rows.size else '-'}]")
+    # every weight has an even number of rows, so stacked rows 2 j, 2 j + 1 share a packed row
+    lo, hi = rows[0::2], rows[1::2]
+    if (lo % 2 == 0).all() and (hi == lo + 1).all():
+        packed = jnp.concatenate([jnp.asarray(w.packed) for w in weights])[lo // 2]
+    else:
+        codes = jnp.concatenate([w.codes() for w in weights])
+        packed = (codes[lo] | (codes[hi] << 4)).astype(jnp.uint8)
+    absmax = jnp.concatenate([jnp.asarray(w.scales(), jnp.float32) for w in weights])[rows]
+    return NF4Weight(packed, absmax, (rows.size, first.shape[1]), first.block_size, first.dtype)
 
 
 def hf_config(hf: dict[str, Any], **overrides: Any) -> LlamaConfig:
@@ -397,9 +457,12 @@ def from_checkpoint(path: Any, *, nf4: bool = True, dtype: Any = jnp.bfloat16,
     double-quantized, any block size) and dense projections are quantized with block 64;
     ``lm_head`` is NF4 when the checkpoint's is. With ``nf4=False`` NF4 weights are
     dequantized to ``param_dtype`` (default ``dtype``). With ``tie_word_embeddings`` and no
-    ``lm_head.weight``, lm_head is the embedding. k and v (gate and up) go into one layer with
-    interleaved rows. Raises :class:`jax_nf4.checkpoint.CheckpointError` (a ``ValueError``)
-    naming the tensor for a missing key or a shape that does not fit ``config.json``.
+    ``lm_head.weight``, lm_head is the embedding. q, k and v go into ``qkv_proj`` in the
+    order of :func:`qkv_rows`, gate and up into ``gate_up_proj`` (:func:`gate_up_rows`), with
+    the same codes and scales (:func:`_gather_rows`; double-quantized scales decoded).
+    Raises :class:`jax_nf4.checkpoint.CheckpointError` (a ``ValueError``) naming the tensor
+    for a missing key, a shape that does not fit ``config.json`` or NF4 weights that cannot
+    share one layer (different block sizes).
     """
     from jax_nf4 import quantize
     from jax_nf4.checkpoint import Checkpoint, CheckpointError
@@ -416,24 +479,26 @@ def from_checkpoint(path: Any, *, nf4: bool = True, dtype: Any = jnp.bfloat16,
                        entries[head_key].kind != "dense")
     model = nnx.eval_shape(lambda: Llama(config, nf4=nf4, dtype=dtype, param_dtype=param_dtype,
                                          rngs=nnx.Rngs(0)))
-    # (checkpoint keys, variable, whether they are Linear weights: HF stores (out, in))
-    targets = [(("model.embed_tokens.weight",), model.embed.embedding, False),
-               (("model.norm.weight",), model.norm.scale, False),
-               ((head_key,), model.lm_head.kernel, True)]
+    # (checkpoint keys with their rows, None: all of the variable's; the variable; whether it
+    # is a Linear weight: HF stores (out, in); a fused projection's row order (_gather_rows))
+    targets = [({"model.embed_tokens.weight": None}, model.embed.embedding, False, None),
+               ({"model.norm.weight": None}, model.norm.scale, False, None),
+               ({head_key: None}, model.lm_head.kernel, True, None)]
     for i, layer in enumerate(model.layers):
-        for where, names in _HF_LAYER_NAMES.items():
+        for where, (names, rows) in _hf_layer_sources(config).items():
             module = functools.reduce(getattr, where, layer)
             var = module.scale if len(where) == 1 else module.kernel
-            targets.append((tuple(f"model.layers.{i}.{n}.weight" for n in names), var,
-                            len(where) == 2))
-    for keys, var, linear in targets:
+            targets.append(({f"model.layers.{i}.{n}.weight": k for n, k in names.items()}, var,
+                            len(where) == 2, rows))
+    for sources, var, linear, rows in targets:
         want = var.get_value()
         nf4_target = isinstance(want, NF4Weight)
         # the module's matrix and each checkpoint tensor as the checkpoint holds them: (out, in)
         full = tuple(want.shape if nf4_target or not linear else want.shape[::-1])
-        expected = (full[0] // len(keys), *full[1:])
+        keys = tuple(sources)
         values = []
-        for key in keys:
+        for key, n in sources.items():
+            expected = (full[0] if n is None else n, *full[1:])
             if key not in entries:
                 raise CheckpointError("missing key", path=ck.source_of(key), key=key)
             value = ck.load_entry(entries[key])
@@ -447,11 +512,15 @@ def from_checkpoint(path: Any, *, nf4: bool = True, dtype: Any = jnp.bfloat16,
             elif nf4_target:
                 value = quantize(jnp.asarray(value, param_dtype), block_size=config.block_size)
             values.append(value if nf4_target else jnp.asarray(value, param_dtype))
-        if len(values) > 1:
-            value = _interleave_rows(values, keys, ck) if nf4_target else (
-                jnp.stack(values, axis=1).reshape(full))
-        else:
+        if rows is None:
             value = values[0]
+        elif nf4_target:
+            try:
+                value = _gather_rows(values, rows, keys)
+            except ValueError as e:
+                raise CheckpointError(str(e), path=ck.source_of(keys[0]), key=keys[0]) from None
+        else:
+            value = jnp.concatenate(values)[rows]
         var.set_value(value.T if linear and not nf4_target else value)  # Linear: (in, out)
     return model
 
@@ -509,16 +578,17 @@ def shard_model(model: Llama, mesh: Mesh, axis: str = "tp", *, donate: bool = Fa
                 ) -> ShardedLlama:
     """Places ``model``'s weights on ``mesh`` for tensor parallelism over mesh axis ``axis``.
 
-    Each NF4 or dense projection is split along its output (q/k/v/gate/up, lm_head) or input
-    (o_proj, down_proj) features into ``mesh.shape[axis]`` contiguous shards (whole heads,
-    whole scale blocks and packed row pairs; :func:`shard_config` checks the sizes); the
-    embedding and norms are replicated. :func:`generate` then runs one shard per device with a
-    float32 all-reduce after each row-parallel layer and an all-gather of the logits: per token
-    and layer, two all-reduces of ``batch * d_model`` values. ``donate=True`` frees each of
-    ``model``'s split arrays as soon as its shards exist (``model`` is unusable afterwards),
-    which keeps the peak memory of a model built on one device near its size. Double-quantized
-    scales are decoded to float32 first (their nested blocks run across the rows of a shard):
-    the same weights, 3 more bytes per block.
+    Each NF4 or dense projection is split along its output (qkv_proj, gate_up_proj, lm_head)
+    or input (o_proj, down_proj) features into ``mesh.shape[axis]`` contiguous shards (whole
+    KV-head groups of query heads, k and v, whole gate / up pairs, whole scale blocks and
+    packed row pairs; :func:`shard_config` checks the sizes); the embedding and norms are
+    replicated. :func:`generate` then runs one shard per device with a float32 all-reduce after
+    each row-parallel layer and an all-gather of the logits: per token and layer, two
+    all-reduces of ``batch * d_model`` values. ``donate=True`` frees each of ``model``'s split
+    arrays as soon as its shards exist (``model`` is unusable afterwards), which keeps the peak
+    memory of a model built on one device near its size. Double-quantized scales are decoded
+    to float32 first (their nested blocks run across the rows of a shard): the same weights,
+    3 more bytes per block.
     """
     if axis not in mesh.shape:
         raise ValueError(f"shard_model: mesh has no axis {axis!r} (axes {tuple(mesh.shape)})")
