@@ -270,6 +270,8 @@ def main(argv: Sequence[str] | None = None) -> dict:
                 emit(f"    per token (one traced run): {d['nf4']:.2f} ms jax_nf4 kernels, "
                      f"{d['gemm']:.2f} ms GEMMs, {d['other']:.2f} ms other kernels; device "
                      f"busy {d['busy']:.2f} ms of {wall:.2f} ms (idle {wall - d['busy']:.2f})")
+                for kname, ms, calls in r["top_kernels"]:
+                    emit(f"      {1e3 * ms:8.1f} us/token {calls:6.1f} calls/token  {kname[:110]}")
         for weights, batch in (("nf4", 1), ("nf4", 8), ("nf4+lm_head", 1)):
             nf4, dense = rows[weights, batch], rows["bfloat16", batch]
             ratio = {"batch": batch, "nf4_weights": weights,

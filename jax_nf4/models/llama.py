@@ -700,7 +700,8 @@ def benchmark_decode(config_name: str, batch: int = 1, new_tokens: int = 64, nf4
     :func:`from_checkpoint` (loading timed as ``build_s``) instead of ``config_name``'s preset.
     With ``profile``, one more run is traced with ``jax.profiler`` and ``device_ms_per_token``
     holds its device time per generated token by kernel class (``nf4``, ``gemm``, ``other``,
-    ``busy``; :func:`jax_nf4.benchmark.traced_device_ms`), None on a CPU.
+    ``busy``; :func:`jax_nf4.benchmark.traced_device_ms`) and ``top_kernels`` its 16 longest
+    kernels per token ``(name, ms, calls)``, both None on a CPU.
     """
     total = 2 + max(1, iters)
     max_len = prompt_len + new_tokens
@@ -737,11 +738,12 @@ def benchmark_decode(config_name: str, batch: int = 1, new_tokens: int = 64, nf4
         t0 = time.perf_counter()
         jax.block_until_ready(generate(model, prompt, new_tokens))
         times.append(time.perf_counter() - t0)
-    device_ms = None
+    device_ms = top = None
     if profile:
         from jax_nf4.benchmark import traced_device_ms
 
-        device_ms, _ = traced_device_ms(generate, model, prompt, new_tokens, per=new_tokens)
+        device_ms, top = traced_device_ms(generate, model, prompt, new_tokens, per=new_tokens,
+                                          top=16)
     report(total, "done")
     seconds = min(times)
     return {"config": config_name if checkpoint is None else str(checkpoint),
@@ -750,7 +752,7 @@ def benchmark_decode(config_name: str, batch: int = 1, new_tokens: int = 64, nf4
             "seconds": seconds, "tokens_per_s": batch * new_tokens / seconds,
             "build_s": build_s, "compile_s": compile_s, "weight_bytes": _weight_bytes(model),
             "linear_bytes": linear_bytes, "peak_bytes": peak_device_bytes(),
-            "device_ms_per_token": device_ms, "tokens": tokens}
+            "device_ms_per_token": device_ms, "top_kernels": top, "tokens": tokens}
 
 
 def compare_decode(config_name: str, batch: int = 1, new_tokens: int = 64, **kwargs: Any
