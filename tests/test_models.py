@@ -186,13 +186,19 @@ def test_bf16_model_and_benchmark():
     small = dataclasses.replace(TINY, n_layers=1)
     stages = []
     r = llama.benchmark_decode("tiny", 1, 4, True, prompt_len=3, iters=1, config=small,
-                               progress=lambda *a: stages.append(a))
+                               profile=True, progress=lambda *a: stages.append(a))
     d = llama.benchmark_decode("tiny", 1, 4, False, prompt_len=3, iters=1, config=small)
     assert stages == [(0, 3, "nf4 build"), (1, 3, "nf4 compile"), (2, 3, "nf4 run 1/1"),
                       (3, 3, "nf4 done")]
     assert r["weights"] == "nf4" and d["weights"] == "bfloat16"
     assert r["tokens"].shape == (1, 4) and r["tokens_per_s"] > 0 and d["tokens_per_s"] > 0
     assert r["build_s"] > 0 and r["compile_s"] > 0
+    if jax.default_backend() == "cpu":  # no device trace: no kernel times
+        assert r["device_ms_per_token"] is None and r["top_kernels"] is None
+    else:  # the NF4 projections' kernels are among the 16 longest, with their call counts
+        assert r["device_ms_per_token"]["nf4"] > 0
+        assert any("jax_nf4" in name and ms > 0 and calls > 0
+                   for name, ms, calls in r["top_kernels"])
     # 7 projections of one layer: bf16 is 2 bytes/weight, NF4 0.5 + 4/64 (float32 scale)
     weights = 2 * 128 * 128 + 2 * 64 * 128 + 3 * 256 * 128  # q, o; k, v; gate, up, down
     assert d["linear_bytes"] == 2 * weights
