@@ -484,8 +484,9 @@ def from_checkpoint(path: Any, *, nf4: bool = True, dtype: Any = jnp.bfloat16,
     targets = [({"model.embed_tokens.weight": None}, model.embed.embedding, False, None),
                ({"model.norm.weight": None}, model.norm.scale, False, None),
                ({head_key: None}, model.lm_head.kernel, True, None)]
+    layer_sources = _hf_layer_sources(config)  # the same for every layer
     for i, layer in enumerate(model.layers):
-        for where, (names, rows) in _hf_layer_sources(config).items():
+        for where, (names, rows) in layer_sources.items():
             module = functools.reduce(getattr, where, layer)
             var = module.scale if len(where) == 1 else module.kernel
             targets.append(({f"model.layers.{i}.{n}.weight": k for n, k in names.items()}, var,
