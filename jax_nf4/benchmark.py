@@ -58,15 +58,18 @@ class Row:
     weight_bytes: int
     kernel_us: float | None = None  # GPU busy time per call (--kernel-times), None elsewhere
 
+    def _gbps_at(self, us: float) -> float:
+        return self.weight_bytes / (us * 1e-6) / 1e9
+
     @property
     def gbps(self) -> float:
-        return self.weight_bytes / (self.us * 1e-6) / 1e9
+        """GB/s at the wall time per call."""
+        return self._gbps_at(self.us)
 
     @property
     def kernel_gbps(self) -> float | None:
         """GB/s at the kernel time (None without one)."""
-        return (None if self.kernel_us is None
-                else self.weight_bytes / (self.kernel_us * 1e-6) / 1e9)
+        return None if self.kernel_us is None else self._gbps_at(self.kernel_us)
 
 
 def _random_weights(key, n: int, k: int, copies: int, block_size: int):
