@@ -5,8 +5,10 @@
     bytes and the device's peak memory; on a GPU also the device time per token of one traced run by
     kernel class (jax_nf4's kernels, GEMMs, the rest) and the idle time. The runs go from the
     smallest memory use to the largest (NF4 b1, NF4 b8, bf16 b1, bf16 b8) because the peak is
-    process-wide; a last run quantizes lm_head too ("nf4+lm_head", batch 1; bitsandbytes keeps it
-    dense).
+    process-wide; the last runs quantize lm_head too ("nf4+lm_head", batch 1; bitsandbytes keeps
+    it dense). NF4 decodes with jax_nf4.decode_attention (rotary, cache write and attention in
+    one kernel), bf16 with the jnp attention (the baseline: the same model in XLA); the last run
+    is NF4 + lm_head with the jnp attention, so the kernel's share is measured in the same run.
 (b) llama3-70b shapes: the decode time of one decoder layer (batch 1, one token, a KV cache of
     512 slots, attention over all of them) at full width and at the 1/2 and 1/4 shard a GPU
     holds under tensor parallelism tp: q/k/v/gate/up column-parallel (N / tp), o_proj / down
@@ -250,18 +252,23 @@ def main(argv: Sequence[str] | None = None) -> dict:
             base = dataclasses.replace(base, n_layers=1)
         kw = {"prompt_len": 4 if args.quick else 16, "iters": args.iters}
         rows = {}
-        # The last row quantizes lm_head too (bitsandbytes keeps it dense, as the others do).
-        for nf4, batch, head in ((True, 1, False), (True, 8, False), (False, 1, False),
-                                 (False, 8, False), (True, 1, True)):
-            config = dataclasses.replace(base, nf4_lm_head=head)
+        # The last rows quantize lm_head too (bitsandbytes keeps it dense, as the others do).
+        # NF4 decodes with jax_nf4.decode_attention, bf16 (the baseline: the same model in XLA)
+        # with the jnp attention; the last row is NF4 with the jnp attention, for the A/B.
+        for nf4, batch, head, attn in ((True, 1, False, True), (True, 8, False, True),
+                                       (False, 1, False, False), (False, 8, False, False),
+                                       (True, 1, True, True), (True, 1, True, False)):
+            config = dataclasses.replace(base, nf4_lm_head=head, decode_attention=attn)
             r = llama.benchmark_decode(name, batch, new_tokens, nf4, **kw, config=config,
                                        profile=True,
                                        progress=functools.partial(_stage, f"{name} b{batch}"))
             r = {k: v for k, v in r.items() if k != "tokens"}
-            rows[r["weights"], batch] = r
+            r["attention"] = "jax_nf4" if attn else "xla"
+            rows[r["weights"], batch, attn] = r
             results["decode"].append(r)
             peak = "-" if r["peak_bytes"] is None else f"{r['peak_bytes'] / 2**30:.2f} GiB"
-            emit(f"(a) {name} {r['weights']:<11} batch {batch}: {r['tokens_per_s']:9.1f} tokens/s "
+            emit(f"(a) {name} {r['weights']:<11} {r['attention']:<7} attention, batch {batch}: "
+                 f"{r['tokens_per_s']:9.1f} tokens/s "
                  f"({1e3 * r['seconds'] / new_tokens:.2f} ms/step), weights "
                  f"{r['weight_bytes'] / 2**30:.2f} GiB, peak {peak}, build {r['build_s']:.1f} "
                  f"s, compile {r['compile_s']:.1f} s")
@@ -272,13 +279,14 @@ def main(argv: Sequence[str] | None = None) -> dict:
                      f"busy {d['busy']:.2f} ms of {wall:.2f} ms (idle {wall - d['busy']:.2f})")
                 for kname, ms, calls in r["top_kernels"]:
                     emit(f"      {1e3 * ms:8.1f} us/token {calls:6.1f} calls/token  {kname[:110]}")
-        for weights, batch in (("nf4", 1), ("nf4", 8), ("nf4+lm_head", 1)):
-            nf4, dense = rows[weights, batch], rows["bfloat16", batch]
-            ratio = {"batch": batch, "nf4_weights": weights,
+        for weights, batch, attn in (("nf4", 1, True), ("nf4", 8, True),
+                                     ("nf4+lm_head", 1, True), ("nf4+lm_head", 1, False)):
+            nf4, dense = rows[weights, batch, attn], rows["bfloat16", batch, False]
+            ratio = {"batch": batch, "nf4_weights": weights, "nf4_attention": nf4["attention"],
                      "tokens_per_s_nf4_over_bf16": nf4["tokens_per_s"] / dense["tokens_per_s"],
                      "weight_bytes_nf4_over_bf16": nf4["weight_bytes"] / dense["weight_bytes"]}
             results["decode_ratio"].append(ratio)
-            emit(f"(a) batch {batch}: {weights} / bf16 = "
+            emit(f"(a) batch {batch}: {weights} ({nf4['attention']} attention) / bf16 (xla) = "
                  f"{ratio['tokens_per_s_nf4_over_bf16']:.2f}x tokens/s, "
                  f"{ratio['weight_bytes_nf4_over_bf16']:.2f}x weight bytes")
 

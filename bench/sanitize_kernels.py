@@ -4,8 +4,13 @@ Exits non-zero if any result disagrees with the NumPy reference. Covers the byte
 and byte-wise GEMV paths, the tiled kernel (M > 8: M tails, several M tiles, split-K across
 CTAs with its sum kernel), one and two stacked groups (the byte-pair kernel stages the
 double-quant table only for one), dequantize and quantize, each dtype, plain and
-double-quantized scales.
+double-quantized scales; and the decode-attention kernel (one chunk, several chunks with the
+combine kernel and an empty chunk, more than 8 query heads per KV head, a head dim without
+16-byte rows) against the same op on the CPU. `python3 bench/sanitize_kernels.py attention`
+runs only the latter.
 """
+
+import sys
 
 import jax
 import jax.numpy as jnp
@@ -21,9 +26,36 @@ CASES = [  # (G, N, K, block_size, M): G stacked weights under vmap
     (1, 520, 2048, 64, 150)]
 
 
+ATTENTION_CASES = [  # (B, H_kv, G, D, T, pos)
+    (1, 2, 4, 128, 144, 100), (2, 1, 8, 64, 600, 599), (1, 1, 16, 128, 300, 10),
+    (1, 3, 2, 30, 7, 3), (2, 2, 1, 128, 520, 700)]
+
+
+def attention_cases(rng: np.random.Generator) -> int:
+    failures = 0
+    cpu = jax.devices("cpu")[0]
+    for b, h, g, d, t, pos in ATTENTION_CASES:
+        for dtype in (jnp.float32, jnp.bfloat16, jnp.float16):
+            qkv = rng.standard_normal((b, h, g + 2, d)).astype(dtype)
+            caches = [rng.standard_normal((b, t, h, d)).astype(dtype) for _ in "kv"]
+            step = jax.jit(jax_nf4.decode_attention, static_argnames="rope_theta")
+            got = [np.asarray(o, np.float32) for o in step(qkv, *caches, pos, rope_theta=1e4)]
+            want = [np.asarray(o, np.float32) for o in step(
+                *jax.device_put((qkv, *caches), cpu), pos, rope_theta=1e4)]
+            err = np.abs(got[0] - want[0]).max() / np.abs(want[0]).max()
+            ok = err < 1e-2 and all(np.allclose(x, y, rtol=1e-2, atol=1e-2)
+                                    for x, y in zip(got[1:], want[1:]))
+            print(f"decode_attention B={b} H={h} G={g} D={d} T={t} pos={pos} "
+                  f"{np.dtype(dtype).name}: {'ok' if ok else 'FAIL'} (out max err {err:.2e})")
+            failures += not ok
+    return failures
+
+
 def main() -> int:
     rng = np.random.default_rng(0)
-    failures = 0
+    failures = attention_cases(rng)
+    if sys.argv[1:] == ["attention"]:
+        return 1 if failures else 0
     for groups, n, k, bs, m in CASES:
         for dtype in (jnp.float32, jnp.bfloat16, jnp.float16):
             w = rng.standard_normal((groups, n, k)).astype(np.float32)

@@ -19,6 +19,9 @@
 
 namespace nb = nanobind;
 
+// The fused decode-attention step (attention_cpu.cc).
+XLA_FFI_DECLARE_HANDLER_SYMBOL(JaxNf4DecodeAttentionCpu);
+
 namespace jax_nf4 {
 namespace {
 
@@ -301,6 +304,7 @@ NB_MODULE(_nf4_cpu, m) {
     targets["nf4_dequantize_dq"] =
         nb::capsule(reinterpret_cast<void*>(jax_nf4::kNf4DequantizeDqCpu));
     targets["nf4_matmul_dq"] = nb::capsule(reinterpret_cast<void*>(jax_nf4::kNf4MatmulDqCpu));
+    targets["decode_attention"] = nb::capsule(reinterpret_cast<void*>(JaxNf4DecodeAttentionCpu));
     return targets;
   });
 }

@@ -1,4 +1,5 @@
-// nanobind module `jax_nf4._nf4_cuda`: capsules of the CUDA FFI handlers in cuda_ops.cu.
+// nanobind module `jax_nf4._nf4_cuda`: capsules of the CUDA FFI handlers in cuda_ops.cu and
+// attention_cuda.cu.
 #include "nanobind/nanobind.h"
 #include "xla/ffi/api/api.h"
 
@@ -9,6 +10,7 @@ XLA_FFI_DECLARE_HANDLER_SYMBOL(JaxNf4DequantizeCuda);
 XLA_FFI_DECLARE_HANDLER_SYMBOL(JaxNf4MatmulCuda);
 XLA_FFI_DECLARE_HANDLER_SYMBOL(JaxNf4DequantizeDqCuda);
 XLA_FFI_DECLARE_HANDLER_SYMBOL(JaxNf4MatmulDqCuda);
+XLA_FFI_DECLARE_HANDLER_SYMBOL(JaxNf4DecodeAttentionCuda);
 
 NB_MODULE(_nf4_cuda, m) {
   m.def("registrations", []() {
@@ -18,6 +20,8 @@ NB_MODULE(_nf4_cuda, m) {
     targets["nf4_matmul"] = nb::capsule(reinterpret_cast<void*>(JaxNf4MatmulCuda));
     targets["nf4_dequantize_dq"] = nb::capsule(reinterpret_cast<void*>(JaxNf4DequantizeDqCuda));
     targets["nf4_matmul_dq"] = nb::capsule(reinterpret_cast<void*>(JaxNf4MatmulDqCuda));
+    targets["decode_attention"] =
+        nb::capsule(reinterpret_cast<void*>(JaxNf4DecodeAttentionCuda));
     return targets;
   });
 }

@@ -15,6 +15,7 @@
 #include <string>
 #include <type_traits>
 
+#include "cuda_dtypes.cuh"
 #include "nf4_ffi_shapes.h"
 #include "nf4_math.h"
 #include "nf4_scales.h"
@@ -26,23 +27,6 @@ namespace {
 constexpr int kThreads = 256;  // 8 warps per CTA
 constexpr int kWarps = kThreads / 32;
 constexpr int kMaxFusedRows = 8;
-
-// ---------------------------------------------------------------- dtype conversions
-
-__device__ __forceinline__ float ToFloat(float v) { return v; }
-__device__ __forceinline__ float ToFloat(__nv_bfloat16 v) { return __bfloat162float(v); }
-__device__ __forceinline__ float ToFloat(__half v) { return __half2float(v); }
-
-template <typename T>
-__device__ __forceinline__ T FromFloat(float v);
-template <>
-__device__ __forceinline__ float FromFloat<float>(float v) { return v; }
-template <>
-__device__ __forceinline__ __nv_bfloat16 FromFloat<__nv_bfloat16>(float v) {
-  return __float2bfloat16_rn(v);
-}
-template <>
-__device__ __forceinline__ __half FromFloat<__half>(float v) { return __float2half_rn(v); }
 
 // V consecutive elements of type T (V * sizeof(T) bytes, aligned to that size when V > 1).
 template <typename T, int V>

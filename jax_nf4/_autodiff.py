@@ -32,6 +32,9 @@ under ``jit``, ``vmap`` and ``lax.scan``, on every platform that has a lowering 
 gradient would be zero almost everywhere, which is never what a caller wants): a non-zero
 tangent raises a ``TypeError``. Quantize outside the differentiated function, or wrap the input
 in ``jax.lax.stop_gradient`` (then JAX never asks for the rule).
+
+``decode_attention`` is an inference-only decode step (rotary, cache write and attention of one
+token): a non-zero tangent of any input raises a ``NotImplementedError``.
 """
 
 from __future__ import annotations
@@ -41,7 +44,8 @@ import numpy as np
 from jax import lax
 from jax.interpreters import ad
 
-from jax_nf4._primitives import nf4_dequantize_p, nf4_matmul_p, nf4_quantize_p
+from jax_nf4._primitives import (decode_attention_p, nf4_dequantize_p, nf4_matmul_p,
+                                 nf4_quantize_p)
 
 __all__: list[str] = []
 
@@ -157,8 +161,27 @@ def _quantize_jvp(primals, tangents, *, block_size):
     raise TypeError(QUANTIZE_MESSAGE)
 
 
+# ----------------------------------------------------------------------------- decode_attention
+
+DECODE_ATTENTION_MESSAGE = (
+    "jax_nf4.decode_attention is an inference-only decode step and has no derivative; a "
+    "non-zero tangent / gradient reached its {what}. Differentiate a jnp attention instead "
+    "(e.g. jax_nf4.models.llama with LlamaConfig(decode_attention=False)), or apply "
+    "jax.lax.stop_gradient to the op's inputs.")
+
+
+def _decode_attention_jvp(primals, tangents, *, rope_theta):
+    names = ("qkv", "k_cache", "v_cache", "pos")
+    live = [n for n, t in zip(names, tangents) if not _is_zero(t)]
+    if live:
+        raise NotImplementedError(DECODE_ATTENTION_MESSAGE.format(what=", ".join(live)))
+    outs = decode_attention_p.bind(*primals, rope_theta=rope_theta)
+    return outs, [_zero_tangent_of(o) for o in outs]
+
+
 ad.primitive_jvps[nf4_matmul_p] = _matmul_jvp
 ad.primitive_transposes[nf4_matmul_p] = _matmul_transpose
 ad.primitive_jvps[nf4_dequantize_p] = _dequantize_jvp
 ad.primitive_transposes[nf4_dequantize_p] = _dequantize_transpose
 ad.primitive_jvps[nf4_quantize_p] = _quantize_jvp
+ad.primitive_jvps[decode_attention_p] = _decode_attention_jvp

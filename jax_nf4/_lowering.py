@@ -19,6 +19,10 @@ by an XLA dot (tensor cores on GPU, XLA's threaded dot on CPU):
 - CUDA otherwise (float32 activations, other block sizes): fused SIMT GEMV up to M = 8.
 - CPU: fused loop up to M = 8; above it the weight is dequantized to float32 and multiplied
   in float32, so CPU results follow the float32 contract for every M.
+
+``decode_attention`` (rotary, cache write and attention of one decode step) is one FFI call on
+each platform, its cache operands aliased to its cache results so that XLA updates the cache
+in place (where it can donate the buffer: a jit argument donated, or a loop carry).
 """
 
 from __future__ import annotations
@@ -32,7 +36,8 @@ from jax import lax
 from jax.interpreters import mlir
 
 from jax_nf4 import _nf4_cpu
-from jax_nf4._primitives import nf4_dequantize_p, nf4_matmul_p, nf4_quantize_p
+from jax_nf4._primitives import (decode_attention_p, nf4_dequantize_p, nf4_matmul_p,
+                                 nf4_quantize_p)
 
 try:
     from jax_nf4 import _nf4_cuda
@@ -89,6 +94,17 @@ def _matmul_rule(platform: str):
     return lowering
 
 
+def _decode_attention_rule():
+    """qkv, k_cache, v_cache, pos -> out, k_cache, v_cache, the caches aliased in place;
+    rope_theta is the one (float32) attribute."""
+    call = jax.ffi.ffi_lowering("jax_nf4_decode_attention", operand_output_aliases={1: 1, 2: 2})
+
+    def lowering(ctx, qkv, k_cache, v_cache, pos, *, rope_theta):
+        return call(ctx, qkv, k_cache, v_cache, pos, rope_theta=np.float32(rope_theta))
+
+    return lowering
+
+
 def _register(module, platform: str) -> None:
     for name, capsule in module.registrations().items():
         jax.ffi.register_ffi_target(f"jax_nf4_{name}", capsule, platform=platform)
@@ -99,6 +115,7 @@ mlir.register_lowering(nf4_quantize_p, _ffi_rule("nf4_quantize"), platform="cpu"
 mlir.register_lowering(nf4_dequantize_p, _ffi_rule("nf4_dequantize", plain_operands=2),
                        platform="cpu")
 mlir.register_lowering(nf4_matmul_p, _matmul_rule("cpu"), platform="cpu")
+mlir.register_lowering(decode_attention_p, _decode_attention_rule(), platform="cpu")
 
 if _nf4_cuda is not None:
     _register(_nf4_cuda, "CUDA")
@@ -106,6 +123,7 @@ if _nf4_cuda is not None:
     mlir.register_lowering(nf4_dequantize_p, _ffi_rule("nf4_dequantize", plain_operands=2),
                            platform="cuda")
     mlir.register_lowering(nf4_matmul_p, _matmul_rule("cuda"), platform="cuda")
+    mlir.register_lowering(decode_attention_p, _decode_attention_rule(), platform="cuda")
 
 
 def cuda_available() -> bool:

@@ -7,6 +7,11 @@ experts) folds into G and a vmap over activations only folds into M:
   nf4_dequantize_p (packed, *scales)               -> w[G, N, K] in ``dtype``
   nf4_matmul_p     (x[G, M, K], packed, *scales)   -> out[G, M, N] in x.dtype
 
+and the fused decode-attention step (:func:`jax_nf4.decode_attention`):
+
+  decode_attention_p (qkv[B, H_kv, G+2, D], k_cache[B, T, H_kv, D], v_cache, pos i32[])
+                     -> out[B, H_kv, G, D], k_cache, v_cache            (rope_theta)
+
 ``scales`` is ``(absmax,)`` or, for double-quantized scales, ``(codes u8[G, N, K/bs],
 nested_absmax f32[G, ceil(N*K/bs/256)], table f32[G, 256], offset f32[G])``; the kernels decode
 the latter on the fly.
@@ -26,7 +31,7 @@ from jax.core import ShapedArray
 
 from jax_nf4 import _shapes
 
-__all__ = ["nf4_quantize_p", "nf4_dequantize_p", "nf4_matmul_p"]
+__all__ = ["decode_attention_p", "nf4_quantize_p", "nf4_dequantize_p", "nf4_matmul_p"]
 
 
 def _varying_axes(x) -> frozenset:
@@ -68,6 +73,7 @@ def _make(name: str, multiple_results: bool = False) -> Primitive:
 nf4_quantize_p = _make("nf4_quantize", multiple_results=True)
 nf4_dequantize_p = _make("nf4_dequantize")
 nf4_matmul_p = _make("nf4_matmul")
+decode_attention_p = _make("decode_attention", multiple_results=True)
 
 
 # ----------------------------------------------------------------------------- abstract eval
@@ -90,9 +96,46 @@ def _matmul_abstract(x, packed, *scales, block_size):
     return _out_aval(x, (g, x.shape[1], n), _shapes.check_activation_dtype(x.dtype, "x"))
 
 
+def _describe(a) -> str:
+    return f"{np.dtype(a.dtype).name}{list(a.shape)}"
+
+
+def _decode_attention_abstract(qkv, k_cache, v_cache, pos, *, rope_theta):
+    op = "decode_attention"
+    if qkv.ndim != 4:
+        raise ValueError(f"{op}: qkv must be [B, H_kv, G + 2, D] (rank 4: per KV head its G "
+                         f"query heads, the new key and the new value), got {_describe(qkv)}")
+    dtype = _shapes.check_activation_dtype(qkv.dtype, f"{op}: qkv")
+    b, h, g2, d = qkv.shape
+    if g2 < 3:
+        raise ValueError(f"{op}: qkv's dim 2 is G + 2 (G >= 1 query heads, the new key, the new "
+                         f"value) and must be >= 3, got {_describe(qkv)}")
+    if d < 2 or d % 2:
+        raise ValueError(f"{op}: the head dim D (qkv's last dim) must be even and positive "
+                         f"(rotary pairs), got {_describe(qkv)}")
+    for name, cache in (("k_cache", k_cache), ("v_cache", v_cache)):
+        if (cache.ndim != 4 or cache.shape[0] != b or cache.shape[2] != h or cache.shape[3] != d
+                or cache.shape[1] < 1):
+            raise ValueError(f"{op}: {name} must be [B, T, H_kv, D] = [{b}, T >= 1, {h}, {d}] "
+                             f"to match qkv {_describe(qkv)}, got {_describe(cache)}")
+        if np.dtype(cache.dtype) != dtype:
+            raise TypeError(f"{op}: {name} must have qkv's dtype {dtype.name}, got "
+                            f"{_describe(cache)}")
+    if k_cache.shape != v_cache.shape:
+        raise ValueError(f"{op}: k_cache and v_cache must have the same shape, got "
+                         f"{_describe(k_cache)} and {_describe(v_cache)}")
+    if pos.ndim != 0 or np.dtype(pos.dtype) != np.int32:
+        raise TypeError(f"{op}: pos must be an int32 scalar (the new token's position), got "
+                        f"{_describe(pos)}")
+    return (_out_aval(qkv, (b, h, g2 - 2, d), dtype),
+            _out_aval(k_cache, tuple(k_cache.shape), dtype),
+            _out_aval(v_cache, tuple(v_cache.shape), dtype))
+
+
 nf4_quantize_p.def_abstract_eval(_quantize_abstract)
 nf4_dequantize_p.def_abstract_eval(_dequantize_abstract)
 nf4_matmul_p.def_abstract_eval(_matmul_abstract)
+decode_attention_p.def_abstract_eval(_decode_attention_abstract)
 
 
 # ----------------------------------------------------------------------------- batching
@@ -148,6 +191,23 @@ def _matmul_batch(args, dims, *, block_size):
     return _unfold(out, size), 0
 
 
+def _decode_attention_batch(args, dims, *, rope_theta):
+    """A vmapped axis folds into the batch dim B of qkv and the caches (an unbatched operand
+    is broadcast along it); pos must be shared by the whole batch."""
+    *arrays, pos = args
+    *array_dims, pos_dim = dims
+    if pos_dim is not None:
+        raise NotImplementedError(
+            "jax_nf4.decode_attention: pos is batched by vmap, but every batch row of one "
+            "decode step must be at the same position: pass pos unbatched (vmap in_axes=None "
+            "for it), or call the op once per position")
+    size = _batch_size(arrays, array_dims)
+    folded = [_fold(_to_front(a, d, size)) for a, d in zip(arrays, array_dims)]
+    outs = decode_attention_p.bind(*folded, pos, rope_theta=rope_theta)
+    return [_unfold(o, size) for o in outs], [0, 0, 0]
+
+
 batching.primitive_batchers[nf4_quantize_p] = _quantize_batch
 batching.primitive_batchers[nf4_dequantize_p] = _dequantize_batch
 batching.primitive_batchers[nf4_matmul_p] = _matmul_batch
+batching.primitive_batchers[decode_attention_p] = _decode_attention_batch

@@ -1,4 +1,4 @@
-"""Public NF4 ops: quantize, dequantize, matmul, linear."""
+"""Public ops: NF4 quantize, dequantize, matmul, linear; the fused decode-attention step."""
 
 from __future__ import annotations
 
@@ -12,11 +12,12 @@ from jax.typing import ArrayLike, DTypeLike
 
 from jax_nf4 import _lowering  # noqa: F401  (registers the lowerings)
 from jax_nf4 import _shapes
-from jax_nf4._primitives import nf4_dequantize_p, nf4_matmul_p, nf4_quantize_p
+from jax_nf4._primitives import (decode_attention_p, nf4_dequantize_p, nf4_matmul_p,
+                                 nf4_quantize_p)
 from jax_nf4._weight import NF4Weight
 from jax_nf4.double_quant import NESTED_BLOCK_SIZE, DoubleQuantScales, quantize_scales
 
-__all__ = ["quantize", "dequantize", "matmul", "linear"]
+__all__ = ["quantize", "dequantize", "matmul", "linear", "decode_attention"]
 
 
 def _check_weight(q: Any, name: str = "q") -> NF4Weight:
@@ -141,3 +142,42 @@ def _add_bias(y: jax.Array, q: NF4Weight, bias: ArrayLike | None) -> jax.Array:
         raise ValueError(f"bias must have shape ({q.shape[0]},) for a weight of shape (N, K) = "
                          f"{q.shape}, got {tuple(bias.shape)}")
     return (y.astype(jnp.float32) + bias.astype(jnp.float32)).astype(y.dtype)
+
+
+def decode_attention(qkv: ArrayLike, k_cache: ArrayLike, v_cache: ArrayLike, pos: ArrayLike, *,
+                     rope_theta: float = 500000.0) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """One grouped-query attention decode step, fused: rotary embedding, KV-cache write and
+    attention over the cache in one kernel (inference only: no derivative).
+
+    Args:
+      qkv: ``[B, H_kv, G + 2, D]`` float32, bfloat16 or float16: per KV head ``h``, rows
+        ``0 .. G-1`` are query heads ``h G .. h G + G - 1``, row ``G`` the new key, row
+        ``G + 1`` the new value (one token of a fused qkv projection, grouped by KV head).
+        ``G >= 1``, ``D`` even.
+      k_cache, v_cache: ``[B, T, H_kv, D]`` in ``qkv``'s dtype; slot ``t`` holds position ``t``.
+      pos: the new token's position, an integer scalar (shared by the batch); the slot written
+        is ``pos`` clamped to ``[0, T - 1]``.
+      rope_theta: the rotary base (Llama's half-split layout, as
+        :func:`jax_nf4.models.llama.rope`).
+
+    Returns:
+      ``(out [B, H_kv, G, D], k_cache, v_cache)``: the caches with slot ``pos`` set to the
+      rotated key (rounded to the dtype) and the value; ``out[b, h, g]`` is the softmax
+      attention of the rotated query (rounded to the dtype) over slots ``0 .. pos``, scaled by
+      ``1 / sqrt(D)``, all in float32, rounded once. Later slots are never read.
+
+    The caches are updated in place where XLA may reuse their buffers: donate them
+    (``jax.jit(..., donate_argnums=...)``) or carry them through ``lax.scan`` /
+    ``lax.fori_loop`` inside ``jit``; otherwise XLA copies them first.
+    """
+    qkv, k_cache, v_cache = jnp.asarray(qkv), jnp.asarray(k_cache), jnp.asarray(v_cache)
+    pos_dtype = np.dtype(jnp.result_type(pos))
+    if not np.issubdtype(pos_dtype, np.integer):
+        raise TypeError(f"decode_attention: pos must be an integer scalar (the new token's "
+                        f"position), got {pos_dtype.name}{list(np.shape(pos))}")
+    if np.ndim(pos) != 0:
+        raise ValueError(f"decode_attention: pos must be a scalar (one position shared by the "
+                         f"batch), got {pos_dtype.name}{list(np.shape(pos))}")
+    pos = jnp.asarray(pos, jnp.int32)
+    return tuple(decode_attention_p.bind(qkv, k_cache, v_cache, pos,
+                                         rope_theta=float(rope_theta)))

@@ -353,20 +353,24 @@ def test_bench_decode_quick(tmp_path, capsys):
     results = _bench_decode_module().main(["--quick", "--iters", "1", "--json", str(out)])
     assert json.loads(out.read_text()) == json.loads(json.dumps(results))
     printed = capsys.readouterr().out
-    assert printed.count("(a) tiny") == 5 and printed.count("(b) tiny") == 2
+    assert printed.count("(a) tiny") == 6 and printed.count("(b) tiny") == 2
     assert "(c) tp=2" in printed
     assert "(d) skipped: 1 device" in printed and results["tensor_parallel_decode"] == []
-    decode = {(r["weights"], r["batch"]): r for r in results["decode"]}
-    assert set(decode) == {("nf4", 1), ("nf4", 8), ("bfloat16", 1), ("bfloat16", 8),
-                           ("nf4+lm_head", 1)}
+    # NF4 with jax_nf4.decode_attention, bf16 with the jnp attention, NF4 + lm_head with both
+    decode = {(r["weights"], r["batch"], r["attention"]): r for r in results["decode"]}
+    assert set(decode) == {("nf4", 1, "jax_nf4"), ("nf4", 8, "jax_nf4"), ("bfloat16", 1, "xla"),
+                           ("bfloat16", 8, "xla"), ("nf4+lm_head", 1, "jax_nf4"),
+                           ("nf4+lm_head", 1, "xla")}
     assert all(r["tokens_per_s"] > 0 and r["weight_bytes"] > 0 for r in decode.values())
-    assert decode["nf4", 8]["weight_bytes"] < decode["bfloat16", 8]["weight_bytes"]
-    assert decode["nf4+lm_head", 1]["weight_bytes"] < decode["nf4", 1]["weight_bytes"]
-    assert len(results["decode_ratio"]) == 3
+    assert (decode["nf4", 8, "jax_nf4"]["weight_bytes"]
+            < decode["bfloat16", 8, "xla"]["weight_bytes"])
+    assert (decode["nf4+lm_head", 1, "jax_nf4"]["weight_bytes"]
+            < decode["nf4", 1, "jax_nf4"]["weight_bytes"])
+    assert len(results["decode_ratio"]) == 4
     for ratio in results["decode_ratio"]:
-        b, w = ratio["batch"], ratio["nf4_weights"]
+        b, w, a = ratio["batch"], ratio["nf4_weights"], ratio["nf4_attention"]
         assert ratio["tokens_per_s_nf4_over_bf16"] == pytest.approx(
-            decode[w, b]["tokens_per_s"] / decode["bfloat16", b]["tokens_per_s"])
+            decode[w, b, a]["tokens_per_s"] / decode["bfloat16", b, "xla"]["tokens_per_s"])
     layers = {r["tp"]: r for r in results["layers"]}
     assert set(layers) == {1, 2} and all(r["seconds"] > 0 for r in layers.values())
     assert layers[2]["layer_bytes"] < layers[1]["layer_bytes"]

@@ -16,8 +16,10 @@ Tensor parallelism: :func:`shard_model`.
 
 Decoding (:func:`generate`) is greedy and jitted as one program: the prompt fills the cache in
 one forward pass (prefill), then ``lax.scan`` runs one token per step against the static cache
-(``max_len`` slots per layer; a step attends to all slots with a position mask). The model goes
-through ``jax.jit`` as ``nnx.split`` state, so NF4 weights are ordinary pytree arguments.
+(``max_len`` slots per layer; a step attends to all slots with a position mask, or with
+``config.decode_attention`` runs :func:`jax_nf4.decode_attention`: rotary, cache write and
+attention over slots ``0 .. pos`` in one kernel). The model goes through ``jax.jit`` as
+``nnx.split`` state, so NF4 weights are ordinary pytree arguments.
 
 Presets (:data:`CONFIGS`): ``"tiny"`` (CPU, tests), ``"llama3-8b"`` and ``"llama3-70b"`` (Llama 3
 shapes; build them only on a GPU: the 8B model holds about 5.6 GiB of weights in NF4 and 15 GiB
@@ -46,7 +48,7 @@ from jax.sharding import PartitionSpec as P
 
 from jax_nf4._weight import NF4Weight
 from jax_nf4.flax import NF4Linear
-from jax_nf4.ops import dequantize
+from jax_nf4.ops import decode_attention, dequantize
 
 __all__ = ["CONFIGS", "KVCache", "Llama", "LlamaConfig", "ShardedLlama", "benchmark_decode",
            "compare_decode", "dequantized_copy", "from_checkpoint", "gate_up_rows", "generate",
@@ -70,6 +72,10 @@ class LlamaConfig:
     (``n_heads``, ``n_kv_heads`` and ``d_ff`` divided, ``d_model`` and ``head_dim`` kept).
     ``max_len`` is the number of KV cache slots (prompt + generated tokens). ``tp`` and
     ``tp_axis`` describe one tensor-parallel shard; :func:`shard_config` sets them.
+    ``decode_attention``: single-token decode steps with a cache use
+    :func:`jax_nf4.decode_attention` (rotary, cache write and attention in one kernel; the
+    cache must have the activation dtype); ``False`` keeps the jnp attention, e.g. for a
+    plain-XLA baseline.
     """
 
     vocab_size: int
@@ -86,6 +92,7 @@ class LlamaConfig:
     head_dim: int | None = None  # None: d_model // n_heads
     tp: int = 1  # tensor-parallel shards: lm_head holds vocab_size / tp columns (shard_config)
     tp_axis: str | None = None  # mesh axis of the collectives of a shard (shard_config)
+    decode_attention: bool = True  # fused decode-attention kernel for cached 1-token steps
 
     def __post_init__(self):
         if self.n_heads % self.n_kv_heads:
@@ -231,11 +238,21 @@ class Attention(nnx.Module):
         causally within ``x``; with this layer's cache ``(k, v)`` ``[B, max_len, kv, D]``, puts
         the new keys / values at ``positions`` and attends to every slot ``<=`` the query's.
         Returns the output and the keys and values attended to: the updated cache, or
-        without one the (rotated) keys and values of ``x`` ``[B, S, kv, D]``."""
+        without one the (rotated) keys and values of ``x`` ``[B, S, kv, D]``. A one-token
+        step with a cache of the activation dtype runs :func:`jax_nf4.decode_attention`
+        (``config.decode_attention``)."""
         c = self.config
         b, s, _ = x.shape
         groups = c.n_heads // c.n_kv_heads
-        qkv = self.qkv_proj(x).reshape(b, s, c.n_kv_heads, groups + 2, c.head_dim)
+        qkv = self.qkv_proj(x)
+        if (kv is not None and s == 1 and c.decode_attention
+                and kv[0].dtype == qkv.dtype == kv[1].dtype):
+            out, keys, values = decode_attention(
+                qkv.reshape(b, c.n_kv_heads, groups + 2, c.head_dim), kv[0], kv[1],
+                positions[0], rope_theta=c.rope_theta)
+            out = self.o_proj(out.reshape(b, 1, c.n_heads * c.head_dim))
+            return _reduce_shards(out, c), (keys, values)
+        qkv = qkv.reshape(b, s, c.n_kv_heads, groups + 2, c.head_dim)
         q = rope(qkv[..., :groups, :].reshape(b, s, c.n_heads, c.head_dim), positions,
                  c.rope_theta)                       # query head h g + i: KV head h's i-th
         k = rope(qkv[..., groups, :], positions, c.rope_theta)

@@ -1,0 +1,149 @@
+// CPU FFI handler of the fused single-token decode-attention step (`jax_nf4.decode_attention`),
+// exported by cpu_ops.cc's registrations() as "decode_attention". One call, per batch row b and
+// KV head h of qkv [B, H_kv, G + 2, D] (rows 0..G-1: the KV head's query heads, G: the new key,
+// G + 1: the new value):
+//   q_g = dtype(rot(qkv[b, h, g]))    k_new = dtype(rot(qkv[b, h, G]))    v_new = qkv[b, h, G + 1]
+//   slot  = DecodeSlot(pos, T);  k_cache[b, slot, h] = k_new,  v_cache[b, slot, h] = v_new
+//   out[b, h, g] = dtype(sum_{t <= slot} softmax_t(q_g . k[t] / sqrt(D)) v[t])
+// with every step in float32 (rot: attention_math.h's RopeAt / Rotate). Slots after `slot` are
+// never read. The caches are updated in place when XLA aliases them to the results (the
+// lowering asks it to); otherwise the inputs are copied to the results first.
+// A reference loop in a fixed order (deterministic), single-threaded: a decode step is small.
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <limits>
+#include <string>
+#include <type_traits>
+#include <vector>
+
+#include "attention_ffi_shapes.h"
+#include "attention_math.h"
+#include "host_dtypes.h"
+#include "xla/ffi/api/ffi.h"
+
+namespace jax_nf4 {
+namespace {
+
+template <typename T>
+void DecodeAttention(const AttentionDims& d, const T* qkv, int32_t pos, float theta, T* k_cache,
+                     T* v_cache, T* out) {
+  const int64_t D = d.head_dim, half = D / 2, G = d.groups, H = d.kv_heads;
+  const int64_t slot = DecodeSlot(pos, d.max_len), len = slot + 1;
+  const float sqrt_d = sqrtf(float(D));
+  std::vector<RopeRotation> rot(static_cast<size_t>(half));
+  for (int64_t i = 0; i < half; ++i)
+    rot[i] = RopeAt(pos, static_cast<int>(i), static_cast<int>(D), theta);
+  std::vector<float> q(static_cast<size_t>(G * D));     // the rotated queries, dtype-rounded
+  std::vector<float> row(static_cast<size_t>(D));       // one key / value row in float32
+  std::vector<float> p(static_cast<size_t>(G * len));   // scores, then probabilities [G, len]
+  std::vector<float> acc(static_cast<size_t>(G * D));   // sum_t e_t v[t], e_t = exp(s_t - max)
+  std::vector<float> sums(static_cast<size_t>(G));      // sum_t e_t
+  auto rotate = [&](const T* x, float* y) {
+    for (int64_t i = 0; i < half; ++i)
+      Rotate(ToFloat(x[i]), ToFloat(x[i + half]), rot[i], &y[i], &y[i + half]);
+  };
+  for (int64_t b = 0; b < d.batch; ++b) {
+    for (int64_t h = 0; h < H; ++h) {
+      const T* in = qkv + (b * H + h) * (G + 2) * D;
+      auto cache_row = [&](T* cache, int64_t t) {
+        return cache + ((b * d.max_len + t) * H + h) * D;
+      };
+      for (int64_t g = 0; g < G; ++g) {
+        float* qg = q.data() + g * D;
+        rotate(in + g * D, qg);
+        for (int64_t j = 0; j < D; ++j) qg[j] = ToFloat(FromFloat<T>(qg[j]));
+      }
+      rotate(in + G * D, row.data());
+      T* k_slot = cache_row(k_cache, slot);
+      T* v_slot = cache_row(v_cache, slot);
+      for (int64_t j = 0; j < D; ++j) k_slot[j] = FromFloat<T>(row[j]);
+      for (int64_t j = 0; j < D; ++j) v_slot[j] = in[(G + 1) * D + j];
+      // Scores: each key row converted once, then dotted with the G queries.
+      for (int64_t t = 0; t < len; ++t) {
+        const T* kt = cache_row(k_cache, t);
+        for (int64_t j = 0; j < D; ++j) row[j] = ToFloat(kt[j]);
+        for (int64_t g = 0; g < G; ++g) {
+          const float* qg = q.data() + g * D;
+          float s = 0.0f;
+          for (int64_t j = 0; j < D; ++j) s += qg[j] * row[j];
+          p[g * len + t] = s / sqrt_d;
+        }
+      }
+      // Softmax over t, per query head (normalized at the end, as the CUDA kernel does).
+      for (int64_t g = 0; g < G; ++g) {
+        float* pg = p.data() + g * len;
+        float m = -std::numeric_limits<float>::infinity();
+        for (int64_t t = 0; t < len; ++t) m = pg[t] > m ? pg[t] : m;
+        float sum = 0.0f;
+        for (int64_t t = 0; t < len; ++t) {
+          pg[t] = expf(pg[t] - m);
+          sum += pg[t];
+        }
+        sums[g] = sum;
+      }
+      // out = sum_t e_t v[t] / sum_t e_t: each value row converted once.
+      std::fill(acc.begin(), acc.end(), 0.0f);
+      for (int64_t t = 0; t < len; ++t) {
+        const T* vt = cache_row(v_cache, t);
+        for (int64_t j = 0; j < D; ++j) row[j] = ToFloat(vt[j]);
+        for (int64_t g = 0; g < G; ++g) {
+          const float pt = p[g * len + t];
+          float* ag = acc.data() + g * D;
+          for (int64_t j = 0; j < D; ++j) ag[j] += pt * row[j];
+        }
+      }
+      T* o = out + (b * H + h) * G * D;
+      for (int64_t i = 0; i < G * D; ++i) o[i] = FromFloat<T>(acc[i] / sums[i / D]);
+    }
+  }
+}
+
+// The result starts as a copy of the operand unless XLA gave both the same buffer.
+void CopyIfDistinct(ffi::AnyBuffer in, ffi::AnyBuffer& out) {
+  if (out.untyped_data() != in.untyped_data() && in.size_bytes() > 0)
+    std::memcpy(out.untyped_data(), in.untyped_data(), in.size_bytes());
+}
+
+ffi::Error DecodeAttentionImpl(ffi::AnyBuffer qkv, ffi::AnyBuffer k_cache, ffi::AnyBuffer v_cache,
+                               ffi::AnyBuffer pos, ffi::Result<ffi::AnyBuffer> out,
+                               ffi::Result<ffi::AnyBuffer> k_out,
+                               ffi::Result<ffi::AnyBuffer> v_out, float rope_theta) {
+  AttentionDims d;
+  if (auto e = CheckDecodeAttention(qkv, k_cache, v_cache, pos, *out, *k_out, *v_out, &d); e.failure())
+    return e;
+  CopyIfDistinct(k_cache, *k_out);
+  CopyIfDistinct(v_cache, *v_out);
+  if (d.batch * d.kv_heads == 0) return ffi::Error::Success();
+  const int32_t p = *static_cast<const int32_t*>(pos.untyped_data());
+  auto run = [&](auto* tag) {
+    using T = std::remove_pointer_t<decltype(tag)>;
+    DecodeAttention<T>(d, static_cast<const T*>(qkv.untyped_data()), p, rope_theta,
+                       static_cast<T*>(k_out->untyped_data()),
+                       static_cast<T*>(v_out->untyped_data()),
+                       static_cast<T*>(out->untyped_data()));
+  };
+  switch (qkv.element_type()) {
+    case ffi::DataType::F32: run(static_cast<float*>(nullptr)); break;
+    case ffi::DataType::BF16: run(static_cast<BFloat16*>(nullptr)); break;
+    case ffi::DataType::F16: run(static_cast<Float16*>(nullptr)); break;
+    default:  // unreachable: checked above
+      return ffi::Error::InvalidArgument("decode_attention: unsupported dtype");
+  }
+  return ffi::Error::Success();
+}
+
+}  // namespace
+}  // namespace jax_nf4
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxNf4DecodeAttentionCpu, jax_nf4::DecodeAttentionImpl,
+                              xla::ffi::Ffi::Bind()
+                                  .Arg<xla::ffi::AnyBuffer>()  // qkv [B, H_kv, G + 2, D]
+                                  .Arg<xla::ffi::AnyBuffer>()  // k_cache [B, T, H_kv, D]
+                                  .Arg<xla::ffi::AnyBuffer>()  // v_cache [B, T, H_kv, D]
+                                  .Arg<xla::ffi::AnyBuffer>()  // pos int32 scalar
+                                  .Ret<xla::ffi::AnyBuffer>()  // out [B, H_kv, G, D]
+                                  .Ret<xla::ffi::AnyBuffer>()  // k_cache (aliases the operand)
+                                  .Ret<xla::ffi::AnyBuffer>()  // v_cache (aliases the operand)
+                                  .Attr<float>("rope_theta"));
