@@ -12,8 +12,8 @@
 // sums added in order). With one chunk (caches up to 256 slots) that is the output; with
 // several, each chunk's (weighted values, max, sum) go to FFI scratch and a second kernel
 // combines them in chunk order. Every sum runs in a fixed order: results are bit-stable.
-// 8B decode step (B = 1, 8 KV heads of 4 queries, 144 slots, bf16, H100): 8.4 µs, about 3.5
-// µs less than XLA's kernels for the same step (bench/NOTES.md, session 16).
+// 8B decode step (B = 1, 8 KV heads of 4 queries, 144 slots, bf16, H100): 7.9 µs, about 4 µs
+// less than XLA's kernels for the same step (bench/NOTES.md, session 16).
 #include <cuda_runtime.h>
 
 #include <algorithm>
@@ -99,6 +99,7 @@ __global__ void __launch_bounds__(kAttnThreads) DecodeAttentionKernel(AttentionA
   if constexpr (V * sizeof(T) == 16) {
     for (int64_t i = threadIdx.x; i < (G + 2) * D / V; i += kAttnThreads)
       CopyAsync16(xs + i * V, qkv + i * V);
+    asm volatile("cp.async.commit_group;");
   } else {
     for (int64_t i = threadIdx.x; i < (G + 2) * D; i += kAttnThreads) xs[i] = qkv[i];
   }
@@ -139,11 +140,12 @@ __global__ void __launch_bounds__(kAttnThreads) DecodeAttentionKernel(AttentionA
     }
   }
 
-  // Once everything has landed: the rotary embedding of the G queries (rounded to T, as the
-  // model's rope returns them); the CTA of the slot's chunk rotates the new key the same way
-  // and puts it and the new value into its staged rows and the cache.
-  if constexpr (V * sizeof(T) == 16) asm volatile("cp.async.wait_all;");
-  __syncthreads();
+  // While the cache rows are in flight: the rotary embedding of the G queries and the new key
+  // (rounded to T, as the model's rope returns them; the key in place in its qkv row). The
+  // CTA of the slot's chunk writes the new key and value to the cache, and once the staged
+  // rows have landed, over the slot's old row there (its copy may have read either).
+  if constexpr (V * sizeof(T) == 16) asm volatile("cp.async.wait_group 1;");
+  __syncthreads();  // the qkv rows have landed
   const int64_t half = D / 2;
   const bool owns_slot = slot < t1;
   for (int e = threadIdx.x; e < int((G + 1) * half); e += kAttnThreads) {  // (row g, pair i)
@@ -156,15 +158,21 @@ __global__ void __launch_bounds__(kAttnThreads) DecodeAttentionKernel(AttentionA
       q[g * D + i] = ToFloat(r1);
       q[g * D + i + half] = ToFloat(r2);
     } else if (owns_slot) {
-      T* k_row = ks + (slot - t0) * R;
-      k_row[i] = k_cache[slot * row_stride + i] = r1;
-      k_row[i + half] = k_cache[slot * row_stride + i + half] = r2;
+      xs[g * D + i] = k_cache[slot * row_stride + i] = r1;
+      xs[g * D + i + half] = k_cache[slot * row_stride + i + half] = r2;
     }
   }
   if (owns_slot) {
-    T* v_row = vs + (slot - t0) * R;
     for (int64_t d = threadIdx.x; d < D; d += kAttnThreads)
-      v_row[d] = v_cache[slot * row_stride + d] = xs[(G + 1) * D + d];
+      v_cache[slot * row_stride + d] = xs[(G + 1) * D + d];
+  }
+  if constexpr (V * sizeof(T) == 16) asm volatile("cp.async.wait_all;");
+  __syncthreads();  // the staged rows have landed, the new key is rotated
+  if (owns_slot) {
+    for (int64_t d = threadIdx.x; d < D; d += kAttnThreads) {
+      ks[(slot - t0) * R + d] = xs[G * D + d];
+      vs[(slot - t0) * R + d] = xs[(G + 1) * D + d];
+    }
   }
   __syncthreads();
 
