@@ -96,38 +96,9 @@ def _matmul_abstract(x, packed, *scales, block_size):
     return _out_aval(x, (g, x.shape[1], n), _shapes.check_activation_dtype(x.dtype, "x"))
 
 
-def _describe(a) -> str:
-    return f"{np.dtype(a.dtype).name}{list(a.shape)}"
-
-
 def _decode_attention_abstract(qkv, k_cache, v_cache, pos, *, rope_theta):
-    op = "decode_attention"
-    if qkv.ndim != 4:
-        raise ValueError(f"{op}: qkv must be [B, H_kv, G + 2, D] (rank 4: per KV head its G "
-                         f"query heads, the new key and the new value), got {_describe(qkv)}")
-    dtype = _shapes.check_activation_dtype(qkv.dtype, f"{op}: qkv")
-    b, h, g2, d = qkv.shape
-    if g2 < 3:
-        raise ValueError(f"{op}: qkv's dim 2 is G + 2 (G >= 1 query heads, the new key, the new "
-                         f"value) and must be >= 3, got {_describe(qkv)}")
-    if d < 2 or d % 2:
-        raise ValueError(f"{op}: the head dim D (qkv's last dim) must be even and positive "
-                         f"(rotary pairs), got {_describe(qkv)}")
-    for name, cache in (("k_cache", k_cache), ("v_cache", v_cache)):
-        if (cache.ndim != 4 or cache.shape[0] != b or cache.shape[2] != h or cache.shape[3] != d
-                or cache.shape[1] < 1):
-            raise ValueError(f"{op}: {name} must be [B, T, H_kv, D] = [{b}, T >= 1, {h}, {d}] "
-                             f"to match qkv {_describe(qkv)}, got {_describe(cache)}")
-        if np.dtype(cache.dtype) != dtype:
-            raise TypeError(f"{op}: {name} must have qkv's dtype {dtype.name}, got "
-                            f"{_describe(cache)}")
-    if k_cache.shape != v_cache.shape:
-        raise ValueError(f"{op}: k_cache and v_cache must have the same shape, got "
-                         f"{_describe(k_cache)} and {_describe(v_cache)}")
-    if pos.ndim != 0 or np.dtype(pos.dtype) != np.int32:
-        raise TypeError(f"{op}: pos must be an int32 scalar (the new token's position), got "
-                        f"{_describe(pos)}")
-    return (_out_aval(qkv, (b, h, g2 - 2, d), dtype),
+    b, h, g, d, dtype = _shapes.check_decode_attention(qkv, k_cache, v_cache, pos)
+    return (_out_aval(qkv, (b, h, g, d), dtype),
             _out_aval(k_cache, tuple(k_cache.shape), dtype),
             _out_aval(v_cache, tuple(v_cache.shape), dtype))
 

@@ -12,6 +12,11 @@ import numpy as np
 ACTIVATION_DTYPES = (np.dtype(np.float32), np.dtype(jnp.bfloat16), np.dtype(np.float16))
 
 
+def _describe_array(a: Any) -> str:
+    """dtype[shape] of an array or abstract value, e.g. ``bfloat16[1, 8, 6, 128]``."""
+    return f"{np.dtype(a.dtype).name}{list(a.shape)}"
+
+
 def check_block_size(block_size: Any, name: str = "block_size") -> int:
     if isinstance(block_size, bool) or not isinstance(block_size, (int, np.integer)):
         raise TypeError(f"{name} must be an int, got {type(block_size).__name__}")
@@ -57,7 +62,7 @@ def check_weight_operands(packed: Any, scales: tuple, block_size: int,
     block_size = check_block_size(block_size)
     if packed.ndim != 3 or np.dtype(packed.dtype) != np.uint8:
         raise ValueError(f"{op}: packed must be uint8[G, N/2, K], got "
-                         f"{np.dtype(packed.dtype).name}{list(packed.shape)}")
+                         f"{_describe_array(packed)}")
     g, half_n, k = packed.shape
     n = 2 * half_n
     if k % block_size:
@@ -75,5 +80,41 @@ def check_weight_operands(packed: Any, scales: tuple, block_size: int,
     for (name, (shape, dtype)), a in zip(want.items(), scales):
         if tuple(a.shape) != shape or np.dtype(a.dtype) != dtype:
             raise ValueError(f"{op}: {name} must be {np.dtype(dtype).name}{list(shape)}, got "
-                             f"{np.dtype(a.dtype).name}{list(a.shape)}")
+                             f"{_describe_array(a)}")
     return g, n, k
+
+
+def check_decode_attention(qkv: Any, k_cache: Any, v_cache: Any,
+                           pos: Any) -> tuple[int, int, int, int, np.dtype]:
+    """Checks the decode-attention operands ``qkv[B, H_kv, G + 2, D]``, ``k_cache`` and
+    ``v_cache`` ``[B, T, H_kv, D]`` of qkv's dtype and ``pos`` an int32 scalar; returns
+    (B, H_kv, G, D, dtype)."""
+    op = "decode_attention"
+    if qkv.ndim != 4:
+        raise ValueError(f"{op}: qkv must be [B, H_kv, G + 2, D] (rank 4: per KV head its G "
+                         f"query heads, the new key and the new value), got "
+                         f"{_describe_array(qkv)}")
+    dtype = check_activation_dtype(qkv.dtype, f"{op}: qkv")
+    b, h, g2, d = qkv.shape
+    if g2 < 3:
+        raise ValueError(f"{op}: qkv's dim 2 is G + 2 (G >= 1 query heads, the new key, the new "
+                         f"value) and must be >= 3, got {_describe_array(qkv)}")
+    if d < 2 or d % 2:
+        raise ValueError(f"{op}: the head dim D (qkv's last dim) must be even and positive "
+                         f"(rotary pairs), got {_describe_array(qkv)}")
+    for name, cache in (("k_cache", k_cache), ("v_cache", v_cache)):
+        if (cache.ndim != 4 or cache.shape[0] != b or cache.shape[2] != h or cache.shape[3] != d
+                or cache.shape[1] < 1):
+            raise ValueError(f"{op}: {name} must be [B, T, H_kv, D] = [{b}, T >= 1, {h}, {d}] "
+                             f"to match qkv {_describe_array(qkv)}, got "
+                             f"{_describe_array(cache)}")
+        if np.dtype(cache.dtype) != dtype:
+            raise TypeError(f"{op}: {name} must have qkv's dtype {dtype.name}, got "
+                            f"{_describe_array(cache)}")
+    if k_cache.shape != v_cache.shape:
+        raise ValueError(f"{op}: k_cache and v_cache must have the same shape, got "
+                         f"{_describe_array(k_cache)} and {_describe_array(v_cache)}")
+    if pos.ndim != 0 or np.dtype(pos.dtype) != np.int32:
+        raise TypeError(f"{op}: pos must be an int32 scalar (the new token's position), got "
+                        f"{_describe_array(pos)}")
+    return b, h, g2 - 2, d, dtype
