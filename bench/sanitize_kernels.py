@@ -1,13 +1,13 @@
 """A small run of every CUDA kernel path, for compute-sanitizer (memcheck, racecheck).
 
-Exits non-zero if any result disagrees with the NumPy reference. Covers the byte-pair, SIMT
-and byte-wise GEMV paths, the tiled kernel (M > 8: M tails, several M tiles, split-K across
-CTAs with its sum kernel), one and two stacked groups (the byte-pair kernel stages the
-double-quant table only for one), dequantize and quantize, each dtype, plain and
-double-quantized scales; and the decode-attention kernel (one chunk, several chunks with the
-combine kernel and an empty chunk, more than 8 query heads per KV head, a head dim without
-16-byte rows) against the same op on the CPU. `python3 bench/sanitize_kernels.py attention`
-runs only the latter.
+Exits non-zero if any result disagrees with the NumPy reference. Covers the byte-pair, SIMT and
+byte-wise GEMV paths (the byte-pair one also over more units than CTAs, from one stacked weight
+into the next), the tiled kernel (M > 8: M tails, several M tiles, split-K across CTAs with its
+sum kernel), one and two stacked groups (the byte-pair kernel stages the double-quant table
+only for one), dequantize and quantize, each dtype, plain and double-quantized scales; and the
+decode-attention kernel (one chunk, several chunks with the combine kernel and an empty chunk,
+more than 8 query heads per KV head, a head dim without 16-byte rows) against the same op on
+the CPU. `python3 bench/sanitize_kernels.py attention` runs only the latter.
 """
 
 import sys
@@ -23,7 +23,7 @@ CASES = [  # (G, N, K, block_size, M): G stacked weights under vmap
     (2, 6, 64, 64, 1), (2, 34, 256, 32, 3), (2, 2, 48, 48, 8), (2, 130, 4096, 64, 13),
     (2, 64, 96, 24, 2), (2, 512, 8192, 128, 1), (1, 1030, 4160, 64, 5), (1, 96, 8192, 64, 1),
     (2, 258, 4160, 64, 70), (1, 34, 448, 64, 9), (1, 66, 1024, 64, 24), (1, 200, 2048, 64, 40),
-    (1, 520, 2048, 64, 150)]
+    (1, 520, 2048, 64, 150), (2, 40000, 192, 64, 1)]
 
 
 ATTENTION_CASES = [  # (B, H_kv, G, D, T, pos)

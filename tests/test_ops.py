@@ -287,11 +287,13 @@ def test_matmul_shapes(rng, platform, device, mode, dtype, x_shape, n, block_siz
 @pytest.mark.parametrize("dtype", DTYPES[1:])
 @pytest.mark.parametrize("m", [1, 4, 5, 8, 11, 16])
 @pytest.mark.parametrize("n, k, block_size", [
-    (34, 448, 64), (1030, 4160, 64), (1030, 4224, 64), (4096, 1024, 128)],
-    ids=["2-tiles-odd-spans", "tail-tile-65-spans", "tail-tile-66-spans", "256-tiles-block128"])
+    (34, 448, 64), (1030, 4160, 64), (1030, 4224, 64), (4096, 1024, 128), (72000, 192, 64)],
+    ids=["2-tiles-odd-spans", "tail-tile-65-spans", "tail-tile-66-spans", "256-tiles-block128",
+         "2250-tiles-3-spans"])
 def test_matmul_gemv_grid(rng, platform, device, dtype, m, n, k, block_size):
     """GEMV grids: a last tile of 16 row pairs only partly filled, an odd number of 64-element
-    spans (the K slices of the split warps end mid-group), and many tiles."""
+    spans (a load group past the end of a row), and many tiles (on the GPU the byte-pair
+    kernel's persistent CTAs take more than one round of work units)."""
     w = random_weight(rng, (n, k), np.float32)
     x = random_activations(rng, (m, k), dtype)
     y = jax.jit(jax_nf4.matmul)(jax.device_put(x, device), quantize_on(device, w, block_size))
@@ -390,6 +392,21 @@ def test_vmap_matmul_over_stacked_weights(rng, platform, device, mode, dtype):
     q = quantize_on(device, w, 64)
     y = call(mode, jax.vmap(jax_nf4.matmul, in_axes=(None, 0)), jax.device_put(x, device), q)
     assert y.shape == (layers, m, n)
+    packed, absmax = reference.quantize(w, 64)
+    for i in range(layers):
+        assert_matmul_close(y[i], x, packed[i], absmax[i], 64, platform)
+
+
+@pytest.mark.parametrize("m", [1, 8])
+def test_vmap_matmul_over_stacked_weights_with_many_tiles(rng, platform, device, m):
+    """Two stacked weights of 1250 tiles of 16 row pairs each: on the GPU the byte-pair GEMV's
+    persistent CTAs work through units of both weights, their loads running on from a unit of
+    one weight into a unit of the next."""
+    layers, n, k = 2, 40000, 192
+    w = random_weight(rng, (layers, n, k), np.float32)
+    x = random_activations(rng, (m, k), np.dtype(jnp.bfloat16))
+    q = quantize_on(device, w, 64)
+    y = jax.jit(jax.vmap(jax_nf4.matmul, in_axes=(None, 0)))(jax.device_put(x, device), q)
     packed, absmax = reference.quantize(w, 64)
     for i in range(layers):
         assert_matmul_close(y[i], x, packed[i], absmax[i], 64, platform)
