@@ -171,6 +171,12 @@ def decode_attention(qkv: ArrayLike, k_cache: ArrayLike, v_cache: ArrayLike, pos
     ``lax.fori_loop`` inside ``jit``; otherwise XLA copies them first.
     """
     qkv, k_cache, v_cache = jnp.asarray(qkv), jnp.asarray(k_cache), jnp.asarray(v_cache)
+    return tuple(decode_attention_p.bind(qkv, k_cache, v_cache, _decode_position(pos),
+                                         rope_theta=float(rope_theta)))
+
+
+def _decode_position(pos: ArrayLike) -> jax.Array:
+    """decode_attention's ``pos`` as an int32 scalar, or a TypeError / ValueError."""
     pos_dtype = np.dtype(jnp.result_type(pos))
     if not np.issubdtype(pos_dtype, np.integer):
         raise TypeError(f"decode_attention: pos must be an integer scalar (the new token's "
@@ -178,6 +184,4 @@ def decode_attention(qkv: ArrayLike, k_cache: ArrayLike, v_cache: ArrayLike, pos
     if np.ndim(pos) != 0:
         raise ValueError(f"decode_attention: pos must be a scalar (one position shared by the "
                          f"batch), got {pos_dtype.name}{list(np.shape(pos))}")
-    pos = jnp.asarray(pos, jnp.int32)
-    return tuple(decode_attention_p.bind(qkv, k_cache, v_cache, pos,
-                                         rope_theta=float(rope_theta)))
+    return jnp.asarray(pos, jnp.int32)

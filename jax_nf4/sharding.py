@@ -1,4 +1,5 @@
-"""NF4 matmul / dequantize on sharded operands, without all-gathering the packed weight.
+"""NF4 matmul / dequantize on sharded operands, without all-gathering the packed weight, and
+the fused decode-attention step on sharded KV caches (:func:`decode_attention`, at the end).
 
 Mechanism: :func:`jax.experimental.custom_partitioning` with a Shardy ``sharding_rule`` (the
 default partitioner of jax 0.7+). :func:`matmul`, :func:`linear` and :func:`dequantize` here are
@@ -84,10 +85,10 @@ from jax.sharding import PartitionSpec as P
 from jax.typing import ArrayLike, DTypeLike
 
 from jax_nf4 import _shapes, ops
-from jax_nf4._primitives import nf4_dequantize_p, nf4_matmul_p
+from jax_nf4._primitives import decode_attention_p, nf4_dequantize_p, nf4_matmul_p
 from jax_nf4._weight import NF4Weight
 
-__all__ = ["dequantize", "linear", "matmul"]
+__all__ = ["decode_attention", "dequantize", "linear", "matmul"]
 
 
 # ----------------------------------------------------------------------------- the plan
@@ -374,3 +375,68 @@ def dequantize(q: NF4Weight, dtype: DTypeLike | None = None) -> jax.Array:
     _check_now("dequantize", {"q.packed": q.packed, "q.absmax": absmax}, n=n, k=k,
                block_size=q.block_size)
     return _dequantize_cp(q.block_size, np.dtype(dtype), q.packed, absmax)
+
+
+# ----------------------------------------------------------------------------- decode_attention
+
+def _local_decode_attention(rope_theta: float, qkv, k_cache, v_cache, pos):
+    return tuple(decode_attention_p.bind(qkv, k_cache, v_cache, pos, rope_theta=rope_theta))
+
+
+_decode_attention_cp = custom_partitioning(_local_decode_attention, static_argnums=(0,))
+
+
+def _decode_attention_rule(rope_theta, mesh, value_types, result_types):
+    # (qkv's rows q are the G query heads and the new key and value: a factor apart from g.)
+    return ("b h q d, b t h d, b t h d, -> b h g d, b t h d, b t h d",
+            {"need_replication_factors": ("q", "d", "t", "g")})  # in order of appearance
+
+
+def _decode_attention_partition(rope_theta, mesh, arg_shapes, result_shape):
+    qkv, k_cache, v_cache, _ = arg_shapes
+    b, h = qkv.shape[:2]
+    mesh_shape = dict(mesh.shape)
+    # (operand, its batch dim, its KV-head dim): the caches first (the operands worth keeping
+    # where they are), then qkv and the results.
+    dims = [(k_cache, 0, 2), (v_cache, 0, 2), (qkv, 0, 1)]
+    dims += [(r, 0, 1 if i == 0 else 2) for i, r in enumerate(result_shape)]
+
+    def first(which: int, size: int, exclude: tuple = ()) -> tuple:
+        for operand, *dim in dims:
+            axes = tuple(a for a in _entry_axes(_sharding_spec(operand.sharding), dim[which])
+                         if a not in exclude)
+            if axes and size % _axes_size(mesh_shape, axes) == 0:
+                return axes
+        return ()
+
+    b_axes = first(0, b)
+    h_axes = first(1, h, exclude=b_axes)
+    bs, hs = _spec_entry(b_axes), _spec_entry(h_axes)
+
+    def lower(qkv, k_cache, v_cache, pos):
+        return _local_decode_attention(rope_theta, qkv, k_cache, v_cache, pos)
+
+    qkv_sharding = NamedSharding(mesh, P(bs, hs, None, None))
+    cache_sharding = NamedSharding(mesh, P(bs, None, hs, None))
+    return (mesh, lower, (qkv_sharding, cache_sharding, cache_sharding),
+            (qkv_sharding, cache_sharding, cache_sharding, NamedSharding(mesh, P())))
+
+
+_decode_attention_cp.def_partition(_decode_attention_partition,
+                                   sharding_rule=_decode_attention_rule)
+
+
+def decode_attention(qkv: ArrayLike, k_cache: ArrayLike, v_cache: ArrayLike, pos: ArrayLike, *,
+                     rope_theta: float = 500000.0) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """:func:`jax_nf4.decode_attention` that XLA partitions under ``jit``: the batch (dim 0 of
+    ``qkv`` and the caches) and the KV heads (``qkv`` dim 1, the caches' dim 2) may be sharded,
+    each device attending its own sequences and heads over its own cache blocks, with no
+    collective; the cache length, the heads of a group and the head dim stay whole (a sharding
+    there is not followed: XLA gathers that operand first). ``pos`` is replicated. Same
+    arguments and results as :func:`jax_nf4.decode_attention`, bit-identical to it; the results
+    come out sharded like the caches (the caches' batch / head axes, else ``qkv``'s).
+    """
+    qkv, k_cache, v_cache = jnp.asarray(qkv), jnp.asarray(k_cache), jnp.asarray(v_cache)
+    pos = ops._decode_position(pos)
+    _shapes.check_decode_attention(qkv, k_cache, v_cache, pos)
+    return _decode_attention_cp(float(rope_theta), qkv, k_cache, v_cache, pos)

@@ -158,6 +158,55 @@ for check_vma in (True, False):
     want = jax.grad(lambda x: jnp.sum(jnp.sin(jax_nf4.matmul(x, qg))))(np.asarray(xg))
     report(f"shard_map_grad_{check_vma}",
            rel=float(jnp.abs(got - want).max() / jnp.abs(want).max()))
+
+# decode_attention: batch and KV heads sharded, the caches updated in place when donated
+B, H, G, D, T = 2, 4, 3, 16, 12
+qkv = rng.standard_normal((B, H, G + 2, D)).astype(np.float32)
+kc, vc = (rng.standard_normal((B, T, H, D)).astype(np.float32) for _ in "kv")
+aref = jax_nf4.decode_attention(qkv, kc, vc, 7, rope_theta=1e4)
+
+def check_attention(name, mesh, qspec, cspec, donate=False, pos=7, ref=aref):
+    args = (jax.device_put(qkv, NamedSharding(mesh, qspec)),
+            jax.device_put(kc, NamedSharding(mesh, cspec)),
+            jax.device_put(vc, NamedSharding(mesh, cspec)))
+    f = jax.jit(lambda q, k, v: sharding.decode_attention(q, k, v, pos, rope_theta=1e4),
+                donate_argnums=(1, 2) if donate else ())
+    txt = f.lower(*args).compile().as_text()
+    ptrs = [s.data.unsafe_buffer_pointer() for s in args[1].addressable_shards]
+    out = f(*args)
+    report(name, exact=all(bool(np.array_equal(np.asarray(a), np.asarray(b)))
+                           for a, b in zip(out, ref)),
+           specs=[str(o.sharding.spec) for o in out], all_gather="all-gather" in txt,
+           in_place=ptrs == [s.data.unsafe_buffer_pointer() for s in out[1].addressable_shards])
+
+check_attention("attn_batch_heads", m24, P("data", "model"), P("data", None, "model"))
+check_attention("attn_batch_heads_auto", jax.make_mesh((2, 4), ("data", "model"),
+                axis_types=(AxisType.Auto,) * 2), P("data", "model"), P("data", None, "model"))
+check_attention("attn_donated", m24, P("data", "model"), P("data", None, "model"), donate=True)
+check_attention("attn_head_dim", m8, P(), P(None, None, None, "d"))  # D sharded: gathered
+# the decoder's use: the caches carried through a scan of steps
+qs = rng.standard_normal((5, B, H, G + 2, D)).astype(np.float32)
+def steps(op, qs, k, v):
+    def body(carry, q_pos):
+        o, k, v = op(*q_pos[:1], *carry, q_pos[1], rope_theta=1e4)
+        return (k, v), o
+    (k, v), o = jax.lax.scan(body, (k, v), (qs, jnp.arange(5, dtype=jnp.int32)))
+    return o, k, v
+sargs = (jax.device_put(qs, NamedSharding(m24, P(None, "data", "model"))),
+         jax.device_put(kc, NamedSharding(m24, P("data", None, "model"))),
+         jax.device_put(vc, NamedSharding(m24, P("data", None, "model"))))
+scan = jax.jit(lambda *a: steps(sharding.decode_attention, *a))
+got = scan(*sargs)
+want = jax.jit(lambda *a: steps(jax_nf4.decode_attention, *a))(qs, kc, vc)
+report("attn_scan", exact=all(bool(np.array_equal(np.asarray(a), np.asarray(b)))
+                              for a, b in zip(got, want)),
+       all_gather="all-gather" in scan.lower(*sargs).compile().as_text())
+# control: the plain op on the same sharded operands gathers them
+pargs = (jax.device_put(qkv, NamedSharding(m24, P("data", "model"))),
+         jax.device_put(kc, NamedSharding(m24, P("data", None, "model"))),
+         jax.device_put(vc, NamedSharding(m24, P("data", None, "model"))))
+plain = jax.jit(lambda q, k, v: jax_nf4.decode_attention(q, k, v, 7, rope_theta=1e4))
+report("attn_plain", all_gather="all-gather" in plain.lower(*pargs).compile().as_text())
 print("DONE", flush=True)
 '''
 
@@ -254,6 +303,34 @@ def test_odd_row_pair_error(results):
     assert "q.absmax" in r["msg"] and "splits N = 12" in r["msg"] and "even" in r["msg"], r
 
 
+@pytest.mark.parametrize("name", ["attn_batch_heads", "attn_batch_heads_auto", "attn_donated"])
+def test_decode_attention_batch_and_heads(results, name):
+    """Batch over one mesh axis, KV heads over the other: each device attends its own sequences
+    and heads, bit-identical to the unsharded op, with no all-gather; the results keep the
+    caches' sharding, and donated caches are updated in place (same buffers)."""
+    r = results[name]
+    assert r["exact"] and not r["all_gather"]
+    assert r["specs"] == ["P('data', 'model')"] + ["P('data', None, 'model')"] * 2
+    if name == "attn_donated":
+        assert r["in_place"]
+
+
+def test_decode_attention_sharded_head_dim_is_gathered(results):
+    """A sharding of the caches' head dim is not followed (the caches are gathered first): the
+    result is still exact."""
+    assert results["attn_head_dim"]["exact"] and results["attn_head_dim"]["all_gather"]
+
+
+def test_decode_attention_in_a_scan(results):
+    """The caches carried through a scan of decode steps stay sharded, results exact."""
+    assert results["attn_scan"]["exact"] and not results["attn_scan"]["all_gather"]
+
+
+def test_plain_decode_attention_gathers(results):
+    """The control: jax_nf4.decode_attention on the same sharded operands all-gathers them."""
+    assert results["attn_plain"]["all_gather"]
+
+
 # ----------------------------------------------------------------------------- in-process
 
 @pytest.mark.parametrize("check_vma", [True, False])
@@ -270,6 +347,19 @@ def test_single_device_matches_ops(rng):
                                   np.asarray(jax_nf4.matmul(x, q)))
     np.testing.assert_array_equal(np.asarray(sharding.dequantize(q)),
                                   np.asarray(jax_nf4.dequantize(q)))
+    qkv = rng.standard_normal((2, 2, 4, 8)).astype(np.float32)
+    kc, vc = (rng.standard_normal((2, 5, 2, 8)).astype(np.float32) for _ in "kv")
+    for got, want in zip(sharding.decode_attention(qkv, kc, vc, 3, rope_theta=1e4),
+                         jax_nf4.decode_attention(qkv, kc, vc, 3, rope_theta=1e4)):
+        np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
+
+
+def test_decode_attention_checks_its_arguments(rng):
+    kc = np.zeros((1, 5, 2, 8), np.float32)
+    with pytest.raises(ValueError, match="qkv must be"):
+        sharding.decode_attention(np.zeros((2, 4, 8), np.float32), kc, kc, 0)
+    with pytest.raises(TypeError, match="pos must be an integer"):
+        sharding.decode_attention(np.zeros((1, 2, 4, 8), np.float32), kc, kc, 1.5)
 
 
 def test_rejects_stacks(rng):
