@@ -396,21 +396,23 @@ def _decode_attention_partition(rope_theta, mesh, arg_shapes, result_shape):
     qkv, k_cache, v_cache, _ = arg_shapes
     b, h = qkv.shape[:2]
     mesh_shape = dict(mesh.shape)
-    # (operand, its batch dim, its KV-head dim): the caches first (the operands worth keeping
-    # where they are), then qkv and the results.
-    dims = [(k_cache, 0, 2), (v_cache, 0, 2), (qkv, 0, 1)]
-    dims += [(r, 0, 1 if i == 0 else 2) for i, r in enumerate(result_shape)]
+    # Where each operand has the batch and the KV heads: the caches first (the operands worth
+    # keeping where they are), then qkv and the results.
+    batch_dims = [(k_cache, 0), (v_cache, 0), (qkv, 0)] + [(r, 0) for r in result_shape]
+    head_dims = [(k_cache, 2), (v_cache, 2), (qkv, 1)] + [
+        (r, 1 if i == 0 else 2) for i, r in enumerate(result_shape)]
 
-    def first(which: int, size: int, exclude: tuple = ()) -> tuple:
-        for operand, *dim in dims:
-            axes = tuple(a for a in _entry_axes(_sharding_spec(operand.sharding), dim[which])
+    def first_fitting(dims: list, size: int, exclude: tuple = ()) -> tuple:
+        """The first operand's mesh axes on its dim that split ``size`` evenly."""
+        for operand, dim in dims:
+            axes = tuple(a for a in _entry_axes(_sharding_spec(operand.sharding), dim)
                          if a not in exclude)
             if axes and size % _axes_size(mesh_shape, axes) == 0:
                 return axes
         return ()
 
-    b_axes = first(0, b)
-    h_axes = first(1, h, exclude=b_axes)
+    b_axes = first_fitting(batch_dims, b)
+    h_axes = first_fitting(head_dims, h, exclude=b_axes)
     bs, hs = _spec_entry(b_axes), _spec_entry(h_axes)
 
     def lower(qkv, k_cache, v_cache, pos):
