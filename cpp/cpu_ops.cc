@@ -1,5 +1,5 @@
 // CPU FFI handlers for the NF4 ops, exported to Python by nanobind as `jax_nf4._nf4_cpu`.
-// Loops that follow nf4_math.h exactly, for machines without a GPU; on x86-64 Linux the hot
+// Loops that follow nf4_math.h exactly, for machines without a GPU; on x86-64 (glibc) the hot
 // ones also come in AVX2 versions, picked at run time, that do the same float32 operations.
 // Rows are spread over XLA's intra-op thread pool; every output element is computed by one
 // thread in one fixed order, so results do not depend on the number of threads.
@@ -11,10 +11,10 @@
 #include <mutex>
 #include <vector>
 
-#if defined(__x86_64__) && defined(__linux__) && (defined(__GNUC__) || defined(__clang__))
+#if defined(__x86_64__) && defined(__GLIBC__) && (defined(__GNUC__) || defined(__clang__))
 #include <immintrin.h>
 // The hot loops are also compiled for AVX2 and picked at run time (GCC / Clang function
-// multi-versioning through the dynamic linker's ifunc). Both versions do the same float32
+// multi-versioning through glibc's ifunc). Both versions do the same float32
 // operations in the same order (no FMA contraction: -ffp-contract=off), so results do not
 // depend on the CPU.
 #define JAX_NF4_AVX2 1
