@@ -15,7 +15,6 @@
 #include <cstring>
 #include <limits>
 #include <string>
-#include <type_traits>
 #include <vector>
 
 #include "attention_ffi_shapes.h"
@@ -117,21 +116,13 @@ ffi::Error DecodeAttentionImpl(ffi::AnyBuffer qkv, ffi::AnyBuffer k_cache, ffi::
   CopyIfDistinct(v_cache, *v_out);
   if (d.batch * d.kv_heads == 0) return ffi::Error::Success();
   const int32_t p = *static_cast<const int32_t*>(pos.untyped_data());
-  auto run = [&](auto* tag) {
-    using T = std::remove_pointer_t<decltype(tag)>;
+  return DispatchActivation(qkv.element_type(), [&](auto tag) {
+    using T = typename decltype(tag)::type;
     DecodeAttention<T>(d, static_cast<const T*>(qkv.untyped_data()), p, rope_theta,
                        static_cast<T*>(k_out->untyped_data()),
                        static_cast<T*>(v_out->untyped_data()),
                        static_cast<T*>(out->untyped_data()));
-  };
-  switch (qkv.element_type()) {
-    case ffi::DataType::F32: run(static_cast<float*>(nullptr)); break;
-    case ffi::DataType::BF16: run(static_cast<BFloat16*>(nullptr)); break;
-    case ffi::DataType::F16: run(static_cast<Float16*>(nullptr)); break;
-    default:  // unreachable: checked above
-      return ffi::Error::InvalidArgument("decode_attention: unsupported dtype");
-  }
-  return ffi::Error::Success();
+  });
 }
 
 }  // namespace

@@ -9,6 +9,7 @@
 #include <cstdint>
 #include <memory>
 #include <mutex>
+#include <type_traits>
 #include <vector>
 
 #if defined(__x86_64__) && defined(__GLIBC__) && (defined(__GNUC__) || defined(__clang__))
@@ -38,22 +39,6 @@ XLA_FFI_DECLARE_HANDLER_SYMBOL(JaxNf4DecodeAttentionCpu);
 
 namespace jax_nf4 {
 namespace {
-
-template <typename T>
-struct TypeTag {
-  using type = T;
-};
-
-// Calls fn(TypeTag<T>{}) for the storage type of an activation dtype.
-template <typename Fn>
-ffi::Error DispatchActivation(ffi::DataType dtype, Fn&& fn) {
-  switch (dtype) {
-    case ffi::DataType::F32: fn(TypeTag<float>{}); return ffi::Error::Success();
-    case ffi::DataType::BF16: fn(TypeTag<BFloat16>{}); return ffi::Error::Success();
-    case ffi::DataType::F16: fn(TypeTag<Float16>{}); return ffi::Error::Success();
-    default: return ffi::Error::InvalidArgument("unsupported activation dtype");
-  }
-}
 
 // Runs fn(begin, end) over [0, n) in chunks on the intra-op pool and the calling thread, and
 // returns when every chunk is done. `cost` is the work per item (in element operations): small
@@ -157,32 +142,37 @@ __attribute__((target("avx2"))) void DecodeRunAvx2(const uint8_t* bytes, bool od
 const bool kHasAvx2 = (__builtin_cpu_init(), __builtin_cpu_supports("avx2"));
 #endif
 
-// out[k] = row[k] rounded to T (vectorized where T's conversion allows).
+// out[k] = row[k] rounded to T, k < n (vectorized where T's conversion allows).
 template <typename T>
-JAX_NF4_MULTIVERSION void StoreRow(const float* row, int64_t n, T* out) {
+JAX_NF4_MULTIVERSION void StoreRowLoop(const float* row, int64_t n, T* out) {
   for (int64_t k = 0; k < n; ++k) out[k] = FromFloat<T>(row[k]);
 }
 
 #if JAX_NF4_AVX2
-// StoreRow to float16 by the F16C conversion (round to nearest even, subnormals, overflow to
-// infinity and quiet NaNs with their top payload bits, as Float16::FromFloat).
+// StoreRowLoop to float16 by the F16C conversion (round to nearest even, subnormals, overflow
+// to infinity and quiet NaNs with their top payload bits, as Float16::FromFloat).
 __attribute__((target("avx2,f16c"))) void StoreRowF16c(const float* row, int64_t n,
                                                        Float16* out) {
   int64_t k = 0;
   for (; k + 8 <= n; k += 8)
     _mm_storeu_si128(reinterpret_cast<__m128i*>(out + k),
                      _mm256_cvtps_ph(_mm256_loadu_ps(row + k), _MM_FROUND_TO_NEAREST_INT));
-  for (; k < n; ++k) out[k] = Float16::FromFloat(row[k]);
+  StoreRowLoop(row + k, n - k, out + k);
 }
 
 const bool kHasF16c = kHasAvx2 && __builtin_cpu_supports("f16c");
-
-template <>
-void StoreRow<Float16>(const float* row, int64_t n, Float16* out) {
-  if (kHasF16c) return StoreRowF16c(row, n, out);
-  for (int64_t k = 0; k < n; ++k) out[k] = Float16::FromFloat(row[k]);
-}
 #endif
+
+// out[k] = row[k] rounded to T, k < n.
+template <typename T>
+void StoreRow(const float* row, int64_t n, T* out) {
+#if JAX_NF4_AVX2
+  if constexpr (std::is_same_v<T, Float16>) {
+    if (kHasF16c) return StoreRowF16c(row, n, out);
+  }
+#endif
+  StoreRowLoop(row, n, out);
+}
 
 // Dequantizes one row into float32: row[k] = CodeValue(code(n, k)) * scale(n, k / bs).
 template <typename ScaleRow>

@@ -1,10 +1,13 @@
 // Host-side float16 / bfloat16 storage types with round-to-nearest-even conversions, matching
-// NumPy / ml_dtypes `astype` bit for bit (the CUDA side uses cuda_fp16.h / cuda_bf16.h).
+// NumPy / ml_dtypes `astype` bit for bit (the CUDA side uses cuda_fp16.h / cuda_bf16.h), and
+// the CPU handlers' dispatch over the activation dtypes.
 #pragma once
 
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+
+#include "xla/ffi/api/ffi.h"
 
 namespace jax_nf4 {
 
@@ -67,5 +70,22 @@ template <typename T>
 inline T FromFloat(float f) { return T::FromFloat(f); }
 template <>
 inline float FromFloat<float>(float f) { return f; }
+
+template <typename T>
+struct TypeTag {
+  using type = T;
+};
+
+// Calls fn(TypeTag<T>{}) for the storage type T of an activation dtype (float32, bfloat16,
+// float16).
+template <typename Fn>
+xla::ffi::Error DispatchActivation(xla::ffi::DataType dtype, Fn&& fn) {
+  switch (dtype) {
+    case xla::ffi::DataType::F32: fn(TypeTag<float>{}); return xla::ffi::Error::Success();
+    case xla::ffi::DataType::BF16: fn(TypeTag<BFloat16>{}); return xla::ffi::Error::Success();
+    case xla::ffi::DataType::F16: fn(TypeTag<Float16>{}); return xla::ffi::Error::Success();
+    default: return xla::ffi::Error::InvalidArgument("unsupported activation dtype");
+  }
+}
 
 }  // namespace jax_nf4

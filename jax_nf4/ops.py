@@ -170,13 +170,14 @@ def decode_attention(qkv: ArrayLike, k_cache: ArrayLike, v_cache: ArrayLike, pos
     (``jax.jit(..., donate_argnums=...)``) or carry them through ``lax.scan`` /
     ``lax.fori_loop`` inside ``jit``; otherwise XLA copies them first.
     """
-    qkv, k_cache, v_cache = jnp.asarray(qkv), jnp.asarray(k_cache), jnp.asarray(v_cache)
-    return tuple(decode_attention_p.bind(qkv, k_cache, v_cache, _decode_position(pos),
+    return tuple(decode_attention_p.bind(*_decode_attention_operands(qkv, k_cache, v_cache, pos),
                                          rope_theta=float(rope_theta)))
 
 
-def _decode_position(pos: ArrayLike) -> jax.Array:
-    """decode_attention's ``pos`` as an int32 scalar, or a TypeError / ValueError."""
+def _decode_attention_operands(qkv: ArrayLike, k_cache: ArrayLike, v_cache: ArrayLike,
+                               pos: ArrayLike) -> tuple[jax.Array, ...]:
+    """decode_attention's operands as arrays, ``pos`` an int32 scalar (else a TypeError /
+    ValueError); the primitive's abstract eval checks the rest."""
     pos_dtype = np.dtype(jnp.result_type(pos))
     if not np.issubdtype(pos_dtype, np.integer):
         raise TypeError(f"decode_attention: pos must be an integer scalar (the new token's "
@@ -184,4 +185,5 @@ def _decode_position(pos: ArrayLike) -> jax.Array:
     if np.ndim(pos) != 0:
         raise ValueError(f"decode_attention: pos must be a scalar (one position shared by the "
                          f"batch), got {pos_dtype.name}{list(np.shape(pos))}")
-    return jnp.asarray(pos, jnp.int32)
+    return (jnp.asarray(qkv), jnp.asarray(k_cache), jnp.asarray(v_cache),
+            jnp.asarray(pos, jnp.int32))

@@ -438,7 +438,5 @@ def decode_attention(qkv: ArrayLike, k_cache: ArrayLike, v_cache: ArrayLike, pos
     arguments and results as :func:`jax_nf4.decode_attention`, bit-identical to it; the results
     come out sharded like the caches (the caches' batch / head axes, else ``qkv``'s).
     """
-    qkv, k_cache, v_cache = jnp.asarray(qkv), jnp.asarray(k_cache), jnp.asarray(v_cache)
-    pos = ops._decode_position(pos)
-    _shapes.check_decode_attention(qkv, k_cache, v_cache, pos)
-    return _decode_attention_cp(float(rope_theta), qkv, k_cache, v_cache, pos)
+    return _decode_attention_cp(float(rope_theta),
+                                *ops._decode_attention_operands(qkv, k_cache, v_cache, pos))
