@@ -82,6 +82,7 @@ __device__ __forceinline__ void CopyAsync16(void* dst, const void* src) {
 // V: elements per 16-byte access of a cache row where D * sizeof(T) allows it, else 1.
 template <typename T, int V>
 __global__ void __launch_bounds__(kAttnThreads) DecodeAttentionKernel(AttentionArgs a) {
+  constexpr bool kCopy16 = V * sizeof(T) == 16;  // 16-byte rows: cp.async copies and reads
   extern __shared__ __align__(16) unsigned char shared[];
   const int64_t D = a.head_dim, G = a.groups, H = a.heads, L = a.max_len;
   const int64_t b = blockIdx.z, h = blockIdx.y;
@@ -96,7 +97,7 @@ __global__ void __launch_bounds__(kAttnThreads) DecodeAttentionKernel(AttentionA
   // The qkv rows go out first (their copies in flight while pos is read), then the chunk's
   // cache rows below: every copy in flight at once.
   const T* qkv = static_cast<const T*>(a.qkv) + (b * H + h) * (G + 2) * D;
-  if constexpr (V * sizeof(T) == 16) {
+  if constexpr (kCopy16) {
     for (int64_t i = threadIdx.x; i < (G + 2) * D / V; i += kAttnThreads)
       CopyAsync16(xs + i * V, qkv + i * V);
     asm volatile("cp.async.commit_group;");
@@ -111,7 +112,7 @@ __global__ void __launch_bounds__(kAttnThreads) DecodeAttentionKernel(AttentionA
   const int64_t partial_base = ((int64_t(chunk) * a.batch + b) * H + h) * G;  // head g: + g
 
   if (n <= 0) {  // no slot of this chunk is attended: an empty partial (chunk 0 never is)
-    if constexpr (V * sizeof(T) == 16) asm volatile("cp.async.wait_all;");
+    if constexpr (kCopy16) asm volatile("cp.async.wait_all;");
     for (int64_t i = threadIdx.x; i < G * (D + 2); i += kAttnThreads) {
       const int64_t g = i / (D + 2), e = i % (D + 2);
       a.partial[(partial_base + g) * (D + 2) + e] = e == D ? -INFINITY : 0.0f;
@@ -124,7 +125,7 @@ __global__ void __launch_bounds__(kAttnThreads) DecodeAttentionKernel(AttentionA
   const int64_t cache_base = b * L * row_stride + h * D;
   T* k_cache = static_cast<T*>(a.k_cache) + cache_base;
   T* v_cache = static_cast<T*>(a.v_cache) + cache_base;
-  if constexpr (V * sizeof(T) == 16) {
+  if constexpr (kCopy16) {
     const int per_row = int(D / V);
     for (int i = threadIdx.x; i < n * per_row; i += kAttnThreads) {
       const int j = i / per_row, c = i % per_row;
@@ -144,7 +145,7 @@ __global__ void __launch_bounds__(kAttnThreads) DecodeAttentionKernel(AttentionA
   // (rounded to T, as the model's rope returns them; the key in place in its qkv row). The
   // CTA of the slot's chunk writes the new key and value to the cache, and once the staged
   // rows have landed, over the slot's old row there (its copy may have read either).
-  if constexpr (V * sizeof(T) == 16) asm volatile("cp.async.wait_group 1;");
+  if constexpr (kCopy16) asm volatile("cp.async.wait_group 1;");
   __syncthreads();  // the qkv rows have landed
   const int64_t half = D / 2;
   const bool owns_slot = slot < t1;
@@ -166,7 +167,7 @@ __global__ void __launch_bounds__(kAttnThreads) DecodeAttentionKernel(AttentionA
     for (int64_t d = threadIdx.x; d < D; d += kAttnThreads)
       v_cache[slot * row_stride + d] = xs[(G + 1) * D + d];
   }
-  if constexpr (V * sizeof(T) == 16) asm volatile("cp.async.wait_all;");
+  if constexpr (kCopy16) asm volatile("cp.async.wait_all;");
   __syncthreads();  // the staged rows have landed, the new key is rotated
   if (owns_slot) {
     for (int64_t d = threadIdx.x; d < D; d += kAttnThreads) {
@@ -188,7 +189,7 @@ __global__ void __launch_bounds__(kAttnThreads) DecodeAttentionKernel(AttentionA
 #pragma unroll 4
     for (int64_t d0 = 0; d0 < D; d0 += V) {
       float kv[V];
-      if constexpr (V * sizeof(T) == 16) {
+      if constexpr (kCopy16) {
         const uint4 raw = *reinterpret_cast<const uint4*>(kr + d0);
         const T* x = reinterpret_cast<const T*>(&raw);
 #pragma unroll

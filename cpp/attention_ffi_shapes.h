@@ -38,15 +38,10 @@ inline const char* DtypeName(ffi::DataType t) {
   }
 }
 
-inline std::string Typed(ffi::DataType t, ffi::Span<const int64_t> dims) {
+// A buffer's dtype and dims, e.g. "bfloat16[1, 8, 6, 128]".
+template <typename Dims>
+std::string Typed(ffi::DataType t, const Dims& dims) {
   return std::string(DtypeName(t)) + DimsToString(dims);
-}
-
-inline std::string Typed(ffi::DataType t, std::initializer_list<int64_t> dims) {
-  std::string s = std::string(DtypeName(t)) + "[";
-  size_t i = 0;
-  for (int64_t d : dims) s += (i++ ? ", " : "") + std::to_string(d);
-  return s + "]";
 }
 
 inline bool Matches(ffi::AnyBuffer b, ffi::DataType t, std::initializer_list<int64_t> want) {
@@ -59,52 +54,46 @@ inline bool Matches(ffi::AnyBuffer b, ffi::DataType t, std::initializer_list<int
 }
 
 // Checks every operand and result against qkv's shape; fills dims.
-inline ffi::Error CheckDecodeAttention(ffi::AnyBuffer qkv, ffi::AnyBuffer k_cache, ffi::AnyBuffer v_cache,
-                         ffi::AnyBuffer pos, ffi::AnyBuffer out, ffi::AnyBuffer k_out,
-                         ffi::AnyBuffer v_out, AttentionDims* d) {
+inline ffi::Error CheckDecodeAttention(ffi::AnyBuffer qkv, ffi::AnyBuffer k_cache,
+                                       ffi::AnyBuffer v_cache, ffi::AnyBuffer pos,
+                                       ffi::AnyBuffer out, ffi::AnyBuffer k_out,
+                                       ffi::AnyBuffer v_out, AttentionDims* d) {
   const ffi::DataType t = qkv.element_type();
   auto qd = qkv.dimensions();
-  if (!IsActivationType(t))
-    return InvalidAttentionArgument("qkv must be float32, bfloat16 or float16, got " + Typed(t, qd));
-  if (qd.size() != 4)
-    return InvalidAttentionArgument("qkv must be [B, H_kv, G + 2, D] (rank 4), got " + Typed(t, qd));
+  auto fail = [&](const std::string& what, ffi::AnyBuffer seen) {
+    return InvalidAttentionArgument(what + ", got " + Typed(seen.element_type(),
+                                                            seen.dimensions()));
+  };
+  if (!IsActivationType(t)) return fail("qkv must be float32, bfloat16 or float16", qkv);
+  if (qd.size() != 4) return fail("qkv must be [B, H_kv, G + 2, D] (rank 4)", qkv);
   d->batch = qd[0];
   d->kv_heads = qd[1];
   d->groups = qd[2] - 2;
   d->head_dim = qd[3];
   if (d->groups < 1)
-    return InvalidAttentionArgument("qkv's dim 2 (G + 2: G query heads, the new key, the new value) must be >= 3, "
-                   "got " + Typed(t, qd));
+    return fail("qkv's dim 2 (G + 2: G query heads, the new key, the new value) must be >= 3",
+                qkv);
   if (d->head_dim < 2 || d->head_dim % 2)
-    return InvalidAttentionArgument("qkv's head_dim D (last dim) must be even and positive (rotary pairs), got " +
-                   Typed(t, qd));
+    return fail("qkv's head_dim D (last dim) must be even and positive (rotary pairs)", qkv);
+  // [B, T, H_kv, D] with qkv's B, H_kv and D; T (the slot count) from k_cache.
+  auto cache_of = [&](const std::string& slots) {
+    return "[B, T, H_kv, D] = " + std::string(DtypeName(t)) + "[" + std::to_string(d->batch) +
+           ", " + slots + ", " + std::to_string(d->kv_heads) + ", " +
+           std::to_string(d->head_dim) + "] (qkv is " + Typed(t, qd) + ")";
+  };
   auto kd = k_cache.dimensions();
-  if (kd.size() != 4)
-    return InvalidAttentionArgument("k_cache must be " + std::string(DtypeName(t)) + "[" +
-                   std::to_string(d->batch) + ", T, " + std::to_string(d->kv_heads) + ", " +
-                   std::to_string(d->head_dim) + "] ([B, T, H_kv, D] of qkv " +
-                   DimsToString(qd) + "), got " + Typed(k_cache.element_type(), kd));
+  if (kd.size() != 4) return fail("k_cache must be " + cache_of("T"), k_cache);
   d->max_len = kd[1];
   const std::initializer_list<int64_t> cache = {d->batch, d->max_len, d->kv_heads, d->head_dim};
-  const std::string want_cache = Typed(t, cache) + " ([B, T, H_kv, D] of qkv " +
-                                 DimsToString(qd) + ")";
-  if (!Matches(k_cache, t, cache))
-    return InvalidAttentionArgument("k_cache must be " + want_cache + ", got " + Typed(k_cache.element_type(), kd));
-  if (d->max_len < 1) return InvalidAttentionArgument("the cache needs at least one slot (T >= 1), got T = 0");
-  if (!Matches(v_cache, t, cache))
-    return InvalidAttentionArgument("v_cache must be " + want_cache + ", got " +
-                   Typed(v_cache.element_type(), v_cache.dimensions()));
-  if (!Matches(pos, ffi::DataType::S32, {}))
-    return InvalidAttentionArgument("pos must be an int32 scalar, got " +
-                   Typed(pos.element_type(), pos.dimensions()));
-  if (!Matches(out, t, {d->batch, d->kv_heads, d->groups, d->head_dim}))
-    return InvalidAttentionArgument("output must be " +
-                   Typed(t, {d->batch, d->kv_heads, d->groups, d->head_dim}) + ", got " +
-                   Typed(out.element_type(), out.dimensions()));
-  if (!Matches(k_out, t, cache) || !Matches(v_out, t, cache))
-    return InvalidAttentionArgument("the cache results must be " + Typed(t, cache) + ", got " +
-                   Typed(k_out.element_type(), k_out.dimensions()) + " and " +
-                   Typed(v_out.element_type(), v_out.dimensions()));
+  const std::string want_cache = cache_of(std::to_string(d->max_len));
+  if (!Matches(k_cache, t, cache)) return fail("k_cache must be " + want_cache, k_cache);
+  if (d->max_len < 1) return fail("the cache needs at least one slot (T >= 1)", k_cache);
+  if (!Matches(v_cache, t, cache)) return fail("v_cache must be " + want_cache, v_cache);
+  if (!Matches(pos, ffi::DataType::S32, {})) return fail("pos must be an int32 scalar", pos);
+  const std::initializer_list<int64_t> heads = {d->batch, d->kv_heads, d->groups, d->head_dim};
+  if (!Matches(out, t, heads)) return fail("the output must be " + Typed(t, heads), out);
+  if (!Matches(k_out, t, cache)) return fail("the k_cache result must be " + want_cache, k_out);
+  if (!Matches(v_out, t, cache)) return fail("the v_cache result must be " + want_cache, v_out);
   return ffi::Error::Success();
 }
 

@@ -26,9 +26,15 @@ struct Nf4Dims {
   int64_t blocks() const { return block_size > 0 ? cols / block_size : 0; }
 };
 
-inline std::string DimsToString(ffi::Span<const int64_t> dims) {
+// "[d0, d1, ...]" of any range of dims (an ffi::Span, an initializer_list).
+template <typename Dims>
+std::string DimsToString(const Dims& dims) {
   std::string s = "[";
-  for (size_t i = 0; i < dims.size(); ++i) s += (i ? ", " : "") + std::to_string(dims[i]);
+  bool first = true;
+  for (int64_t d : dims) {
+    s += (first ? "" : ", ") + std::to_string(d);
+    first = false;
+  }
   return s + "]";
 }
 
