@@ -29,7 +29,8 @@
     n_layers (embedding and lm_head left out).
 
 (d) Measured tensor parallelism, when the machine has several GPUs: greedy decoding of the
-    llama3-70b shape (NF4, batch 1, 16-token prompt, ``--tp-tokens`` new tokens) on one GPU,
+    llama3-70b shape (NF4, ``--tp-batch`` sequences (default 1), 16-token prompt,
+    ``--tp-tokens`` new tokens) on one GPU,
     then tensor-parallel over the first tp GPUs (``llama.shard_model``: jax.shard_map, one
     float32 all-reduce after each row-parallel layer, an all-gather of the logits) for
     tp = 2, 4, ... up to the device count: tokens/s, scaling = tokens/s(tp) / (tp *
@@ -206,6 +207,8 @@ def main(argv: Sequence[str] | None = None) -> dict:
     p.add_argument("--skip-tp", action="store_true", help="skip (d), tensor-parallel decoding")
     p.add_argument("--tp-tokens", type=int, default=None, metavar="N",
                    help="tokens per sequence in (d) (default 64; --quick 4)")
+    p.add_argument("--tp-batch", type=int, default=1, metavar="B",
+                   help="sequences decoded together in (d) (default 1)")
     p.add_argument("--tps", default=None, metavar="1,2,...",
                    help="tensor-parallel sizes in (d), ascending from 1 (default 1, 2, 4, 8 up "
                         "to the device count)")
@@ -223,7 +226,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
         p.error(f"--tps must be comma-separated integers, got {args.tps!r}")
     if tps_wanted[0] != 1 or tps_wanted != sorted(set(tps_wanted)):
         p.error(f"--tps must ascend from 1, got {args.tps!r}")
-    for name in ("new_tokens", "iters", "tp_tokens"):
+    for name in ("new_tokens", "iters", "tp_tokens", "tp_batch"):
         value = getattr(args, name)
         if value is not None and value < 1:
             p.error(f"--{name.replace('_', '-')} must be >= 1")
@@ -328,7 +331,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
     name = "tiny" if args.quick else "llama3-70b"
     tps = [tp for tp in tps_wanted if tp <= len(jax.devices()) and _shardable(name, tp)]
     if not args.skip_tp and len(tps) > 1:
-        rows = decode_tensor_parallel(llama.get_config(name), tps,
+        rows = decode_tensor_parallel(llama.get_config(name), tps, batch=args.tp_batch,
                                       new_tokens=args.tp_tokens or (4 if args.quick else 64),
                                       prompt_len=4 if args.quick else 16,
                                       iters=1 if args.quick else 2, profile=True)

@@ -92,7 +92,8 @@ report("donate", split=len(split), deleted=all(x.is_deleted() for x in split),
 spec = importlib.util.spec_from_file_location("bench_decode", sys.argv[1])
 bd = importlib.util.module_from_spec(spec)
 spec.loader.exec_module(bd)
-res = bd.main(["--quick", "--skip-8b", "--skip-70b", "--iters", "1", "--tps", "1,2,4"])
+res = bd.main(["--quick", "--skip-8b", "--skip-70b", "--iters", "1", "--tps", "1,2,4",
+               "--tp-batch", "2"])
 report("bench", rows=res["tensor_parallel_decode"])
 print("DONE", flush=True)
 '''
@@ -140,6 +141,9 @@ def test_donate_frees_the_model(results):
 def test_bench_measured_tensor_parallel(results):
     rows = results["bench"]["rows"]
     assert [r["tp"] for r in rows] == [1, 2]   # the tiny preset has 2 KV heads
+    assert all(r["batch"] == 2 for r in rows)  # --tp-batch
+    assert all(r["tokens_per_s"] == pytest.approx(2 * r["new_tokens"] / r["seconds"])
+               for r in rows)
     assert rows[0]["scaling"] == 1.0 and all(r["tokens_per_s"] > 0 for r in rows)
     assert rows[1]["scaling"] == pytest.approx(rows[1]["tokens_per_s"] /
                                                (2 * rows[0]["tokens_per_s"]))
