@@ -56,7 +56,7 @@ import json
 import math
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 import jax
@@ -132,10 +132,11 @@ def tensor_parallel_estimate(t_full: float, t_shard: float, tp: int, *, batch: i
 
 def decode_tensor_parallel(config: llama.LlamaConfig, tps: Sequence[int], *, batch: int = 1,
                            prompt_len: int = 16, new_tokens: int = 64, iters: int = 2,
-                           seed: int = 0, profile: bool = False) -> list[dict]:
+                           seed: int = 0, profile: bool = False) -> Iterator[dict]:
     """Tokens/s of NF4 greedy decoding of ``config`` on one device (``tps[0] == 1``, plain
     :func:`llama.generate`) and tensor-parallel over the first ``tp`` devices for each later
-    ``tp`` (:func:`llama.shard_model`), best of ``iters`` timed runs after a compiling one.
+    ``tp`` (:func:`llama.shard_model`), best of ``iters`` timed runs after a compiling one;
+    one row per tp, yielded as soon as it is measured.
     With ``profile``, one more run is traced: ``device_ms_per_token`` holds GPU 0's device time
     per token by kernel class (:func:`jax_nf4.benchmark.traced_device_ms`) and
     ``top_kernels`` its 12 longest kernels per token ``(name, ms, calls)``; None on a CPU."""
@@ -148,7 +149,7 @@ def decode_tensor_parallel(config: llama.LlamaConfig, tps: Sequence[int], *, bat
     build_s = time.perf_counter() - t0
     prompt = jax.random.randint(jax.random.PRNGKey(seed), (batch, prompt_len), 0,
                                 cfg.vocab_size, jnp.int32)
-    rows, first = [], None
+    first, tokens_per_s_1 = None, None
     for i, tp in enumerate(tps):
         print(f"  {config.n_layers}-layer model, tp={tp}: place, compile, time", file=sys.stderr,
               flush=True)
@@ -173,15 +174,16 @@ def decode_tensor_parallel(config: llama.LlamaConfig, tps: Sequence[int], *, bat
                                        per=new_tokens, device=0, top=12)
                       if profile else (None, None))
         peaks = [llama.peak_device_bytes(d) for d in jax.devices()[:tp]]
-        rows.append({"tp": tp, "batch": batch, "new_tokens": new_tokens,
-                     "device_ms_per_token": kinds, "top_kernels": top,
-                     "seconds": min(times), "tokens_per_s": batch * new_tokens / min(times),
-                     "build_s": build_s, "place_s": place_s, "compile_s": compile_s,
-                     "tokens_equal_to_tp1": float((tokens == first).mean()),
-                     "peak_bytes_per_device": peaks})
-        rows[-1]["scaling"] = rows[-1]["tokens_per_s"] / (tp * rows[0]["tokens_per_s"])
+        row = {"tp": tp, "batch": batch, "new_tokens": new_tokens,
+               "device_ms_per_token": kinds, "top_kernels": top,
+               "seconds": min(times), "tokens_per_s": batch * new_tokens / min(times),
+               "build_s": build_s, "place_s": place_s, "compile_s": compile_s,
+               "tokens_equal_to_tp1": float((tokens == first).mean()),
+               "peak_bytes_per_device": peaks}
+        tokens_per_s_1 = tokens_per_s_1 or row["tokens_per_s"]
+        row["scaling"] = row["tokens_per_s"] / (tp * tokens_per_s_1)
         del target
-    return rows
+        yield row
 
 
 def _shardable(name: str, tp: int) -> bool:
