@@ -105,25 +105,21 @@ def _decode_attention_rule():
     return lowering
 
 
-def _register(module, platform: str) -> None:
+def _register(module, platform: str, xla_platform: str) -> None:
+    """``module``'s FFI targets (XLA's platform name) and every primitive's lowering on
+    ``platform`` (JAX's)."""
     for name, capsule in module.registrations().items():
-        jax.ffi.register_ffi_target(f"jax_nf4_{name}", capsule, platform=platform)
-
-
-_register(_nf4_cpu, "cpu")
-mlir.register_lowering(nf4_quantize_p, _ffi_rule("nf4_quantize"), platform="cpu")
-mlir.register_lowering(nf4_dequantize_p, _ffi_rule("nf4_dequantize", plain_operands=2),
-                       platform="cpu")
-mlir.register_lowering(nf4_matmul_p, _matmul_rule("cpu"), platform="cpu")
-mlir.register_lowering(decode_attention_p, _decode_attention_rule(), platform="cpu")
-
-if _nf4_cuda is not None:
-    _register(_nf4_cuda, "CUDA")
-    mlir.register_lowering(nf4_quantize_p, _ffi_rule("nf4_quantize"), platform="cuda")
+        jax.ffi.register_ffi_target(f"jax_nf4_{name}", capsule, platform=xla_platform)
+    mlir.register_lowering(nf4_quantize_p, _ffi_rule("nf4_quantize"), platform=platform)
     mlir.register_lowering(nf4_dequantize_p, _ffi_rule("nf4_dequantize", plain_operands=2),
-                           platform="cuda")
-    mlir.register_lowering(nf4_matmul_p, _matmul_rule("cuda"), platform="cuda")
-    mlir.register_lowering(decode_attention_p, _decode_attention_rule(), platform="cuda")
+                           platform=platform)
+    mlir.register_lowering(nf4_matmul_p, _matmul_rule(platform), platform=platform)
+    mlir.register_lowering(decode_attention_p, _decode_attention_rule(), platform=platform)
+
+
+_register(_nf4_cpu, "cpu", "cpu")
+if _nf4_cuda is not None:
+    _register(_nf4_cuda, "cuda", "CUDA")
 
 
 def cuda_available() -> bool:
