@@ -10,6 +10,7 @@
 #   examples   examples/inference.py and examples/qlora_finetune.py
 #   bench      the kernel benchmark table (args go to bench/bench_matmul.py)
 #   decode     bench/bench_decode.py (8B decode, 70B shard timing)
+#   attention  bench/bench_attention.py (one decode-attention step: the kernel against XLA's)
 #   tp         bench/bench_decode.py (d): 70B decoding on 1 GPU and tensor-parallel on all GPUs,
 #              then again with TP_XLA_FLAGS (default: XLA command buffers for the decode step)
 #   profile    Nsight Compute on the M = 1 GEMV of 28672x8192 and 4096x4096 and the tiled
@@ -118,6 +119,10 @@ floor() {
     && /tmp/read_floor | tee "$OUT/read_floor.txt"
 }
 
+attention() {
+  python3 bench/bench_attention.py --json "$OUT/attention.json" 2>&1 | tee "$OUT/attention.txt"
+}
+
 decode() {
   python3 bench/bench_decode.py --skip-tp --json "$OUT/decode.json" 2>&1 | tee "$OUT/decode.log"
 }
@@ -191,10 +196,10 @@ ab() {  # ab DIR[,DIR...] [bench args]
 [[ $stages == check ]] && stages=build,tests,sanitize,examples
 for stage in ${stages//,/ }; do
   case $stage in
-    build|tests|quick|sanitize|examples|decode|tp|profile|probe|floor) $stage ;;
+    build|tests|quick|sanitize|examples|attention|decode|tp|profile|probe|floor) $stage ;;
     bench) bench "$@" ;;
     ab) ab "$@" ;;
     *) echo "usage: bash bench/gpu_run.sh STAGE[,STAGE...] [bench args]" \
-            "(build tests quick sanitize examples bench ab decode tp profile probe floor check)" >&2; exit 2 ;;
+            "(build tests quick sanitize examples bench ab attention decode tp profile probe floor check)" >&2; exit 2 ;;
   esac
 done

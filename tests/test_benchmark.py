@@ -1,9 +1,12 @@
-"""The benchmark behind `jax-nf4 bench` (the README's main job), on a tiny CPU problem."""
+"""The benchmarks behind `jax-nf4 bench` (the README's main job) and bench/bench_attention.py, on
+tiny CPU problems."""
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import re
+from pathlib import Path
 
 import jax
 import pytest
@@ -234,3 +237,20 @@ def test_table_kernel_columns_with_missing_kernel_times():
     assert "kernel" not in table
     assert "| 64x128 | 50.0 | 40 | 80.0 | 25 |" in table.splitlines()
     assert benchmark.Row((1, 1), 0, "nf4 quantize", 1.0, 1).kernel_gbps is None
+
+
+def _bench_attention_module():
+    path = Path(__file__).resolve().parents[1] / "bench" / "bench_attention.py"
+    spec = importlib.util.spec_from_file_location("bench_attention", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_bench_attention_quick(tmp_path, capsys):
+    out = tmp_path / "attention.json"
+    rows = _bench_attention_module().main(["--quick", "--json", str(out)])
+    assert json.loads(out.read_text()) == rows
+    assert [r["label"] for r in rows] == ["tiny", "tiny b2"]
+    assert all(r["fused_us"] > 0 and r["xla_us"] > 0 for r in rows)
+    assert "| tiny b2 | 2 | 1 | 3 | 8 | 40 |" in capsys.readouterr().out
