@@ -110,32 +110,82 @@ void DecodeRun(const uint8_t* bytes, bool odd_row, float scale, int64_t n, float
 }
 
 #if JAX_NF4_AVX2
-// DecodeRun with AVX2, eight codes at a time: the two halves of the codebook in two registers,
+// The AVX2 NF4 decode, eight codes at a time: the two halves of the codebook in two registers,
 // each code's value picked by a lane permute from both and a blend on the code's bit 3.
-__attribute__((target("avx2"))) void DecodeRunAvx2(const uint8_t* bytes, bool odd_row,
-                                                    float scale, int64_t n, float* out) {
-  const __m256 low_half = _mm256_setr_ps(kCodebook.value[0], kCodebook.value[1],
-                                         kCodebook.value[2], kCodebook.value[3],
-                                         kCodebook.value[4], kCodebook.value[5],
-                                         kCodebook.value[6], kCodebook.value[7]);
-  const __m256 high_half = _mm256_setr_ps(kCodebook.value[8], kCodebook.value[9],
-                                          kCodebook.value[10], kCodebook.value[11],
-                                          kCodebook.value[12], kCodebook.value[13],
-                                          kCodebook.value[14], kCodebook.value[15]);
-  const __m256 scales = _mm256_set1_ps(scale);
-  const __m128i shift = _mm_cvtsi32_si128(odd_row ? 4 : 0);
-  const __m256i nibble = _mm256_set1_epi32(15);
-  int64_t k = 0;
-  for (; k + 8 <= n; k += 8) {
-    const __m256i wide = _mm256_cvtepu8_epi32(
-        _mm_loadl_epi64(reinterpret_cast<const __m128i*>(bytes + k)));
+struct Avx2Decoder {
+  __m256 low_half, high_half;
+  __m128i shift;  // 0 for the even row's codes (low nibbles), 4 for the odd row's
+  __m256i nibble;
+
+  __attribute__((target("avx2"))) explicit Avx2Decoder(bool odd_row)
+      : low_half(_mm256_loadu_ps(kCodebook.value)),
+        high_half(_mm256_loadu_ps(kCodebook.value + 8)),
+        shift(_mm_cvtsi32_si128(odd_row ? 4 : 0)),
+        nibble(_mm256_set1_epi32(15)) {}
+
+  // CodeValue of the codes of bytes[0..8), times scale (one float32 product each).
+  __attribute__((target("avx2"))) __m256 operator()(const uint8_t* bytes, __m256 scale) const {
+    const __m256i wide =
+        _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(bytes)));
     const __m256i codes = _mm256_and_si256(_mm256_srl_epi32(wide, shift), nibble);
     const __m256 value = _mm256_blendv_ps(
         _mm256_permutevar8x32_ps(low_half, codes), _mm256_permutevar8x32_ps(high_half, codes),
         _mm256_castsi256_ps(_mm256_slli_epi32(codes, 28)));  // bit 3 to the sign bit
-    _mm256_storeu_ps(out + k, _mm256_mul_ps(value, scales));
+    return _mm256_mul_ps(value, scale);
   }
+};
+
+// DecodeRun with AVX2.
+__attribute__((target("avx2"))) void DecodeRunAvx2(const uint8_t* bytes, bool odd_row,
+                                                    float scale, int64_t n, float* out) {
+  const Avx2Decoder decode(odd_row);
+  const __m256 scales = _mm256_set1_ps(scale);
+  int64_t k = 0;
+  for (; k + 8 <= n; k += 8) _mm256_storeu_ps(out + k, decode(bytes + k, scales));
   DecodeRun(bytes + k, odd_row, scale, n - k, out + k);
+}
+
+// Dot(row, x[m]) for the M activation rows x[m] = x + m * n, with the weight row decoded in
+// registers, never stored: row[k] = CodeValue(code k) * scales[k / block_size]. The same
+// float32 operations in the same order as DequantizeRow + Dot (block_size % 16 == 0, so Dot's
+// 16 lanes never straddle a block and there is no tail): the same results.
+template <int M>
+__attribute__((target("avx2"))) void DecodeDotAvx2(const uint8_t* bytes, bool odd_row,
+                                                   const float* scales, int64_t block_size,
+                                                   const float* x, int64_t n, float* dots) {
+  const Avx2Decoder decode(odd_row);
+  __m256 lanes[M][2];  // Dot's lanes 0 - 7 and 8 - 15 of each row
+  for (int m = 0; m < M; ++m) lanes[m][0] = lanes[m][1] = _mm256_setzero_ps();
+  for (int64_t k0 = 0; k0 < n; k0 += block_size) {
+    const __m256 scale = _mm256_set1_ps(scales[k0 / block_size]);
+    for (int64_t k = k0; k < k0 + block_size; k += 16) {
+      const __m256 w0 = decode(bytes + k, scale), w1 = decode(bytes + k + 8, scale);
+      for (int m = 0; m < M; ++m) {
+        const float* xm = x + m * n + k;
+        lanes[m][0] = _mm256_add_ps(lanes[m][0], _mm256_mul_ps(w0, _mm256_loadu_ps(xm)));
+        lanes[m][1] = _mm256_add_ps(lanes[m][1], _mm256_mul_ps(w1, _mm256_loadu_ps(xm + 8)));
+      }
+    }
+  }
+  for (int m = 0; m < M; ++m) {  // Dot's pairwise sums: widths 8, 4, 2, 1
+    const __m256 l8 = _mm256_add_ps(lanes[m][0], lanes[m][1]);
+    const __m128 l4 = _mm_add_ps(_mm256_castps256_ps128(l8), _mm256_extractf128_ps(l8, 1));
+    const __m128 l2 = _mm_add_ps(l4, _mm_movehl_ps(l4, l4));
+    dots[m] = _mm_cvtss_f32(_mm_add_ss(l2, _mm_shuffle_ps(l2, l2, 1)));
+  }
+}
+
+// DecodeDotAvx2 for m_rows = 1 .. kDecodeDotRows activation rows (their accumulators and the
+// decoded values fit the 16 vector registers); more rows go in groups of kDecodeDotRows.
+constexpr int kDecodeDotRows = 4;
+void DispatchDecodeDot(int64_t m_rows, const uint8_t* bytes, bool odd_row, const float* scales,
+                       int64_t block_size, const float* x, int64_t n, float* dots) {
+  switch (m_rows) {
+    case 1: return DecodeDotAvx2<1>(bytes, odd_row, scales, block_size, x, n, dots);
+    case 2: return DecodeDotAvx2<2>(bytes, odd_row, scales, block_size, x, n, dots);
+    case 3: return DecodeDotAvx2<3>(bytes, odd_row, scales, block_size, x, n, dots);
+    default: return DecodeDotAvx2<4>(bytes, odd_row, scales, block_size, x, n, dots);
+  }
 }
 
 // (A dynamic initializer may run before libgcc's CPU detection: run it first.)
@@ -284,19 +334,36 @@ ffi::Error Matmul(ffi::ThreadPool& pool, ffi::AnyBuffer x, ffi::AnyBuffer packed
     using T = typename decltype(tag)::type;
     const T* xs = static_cast<const T*>(x.untyped_data());
     T* ys = static_cast<T*>(out->untyped_data());
+#if JAX_NF4_AVX2
+    const bool decode_dot = kHasAvx2 && d.block_size % 16 == 0;  // the row decoded in registers
+#endif
     std::vector<float> xf(static_cast<size_t>(m_rows * d.cols));
     for (int64_t g = 0; g < d.groups; ++g) {
       const T* xg = xs + g * m_rows * d.cols;
       for (int64_t i = 0; i < m_rows * d.cols; ++i) xf[i] = ToFloat(xg[i]);
       // Weight rows in parallel; each output element is one float32 dot product (Dot's order).
       ParallelFor(pool, d.rows, (m_rows + 1) * d.cols, [&](int64_t begin, int64_t end) {
-        std::vector<float> row(static_cast<size_t>(d.cols));
+        std::vector<float> row(static_cast<size_t>(d.cols));  // the row, or its block scales
         for (int64_t n = begin; n < end; ++n) {
-          DequantizeRow(src + (g * (d.rows / 2) + n / 2) * d.cols, static_cast<int>(n % 2),
-                        scales.RowOf(g, n, d.rows, d.blocks()), d, row.data());
+          const uint8_t* packed_row = src + (g * (d.rows / 2) + n / 2) * d.cols;
+          const auto scale_of = scales.RowOf(g, n, d.rows, d.blocks());
+          T* y = ys + g * m_rows * d.rows + n;  // y[m * d.rows]
+#if JAX_NF4_AVX2
+          if (decode_dot) {
+            for (int64_t b = 0; b < d.blocks(); ++b) row[b] = scale_of(b);
+            for (int64_t m0 = 0; m0 < m_rows; m0 += kDecodeDotRows) {
+              const int64_t rows = std::min<int64_t>(kDecodeDotRows, m_rows - m0);
+              float dots[kDecodeDotRows];
+              DispatchDecodeDot(rows, packed_row, n % 2 != 0, row.data(), d.block_size,
+                                xf.data() + m0 * d.cols, d.cols, dots);
+              for (int64_t m = 0; m < rows; ++m) y[(m0 + m) * d.rows] = FromFloat<T>(dots[m]);
+            }
+            continue;
+          }
+#endif
+          DequantizeRow(packed_row, static_cast<int>(n % 2), scale_of, d, row.data());
           for (int64_t m = 0; m < m_rows; ++m)
-            ys[(g * m_rows + m) * d.rows + n] =
-                FromFloat<T>(Dot(row.data(), xf.data() + m * d.cols, d.cols));
+            y[m * d.rows] = FromFloat<T>(Dot(row.data(), xf.data() + m * d.cols, d.cols));
         }
       });
     }
