@@ -8,7 +8,6 @@
 #include <type_traits>
 #include <vector>
 
-
 #include "host_cpu.h"
 #include "host_dtypes.h"
 #include "nanobind/nanobind.h"
