@@ -3,10 +3,8 @@ tiny CPU problems."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import re
-from pathlib import Path
 
 import jax
 import pytest
@@ -239,17 +237,9 @@ def test_table_kernel_columns_with_missing_kernel_times():
     assert benchmark.Row((1, 1), 0, "nf4 quantize", 1.0, 1).kernel_gbps is None
 
 
-def _bench_attention_module():
-    path = Path(__file__).resolve().parents[1] / "bench" / "bench_attention.py"
-    spec = importlib.util.spec_from_file_location("bench_attention", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-def test_bench_attention_quick(tmp_path, capsys):
+def test_bench_attention_quick(bench_script, tmp_path, capsys):
     out = tmp_path / "attention.json"
-    rows = _bench_attention_module().main(["--quick", "--json", str(out)])
+    rows = bench_script("bench_attention").main(["--quick", "--json", str(out)])
     assert json.loads(out.read_text()) == rows
     assert [r["label"] for r in rows] == ["tiny", "tiny b2"]
     assert all(r["fused_us"] > 0 and r["xla_us"] > 0 for r in rows)

@@ -7,7 +7,6 @@ reference with separate q / k / v, exact NF4 rows from checkpoints), the benchma
 from __future__ import annotations
 
 import dataclasses
-import importlib.util
 import itertools
 import json
 from pathlib import Path
@@ -247,14 +246,6 @@ def test_cli_generate(capsys):
     assert main(["generate", "--new-tokens", "x"]) == 2
 
 
-def _bench_decode_module():
-    path = Path(__file__).resolve().parents[1] / "bench" / "bench_decode.py"
-    spec = importlib.util.spec_from_file_location("bench_decode", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 def test_qkv_rows():
     """qkv_proj's features grouped by KV head: its g query heads, then k, then v."""
     d = TINY.head_dim                                  # tiny: 4 heads, 2 KV heads, g = 2
@@ -311,8 +302,8 @@ def test_qkv_shards_are_whole_kv_head_groups():
                 np.testing.assert_allclose(total, want, rtol=1e-5, atol=1e-5)
 
 
-def test_tensor_parallel_formulas():
-    bd = _bench_decode_module()
+def test_tensor_parallel_formulas(bench_script):
+    bd = bench_script("bench_decode")
     e = bd.tensor_parallel_estimate(4e-4, 1e-4, 2, batch=1, d_model=8192, n_layers=80,
                                     gbps=450.0, latency_us=10.0)
     buffer = 2 * 8192  # one all-reduce of d_model bf16 values
@@ -342,15 +333,15 @@ def test_tensor_parallel_formulas():
 
 
 @pytest.mark.parametrize("tps", ["2,4", "1,4,2", "1,x"])
-def test_bench_decode_rejects_bad_tps(tps, capsys):
+def test_bench_decode_rejects_bad_tps(bench_script, tps, capsys):
     with pytest.raises(SystemExit) as e:
-        _bench_decode_module().main(["--quick", "--tps", tps])
+        bench_script("bench_decode").main(["--quick", "--tps", tps])
     assert e.value.code == 2 and "--tps must" in capsys.readouterr().err
 
 
-def test_bench_decode_quick(tmp_path, capsys):
+def test_bench_decode_quick(bench_script, tmp_path, capsys):
     out = tmp_path / "decode.json"
-    results = _bench_decode_module().main(["--quick", "--iters", "1", "--json", str(out)])
+    results = bench_script("bench_decode").main(["--quick", "--iters", "1", "--json", str(out)])
     assert json.loads(out.read_text()) == json.loads(json.dumps(results))
     printed = capsys.readouterr().out
     assert printed.count("(a) tiny") == 6 and printed.count("(b) tiny") == 2
