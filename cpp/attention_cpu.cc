@@ -95,10 +95,10 @@ void DecodeAttention(ffi::ThreadPool& pool, const AttentionDims& d, const T* qkv
       T* v_slot = cache_row(v_cache, slot);
       for (int64_t j = 0; j < D; ++j) k_slot[j] = FromFloat<T>(row[j]);
       for (int64_t j = 0; j < D; ++j) v_slot[j] = in[(G + 1) * D + j];
-      // Scores, a tile of slots at a time (unused lanes of the last tile score zero keys).
+      // Scores, a tile of slots at a time (the unused lanes of a last partial tile hold keys
+      // of an earlier tile: their scores are not kept).
       for (int64_t t0 = 0; t0 < len; t0 += kSlotTile) {
         const int64_t n = std::min(kSlotTile, len - t0);
-        std::fill(kt.begin(), kt.end(), 0.0f);
         for (int64_t l = 0; l < n; ++l) {
           const T* kl = cache_row(k_cache, t0 + l);
           for (int64_t j = 0; j < D; ++j) kt[j * kSlotTile + l] = ToFloat(kl[j]);
@@ -136,8 +136,8 @@ void CopyIfDistinct(ffi::AnyBuffer in, ffi::AnyBuffer& out) {
     std::memcpy(out.untyped_data(), in.untyped_data(), in.size_bytes());
 }
 
-ffi::Error DecodeAttentionImpl(ffi::ThreadPool pool, ffi::AnyBuffer qkv, ffi::AnyBuffer k_cache, ffi::AnyBuffer v_cache,
-                               ffi::AnyBuffer pos, ffi::Result<ffi::AnyBuffer> out,
+ffi::Error DecodeAttentionImpl(ffi::ThreadPool pool, ffi::AnyBuffer qkv, ffi::AnyBuffer k_cache,
+                               ffi::AnyBuffer v_cache, ffi::AnyBuffer pos, ffi::Result<ffi::AnyBuffer> out,
                                ffi::Result<ffi::AnyBuffer> k_out,
                                ffi::Result<ffi::AnyBuffer> v_out, float rope_theta) {
   AttentionDims d;

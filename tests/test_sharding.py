@@ -165,17 +165,20 @@ qkv = rng.standard_normal((B, H, G + 2, D)).astype(np.float32)
 kc, vc = (rng.standard_normal((B, T, H, D)).astype(np.float32) for _ in "kv")
 aref = jax_nf4.decode_attention(qkv, kc, vc, 7, rope_theta=1e4)
 
-def check_attention(name, mesh, qspec, cspec, donate=False, pos=7, ref=aref):
-    args = (jax.device_put(qkv, NamedSharding(mesh, qspec)),
+def put_attention(mesh, qspec, cspec, q=qkv):
+    return (jax.device_put(q, NamedSharding(mesh, qspec)),
             jax.device_put(kc, NamedSharding(mesh, cspec)),
             jax.device_put(vc, NamedSharding(mesh, cspec)))
-    f = jax.jit(lambda q, k, v: sharding.decode_attention(q, k, v, pos, rope_theta=1e4),
+
+def check_attention(name, mesh, qspec, cspec, donate=False):
+    args = put_attention(mesh, qspec, cspec)
+    f = jax.jit(lambda q, k, v: sharding.decode_attention(q, k, v, 7, rope_theta=1e4),
                 donate_argnums=(1, 2) if donate else ())
     txt = f.lower(*args).compile().as_text()
     ptrs = [s.data.unsafe_buffer_pointer() for s in args[1].addressable_shards]
     out = f(*args)
     report(name, exact=all(bool(np.array_equal(np.asarray(a), np.asarray(b)))
-                           for a, b in zip(out, ref)),
+                           for a, b in zip(out, aref)),
            specs=[str(o.sharding.spec) for o in out], all_gather="all-gather" in txt,
            in_place=ptrs == [s.data.unsafe_buffer_pointer() for s in out[1].addressable_shards])
 
@@ -192,9 +195,7 @@ def steps(op, qs, k, v):
         return (k, v), o
     (k, v), o = jax.lax.scan(body, (k, v), (qs, jnp.arange(5, dtype=jnp.int32)))
     return o, k, v
-sargs = (jax.device_put(qs, NamedSharding(m24, P(None, "data", "model"))),
-         jax.device_put(kc, NamedSharding(m24, P("data", None, "model"))),
-         jax.device_put(vc, NamedSharding(m24, P("data", None, "model"))))
+sargs = put_attention(m24, P(None, "data", "model"), P("data", None, "model"), q=qs)
 scan = jax.jit(lambda *a: steps(sharding.decode_attention, *a))
 got = scan(*sargs)
 want = jax.jit(lambda *a: steps(jax_nf4.decode_attention, *a))(qs, kc, vc)
@@ -202,9 +203,7 @@ report("attn_scan", exact=all(bool(np.array_equal(np.asarray(a), np.asarray(b)))
                               for a, b in zip(got, want)),
        all_gather="all-gather" in scan.lower(*sargs).compile().as_text())
 # control: the plain op on the same sharded operands gathers them
-pargs = (jax.device_put(qkv, NamedSharding(m24, P("data", "model"))),
-         jax.device_put(kc, NamedSharding(m24, P("data", None, "model"))),
-         jax.device_put(vc, NamedSharding(m24, P("data", None, "model"))))
+pargs = put_attention(m24, P("data", "model"), P("data", None, "model"))
 plain = jax.jit(lambda q, k, v: jax_nf4.decode_attention(q, k, v, 7, rope_theta=1e4))
 report("attn_plain", all_gather="all-gather" in plain.lower(*pargs).compile().as_text())
 print("DONE", flush=True)
