@@ -7,8 +7,9 @@ queries, 80 slots), and a 4096-slot cache. bf16, the step at the cache's last sl
 
 Both run STEPS steps chained under one jit (the caches carried, each step's output the next
 step's queries), after checking that their first step's outputs agree. On a GPU the time is
-the device busy time per step from one traced run (jax_nf4.benchmark.traced_device_ms), on a
-CPU the wall time per step.
+the device busy time per step from one traced run (jax_nf4.benchmark.traced_device_ms), with
+each variant's longest kernels per step on stderr (and in the JSON rows); on a CPU the wall time
+per step.
 
     python bench/bench_attention.py [--json PATH] [--quick]
 """
@@ -18,6 +19,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import sys
 import time
 from collections.abc import Callable, Sequence
 
@@ -35,6 +37,7 @@ SHAPES = [("llama3-8b b1", 1, 8, 4, 128, 144), ("llama3-8b b8", 8, 8, 4, 128, 14
           ("llama3-8b b1 T=4096", 1, 8, 4, 128, 4096)]
 QUICK_SHAPES = [("tiny", 1, 2, 2, 16, 8), ("tiny b2", 2, 1, 3, 8, 40)]
 THETA = 500000.0
+KERNELS = 8  # the longest kernels of a step listed per variant (GPU)
 
 
 def xla_step(qkv, k_cache, v_cache, pos, *, rope_theta: float = THETA):
@@ -73,18 +76,19 @@ def chained(step: Callable, steps: int, groups: int) -> Callable:
     return run
 
 
-def time_us(run: Callable, args: Sequence, steps: int) -> float:
-    """Device busy µs per step (GPU) or wall µs per step (CPU, best of 3)."""
+def time_us(run: Callable, args: Sequence, steps: int) -> tuple[float, list | None]:
+    """Device busy µs per step and the step's kernels ``[name, µs, calls]`` per step, longest
+    first (GPU), or wall µs per step (CPU, best of 3) and None."""
     jax.block_until_ready(run(*args))
-    kinds, _ = traced_device_ms(run, *args, per=steps)
+    kinds, top = traced_device_ms(run, *args, per=steps, top=KERNELS)
     if kinds is not None:
-        return 1e3 * kinds["busy"]
+        return 1e3 * kinds["busy"], [[name, 1e3 * ms, calls] for name, ms, calls in top]
     best = math.inf
     for _ in range(3):
         t0 = time.perf_counter()
         jax.block_until_ready(run(*args))
         best = min(best, time.perf_counter() - t0)
-    return 1e6 * best / steps
+    return 1e6 * best / steps, None
 
 
 def measure(b: int, h: int, g: int, d: int, t: int, steps: int) -> dict:
@@ -100,8 +104,11 @@ def measure(b: int, h: int, g: int, d: int, t: int, steps: int) -> dict:
         np.testing.assert_array_equal(np.asarray(x), np.asarray(y), err_msg=name)
     np.testing.assert_allclose(np.asarray(got[0], np.float32), np.asarray(want[0], np.float32),
                                rtol=2e-2, atol=2e-2)
-    return {"fused_us": time_us(chained(fused_step, steps, g), (qkv, k, v, pos), steps),
-            "xla_us": time_us(chained(xla_step, steps, g), (qkv, k, v, pos), steps)}
+    result = {}
+    for name, step in (("fused", fused_step), ("xla", xla_step)):
+        result[f"{name}_us"], result[f"{name}_kernels"] = time_us(
+            chained(step, steps, g), (qkv, k, v, pos), steps)
+    return result
 
 
 def main(argv: Sequence[str] | None = None) -> list[dict]:
@@ -109,8 +116,11 @@ def main(argv: Sequence[str] | None = None) -> list[dict]:
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--json", default=None, metavar="PATH", help="write the results here")
     p.add_argument("--quick", action="store_true", help="two tiny shapes (CPU, seconds)")
+    p.add_argument("--only", default=None, metavar="TEXT",
+                   help="only the shapes whose label contains TEXT")
     args = p.parse_args(argv)
     shapes, steps = (QUICK_SHAPES, 4) if args.quick else (SHAPES, 64)
+    shapes = [s for s in shapes if args.only is None or args.only in s[0]]
     device = jax.devices()[0]
     unit = "device µs" if device.platform == "gpu" else "wall µs"
     print(f"{device.device_kind}, jax {jax.__version__}, {steps} chained steps, {unit} per step")
@@ -122,6 +132,10 @@ def main(argv: Sequence[str] | None = None) -> list[dict]:
         rows.append(r)
         print(f"| {label} | " + " | ".join(map(str, shape)) + f" | {r['fused_us']:.2f} | "
               f"{r['xla_us']:.2f} | {r['xla_us'] / r['fused_us']:.2f}x |", flush=True)
+        for name in ("fused", "xla"):
+            for kernel, us, calls in r[f"{name}_kernels"] or []:
+                print(f"    {name}: {us:7.2f} µs {calls:5.2f} calls  {kernel[:100]}",
+                      file=sys.stderr)
     if args.json:
         with open(args.json, "w") as f:
             json.dump(rows, f, indent=1)

@@ -12,14 +12,16 @@
 // sums added in order). With one chunk (caches up to 256 slots) that is the output; with
 // several, each chunk's (weighted values, max, sum) go to FFI scratch and a second kernel
 // combines them in chunk order. Every sum runs in a fixed order: results are bit-stable.
-// 8B decode step (B = 1, 8 KV heads of 4 queries, 144 slots, bf16, H100): 7.9 µs, about 4 µs
-// less than XLA's kernels for the same step (bench/NOTES.md, session 16).
+// This SIMT kernel serves float32, head dims other than 64 / 128 and more than 16 query heads
+// per KV head; bf16 / f16 take the tensor-core split kernel below (DecodeAttentionMmaKernel).
+#include <cooperative_groups.h>
 #include <cuda_runtime.h>
 
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
 #include <string>
+#include <type_traits>
 #include <utility>
 
 #include "attention_ffi_shapes.h"
@@ -43,10 +45,11 @@ struct AttentionArgs {
   void* out;       // [B, H, G, D]
   float* partial;  // chunks > 1: [chunks, B, H, G, D + 2] (weighted values, max, sum)
   int64_t batch, heads, groups, head_dim, max_len;
-  int chunk;   // cache slots per CTA (a multiple of 32)
+  int chunk;   // cache slots per CTA (SIMT kernel: a multiple of 32; split kernel: of 16)
   int chunks;  // ceil(max_len / chunk)
-  int row;     // elements between staged cache rows in shared memory: D + 16 bytes' worth
-  int sum_warps;  // warps splitting the value sums: their sums fit where the key rows were
+  int row;     // SIMT kernel: elements between staged cache rows, D + 16 bytes' worth
+  int sum_warps;  // SIMT kernel: warps splitting the value sums (their sums fit where the
+                  // key rows were)
   float theta;
 };
 
@@ -279,54 +282,450 @@ __global__ void __launch_bounds__(kAttnThreads) DecodeAttentionKernel(AttentionA
   }
 }
 
-// Combines the chunks' partials of one (b, h) in chunk order: out = sum_c e_c acc_c / sum_c
-// e_c l_c with e_c = exp(m_c - max_c m_c); empty chunks (m = -inf) weigh 0.
+// The partials of one output element (weighted value sum acc, max m, exp sum l), combined in
+// order: acc = sum_c e_c acc_c, l = sum_c e_c l_c, m = max_c m_c with e_c = exp(m_c - m); empty
+// parts (m = -inf) weigh 0. The output is acc / l.
+struct Partial {
+  float acc, m, l;
+};
+template <typename Part>
+__device__ __forceinline__ Partial CombineParts(int count, Part part) {
+  float m = -INFINITY;
+  for (int c = 0; c < count; ++c) m = fmaxf(m, part(c).m);
+  float acc = 0.0f, l = 0.0f;
+  for (int c = 0; c < count; ++c) {
+    const Partial pc = part(c);
+    const float e = pc.m == -INFINITY ? 0.0f : expf(pc.m - m);
+    acc += e * pc.acc;
+    l += e * pc.l;
+  }
+  return {acc, m, l};
+}
+
+// Combines the chunks' partials from FFI scratch ([chunks, B, H, G, D + 2]: weighted values,
+// max, sum) of one (b, h, g) in chunk order, as CombineParts does: every chunk's statistics
+// read at once into shared memory, the weights e_c computed a chunk per thread, then a thread
+// per output dim sums over the chunks.
+constexpr int kCombineThreads = 128;
 template <typename T>
-__global__ void __launch_bounds__(kAttnThreads) CombineChunksKernel(AttentionArgs a) {
+__global__ void __launch_bounds__(kCombineThreads) CombineChunksKernel(AttentionArgs a) {
+  extern __shared__ float stats[];  // [chunks]: max m_c, then the weight e_c; [chunks]: sum l_c
+  float* sums = stats + a.chunks;
   const int64_t D = a.head_dim, G = a.groups, H = a.heads;
-  const int64_t b = blockIdx.y, h = blockIdx.x;
-  for (int64_t i = threadIdx.x; i < G * D; i += kAttnThreads) {
-    const int64_t g = i / D, d = i % D;
-    auto part = [&](int c) {
-      return a.partial + (((int64_t(c) * a.batch + b) * H + h) * G + g) * (D + 2);
-    };
-    float m = -INFINITY;
-    for (int c = 0; c < a.chunks; ++c) m = fmaxf(m, part(c)[D]);
-    float acc = 0.0f, l = 0.0f;
-    for (int c = 0; c < a.chunks; ++c) {
-      const float* pc = part(c);
-      const float e = pc[D] == -INFINITY ? 0.0f : expf(pc[D] - m);
-      acc += e * pc[d];
-      l += e * pc[D + 1];
-    }
+  const int64_t b = blockIdx.z, h = blockIdx.y, g = blockIdx.x;
+  auto part = [&](int c) {
+    return a.partial + (((int64_t(c) * a.batch + b) * H + h) * G + g) * (D + 2);
+  };
+  for (int c = threadIdx.x; c < a.chunks; c += kCombineThreads) {
+    stats[c] = part(c)[D];
+    sums[c] = part(c)[D + 1];
+  }
+  __syncthreads();
+  float m = -INFINITY;
+  for (int c = 0; c < a.chunks; ++c) m = fmaxf(m, stats[c]);
+  __syncthreads();
+  for (int c = threadIdx.x; c < a.chunks; c += kCombineThreads)
+    stats[c] = stats[c] == -INFINITY ? 0.0f : expf(stats[c] - m);
+  __syncthreads();
+  float l = 0.0f;
+  for (int c = 0; c < a.chunks; ++c) l += stats[c] * sums[c];
+  for (int64_t d = threadIdx.x; d < D; d += kCombineThreads) {
+    float acc = 0.0f;
+#pragma unroll 16
+    for (int c = 0; c < a.chunks; ++c) acc += stats[c] * part(c)[d];
     static_cast<T*>(a.out)[((b * H + h) * G + g) * D + d] = FromFloat<T>(acc / l);
   }
 }
-
 template <typename T>
-ffi::Error LaunchDecodeAttention(cudaStream_t stream, const AttentionArgs& a, size_t smem) {
-  constexpr int kVec = 16 / sizeof(T);
-  auto kernel = a.head_dim % kVec == 0 ? DecodeAttentionKernel<T, kVec>
-                                       : DecodeAttentionKernel<T, 1>;
-  // The most shared memory per SM, as the GEMV kernels around it in a decode step take: the SM
-  // then need not change its L1 / shared memory split between them.
+cudaError_t LaunchCombineChunks(cudaStream_t stream, const AttentionArgs& a) {
+  const size_t smem = sizeof(float) * 2 * size_t(a.chunks);
+  cudaError_t err = cudaFuncSetAttribute(CombineChunksKernel<T>,
+                                         cudaFuncAttributeMaxDynamicSharedMemorySize, int(smem));
+  if (err != cudaSuccess) return err;
+  CombineChunksKernel<T><<<dim3(unsigned(a.groups), unsigned(a.heads), unsigned(a.batch)),
+                           kCombineThreads, smem, stream>>>(a);
+  return cudaGetLastError();
+}
+
+// ---------------------------------------------------------------- tensor-core split kernel
+
+// bf16 / f16, D = 64 or 128, G <= 16. The cache slots 0 .. slot of one (b, h) are split into
+// `chunks` ranges of `chunk` slots, a CTA of kMmaWarps warps each. A warp takes the range's
+// 16-slot tiles w, w + W, w + 2W, ..., streamed by cp.async through its own ring of kMmaStages
+// shared-memory stages (slots past the range zero-filled), and runs flash attention on the
+// tensor cores (mma.m16n8k16, float32 accumulation): scores S = Q K^T with the G rotated
+// queries as the 16 rows of A (rows past G zero) against 8 slots at a time, an online softmax
+// in float32 (running max and sum per query head), and O += P V. P enters the mma as two terms
+// of the dtype, P = hi + lo (lo = P - hi rounded), so the weights keep ~16 significant bits and
+// the output the float32-grade accuracy of the op's contract (one dtype-rounded P would lose
+// it). The CTA then adds its warps' parts in warp order, and the chunks of the (b, h) are added
+// in chunk order: over distributed shared memory where they form one thread-block cluster
+// (sm_90, up to kMmaMaxCluster chunks), else by CombineChunksKernel from FFI scratch. The CTA
+// whose range holds the slot writes the new key and value to the cache and uses them in place
+// of the slot's old row. Sums run in a fixed order: bit-stable run to run.
+constexpr int kMmaWarps = 4;
+constexpr int kMmaThreads = 32 * kMmaWarps;
+constexpr int kMmaTile = 16;        // cache slots per warp step
+constexpr int kMmaStages = 3;       // ring stages per warp
+constexpr int kMmaMaxGroups = 16;   // query heads per KV head: the mma's 16 rows
+constexpr int kMmaMaxCluster = 8;   // CTAs per cluster (the portable maximum)
+constexpr int kMmaMaxChunks = 64;   // chunks per (b, h) without a cluster
+// Slots per chunk up to which the chunks form a cluster: beyond, more chunks and the combine
+// kernel are faster (T = 4096, 8 KV heads: 8 chunks of 512 slots 24.7 µs, 32 of 128 and the
+// combine kernel 17.4 µs; bench/NOTES.md, session 19).
+constexpr int kMmaMaxClusterChunk = 256;
+
+// Shared memory of the split kernel, in elements of T unless said: the warps' rings
+// [W][S][K, V][16][D + 8] (rows padded by 16 bytes: the 8 rows an ldmatrix phase reads hit
+// distinct banks), the rotated queries [16][D + 8] (rows G .. 15 unused), the qkv rows [G + 2][D] (16-byte padded),
+// then float32: each warp's max and sum per head [W][G] twice, the CTA's [G] twice, the rotary
+// cos / sin of each dim pair [D / 2] (RopeRotation). After the
+// warps' loops the ring holds the warps' value sums [W][G][D] and the CTA's [G][D] (float32).
+__host__ __device__ constexpr int MmaRow(int head_dim) { return head_dim + 8; }
+__host__ __device__ constexpr size_t MmaRingBytes(int head_dim, size_t elem) {
+  return size_t(kMmaWarps) * kMmaStages * 2 * kMmaTile * MmaRow(head_dim) * elem;
+}
+__host__ __device__ size_t MmaSharedBytes(int64_t groups, int head_dim, size_t elem) {
+  return MmaRingBytes(head_dim, elem) + size_t(kMmaTile) * MmaRow(head_dim) * elem +
+         QkvSharedBytes(groups, head_dim, elem) +
+         sizeof(float) * size_t(2 * kMmaWarps * groups + 2 * groups + head_dim);
+}
+static_assert(MmaRingBytes(64, 2) >= sizeof(float) * (kMmaWarps + 1) * kMmaMaxGroups * 64,
+              "the ring holds the value sums after the loops");
+
+__device__ __forceinline__ uint32_t SharedAddress(const void* p) {
+  return static_cast<uint32_t>(__cvta_generic_to_shared(p));
+}
+// 16 bytes by cp.async, or 16 zero bytes where !valid (src is then not read).
+__device__ __forceinline__ void CopyAsync16OrZero(void* dst, const void* src, bool valid) {
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;" ::"r"(SharedAddress(dst)),
+               "l"(src), "r"(valid ? 16 : 0));
+}
+__device__ __forceinline__ void CopyAsyncCommit() { asm volatile("cp.async.commit_group;"); }
+template <int N>
+__device__ __forceinline__ void CopyAsyncWait() {  // all but this thread's N newest groups
+  asm volatile("cp.async.wait_group %0;" ::"n"(N) : "memory");
+}
+// Four 8x8 matrices of 16-bit elements; lane l gives the row address of matrix l / 8, row l % 8.
+__device__ __forceinline__ void LoadMatrices(uint32_t (&r)[4], const void* row) {
+  asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0, %1, %2, %3}, [%4];"
+               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+               : "r"(SharedAddress(row))
+               : "memory");
+}
+__device__ __forceinline__ void LoadMatricesTransposed(uint32_t (&r)[4], const void* row) {
+  asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0, %1, %2, %3}, [%4];"
+               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+               : "r"(SharedAddress(row))
+               : "memory");
+}
+
+template <typename T, int D, bool kCluster>
+__global__ void __launch_bounds__(kMmaThreads) DecodeAttentionMmaKernel(AttentionArgs a) {
+  constexpr int R = MmaRow(D), KS = D / 16, NT = D / 8;
+  constexpr int kStage = 2 * kMmaTile * R;  // elements: the K tile, then the V tile
+  extern __shared__ __align__(16) unsigned char shared[];
+  const int G = int(a.groups);
+  const int64_t H = a.heads, L = a.max_len;
+  const int64_t b = blockIdx.z, h = blockIdx.y;
+  const int chunk = blockIdx.x;
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, g = lane / 4, t = lane % 4;
+  T* ring = reinterpret_cast<T*>(shared);
+  T* qs = ring + kMmaWarps * kMmaStages * kStage;  // [16][R]
+  T* xs = qs + kMmaTile * R;                       // [G + 2][D]
+  float* warp_max = reinterpret_cast<float*>(reinterpret_cast<unsigned char*>(xs) +
+                                             QkvSharedBytes(G, D, sizeof(T)));  // [W][G]
+  float* warp_sum = warp_max + kMmaWarps * G;                                   // [W][G]
+  float* cta_max = warp_sum + kMmaWarps * G;                                    // [G]
+  float* cta_sum = cta_max + G;                                                 // [G]
+  float* warp_values = reinterpret_cast<float*>(shared);  // [W][G][D], after the loops
+  float* cta_values = warp_values + kMmaWarps * G * D;    // [G][D]
+
+  const T* qkv = static_cast<const T*>(a.qkv) + (b * H + h) * (G + 2) * D;
+  for (int i = threadIdx.x; i < (G + 2) * D / 8; i += kMmaThreads)
+    CopyAsync16OrZero(xs + 8 * i, qkv + 8 * i, true);
+  CopyAsyncCommit();
+  const int32_t pos = *a.pos;
+  const int64_t slot = DecodeSlot(pos, L);
+  const int64_t t0 = int64_t(chunk) * a.chunk;
+  const int n = int(t0 + a.chunk < slot + 1 ? a.chunk : (slot + 1 > t0 ? slot + 1 - t0 : 0));
+  const int tiles = (n + kMmaTile - 1) / kMmaTile;
+  const bool owns_slot = t0 <= slot && slot < t0 + a.chunk;
+  const int64_t row_stride = H * D;  // between consecutive cache slots
+  T* k_cache = static_cast<T*>(a.k_cache) + b * L * row_stride + h * D;
+  T* v_cache = static_cast<T*>(a.v_cache) + b * L * row_stride + h * D;
+
+  // The warp's k-th tile (range tile w + W k) into ring stage k % S; a group is committed
+  // either way, so that every thread counts the same groups.
+  auto stage = [&](int k) { return ring + (warp * kMmaStages + k % kMmaStages) * kStage; };
+  auto issue = [&](int k) {
+    const int tile = warp + kMmaWarps * k;
+    if (tile < tiles) {
+      T* ks = stage(k);
+      T* vs = ks + kMmaTile * R;
+      for (int c = lane; c < kMmaTile * D / 8; c += 32) {
+        const int r = c / (D / 8), col = c % (D / 8) * 8;
+        const int j = kMmaTile * tile + r;
+        const int64_t offset = j < n ? (t0 + j) * row_stride + col : 0;
+        CopyAsync16OrZero(ks + r * R + col, k_cache + offset, j < n);
+        CopyAsync16OrZero(vs + r * R + col, v_cache + offset, j < n);
+      }
+    }
+    CopyAsyncCommit();
+  };
+#pragma unroll
+  for (int k = 0; k < kMmaStages - 1; ++k) issue(k);
+
+  // While the first tiles are in flight: the rotary embedding of the queries (rounded to T,
+  // into the mma's A rows 0 .. G - 1) and of the new key (rounded to T, into its qkv
+  // row), and the owner's cache write of the new key and value. Each pair's rotation is
+  // computed once (rope[i], float32) for all G + 1 rows.
+  constexpr int half = D / 2;
+  RopeRotation* rope = reinterpret_cast<RopeRotation*>(cta_max + 2 * G);  // [D / 2]
+  for (int i = threadIdx.x; i < half; i += kMmaThreads) rope[i] = RopeAt(pos, i, D, a.theta);
+  CopyAsyncWait<kMmaStages - 1>();  // this thread's qkv copies
+  __syncthreads();
+  for (int e = threadIdx.x; e < (G + 1) * half; e += kMmaThreads) {
+    const int row = e / half, i = e % half;
+    float y1, y2;
+    Rotate(ToFloat(xs[row * D + i]), ToFloat(xs[row * D + i + half]), rope[i], &y1, &y2);
+    const T r1 = FromFloat<T>(y1), r2 = FromFloat<T>(y2);
+    if (row < G) {
+      qs[row * R + i] = r1;
+      qs[row * R + i + half] = r2;
+    } else if (owns_slot) {
+      xs[G * D + i] = k_cache[slot * row_stride + i] = r1;
+      xs[G * D + i + half] = k_cache[slot * row_stride + i + half] = r2;
+    }
+  }
+  if (owns_slot) {
+    for (int d = threadIdx.x; d < D; d += kMmaThreads)
+      v_cache[slot * row_stride + d] = xs[(G + 1) * D + d];
+  }
+  __syncthreads();
+
+  // A fragments of the queries, for every k step; lane l addresses row l % 8 (+ 8 for
+  // matrices 1 and 3) and column 8 (l / 16) of the step.
+  const int frag_row = lane % 8 + 8 * (lane / 8 % 2), frag_col = 8 * (lane / 16);
+  uint32_t qa[KS][4];
+#pragma unroll
+  for (int kk = 0; kk < KS; ++kk) {
+    LoadMatrices(qa[kk], qs + frag_row * R + 16 * kk + frag_col);
+    if (g >= G) qa[kk][0] = qa[kk][2] = 0;  // rows past G (never written in qs) are zero
+    if (g + 8 >= G) qa[kk][1] = qa[kk][3] = 0;
+  }
+
+  // Online softmax over the warp's tiles: rows g and g + 8 of the mma (query heads) per lane.
+  float run_max[2] = {-INFINITY, -INFINITY}, run_sum[2] = {0.0f, 0.0f};
+  float o[NT][4];
+#pragma unroll
+  for (int j = 0; j < NT; ++j) o[j][0] = o[j][1] = o[j][2] = o[j][3] = 0.0f;
+  const float sqrt_d = sqrtf(float(D));
+  for (int k = 0; warp + kMmaWarps * k < tiles; ++k) {
+    issue(k + kMmaStages - 1);
+    CopyAsyncWait<kMmaStages - 1>();
+    __syncwarp();
+    const int tile = warp + kMmaWarps * k;
+    T* ks = stage(k);
+    T* vs = ks + kMmaTile * R;
+    const int64_t new_row = slot - t0 - kMmaTile * tile;
+    if (owns_slot && new_row >= 0 && new_row < kMmaTile) {  // the new key and value
+      for (int d = lane; d < D; d += 32) {
+        ks[new_row * R + d] = xs[G * D + d];
+        vs[new_row * R + d] = xs[(G + 1) * D + d];
+      }
+      __syncwarp();
+    }
+    // Scores of slots 8 j + (2t, 2t + 1) of the tile for heads g, g + 8: B fragments of two k
+    // steps per ldmatrix (matrix m: slot rows, columns 8 m of the step pair).
+    float s[2][4];
+#pragma unroll
+    for (int j = 0; j < 2; ++j) {
+      s[j][0] = s[j][1] = s[j][2] = s[j][3] = 0.0f;
+#pragma unroll
+      for (int kk = 0; kk < KS; kk += 2) {
+        uint32_t kb[4];
+        LoadMatrices(kb, ks + (8 * j + lane % 8) * R + 16 * kk + 8 * (lane / 8));
+        MmaType<T>::Mma(s[j], qa[kk], kb[0], kb[1]);
+        MmaType<T>::Mma(s[j], qa[kk + 1], kb[2], kb[3]);
+      }
+    }
+    float tile_max[2] = {-INFINITY, -INFINITY};
+#pragma unroll
+    for (int j = 0; j < 2; ++j)
+#pragma unroll
+      for (int c = 0; c < 4; ++c) {
+        const bool valid = kMmaTile * tile + 8 * j + 2 * t + (c & 1) < n;
+        s[j][c] = valid ? s[j][c] / sqrt_d : -INFINITY;
+        tile_max[c / 2] = fmaxf(tile_max[c / 2], s[j][c]);
+      }
+    float scale[2];
+#pragma unroll
+    for (int r = 0; r < 2; ++r) {  // every tile has a valid slot: the new max is finite
+      tile_max[r] = fmaxf(tile_max[r], __shfl_xor_sync(0xffffffffu, tile_max[r], 1));
+      tile_max[r] = fmaxf(tile_max[r], __shfl_xor_sync(0xffffffffu, tile_max[r], 2));
+      const float m = fmaxf(run_max[r], tile_max[r]);
+      scale[r] = expf(run_max[r] - m);
+      run_max[r] = m;
+      run_sum[r] *= scale[r];
+    }
+    // P = exp(S - max) as the A fragment of P V (k = the tile's 16 slots), in two terms.
+    uint32_t p_hi[4], p_lo[4];
+#pragma unroll
+    for (int j = 0; j < 2; ++j)
+#pragma unroll
+      for (int r = 0; r < 2; ++r) {
+        const float p0 = expf(s[j][2 * r] - run_max[r]), p1 = expf(s[j][2 * r + 1] - run_max[r]);
+        run_sum[r] += p0 + p1;
+        const uint32_t hi = MmaType<T>::Pack(p0, p1);
+        const float2 hf = MmaType<T>::Unpack(hi);
+        p_hi[2 * j + r] = hi;
+        p_lo[2 * j + r] = MmaType<T>::Pack(p0 - hf.x, p1 - hf.y);
+      }
+#pragma unroll
+    for (int j = 0; j < NT; ++j) {
+      o[j][0] *= scale[0];
+      o[j][1] *= scale[0];
+      o[j][2] *= scale[1];
+      o[j][3] *= scale[1];
+    }
+    // O += P V: B fragments of two 8-wide n tiles of dims per transposed ldmatrix.
+#pragma unroll
+    for (int u = 0; u < D / 16; ++u) {
+      uint32_t vb[4];
+      LoadMatricesTransposed(vb, vs + frag_row * R + 16 * u + frag_col);
+      MmaType<T>::Mma(o[2 * u], p_hi, vb[0], vb[1]);
+      MmaType<T>::Mma(o[2 * u], p_lo, vb[0], vb[1]);
+      MmaType<T>::Mma(o[2 * u + 1], p_hi, vb[2], vb[3]);
+      MmaType<T>::Mma(o[2 * u + 1], p_lo, vb[2], vb[3]);
+    }
+    __syncwarp();  // every lane is done with the stage before it is refilled
+  }
+#pragma unroll
+  for (int r = 0; r < 2; ++r) {
+    run_sum[r] += __shfl_xor_sync(0xffffffffu, run_sum[r], 1);
+    run_sum[r] += __shfl_xor_sync(0xffffffffu, run_sum[r], 2);
+  }
+
+  // The warps' parts (over the rings, now free), then the CTA's: their sum in warp order.
+  __syncthreads();
+#pragma unroll
+  for (int j = 0; j < NT; ++j)
+#pragma unroll
+    for (int c = 0; c < 4; ++c) {
+      const int row = g + 8 * (c / 2);
+      if (row < G) warp_values[(warp * G + row) * D + 8 * j + 2 * t + (c & 1)] = o[j][c];
+    }
+  if (t == 0) {
+#pragma unroll
+    for (int r = 0; r < 2; ++r) {
+      if (g + 8 * r < G) {
+        warp_max[warp * G + g + 8 * r] = run_max[r];
+        warp_sum[warp * G + g + 8 * r] = run_sum[r];
+      }
+    }
+  }
+  __syncthreads();
+  T* out = static_cast<T*>(a.out) + (b * H + h) * G * D;
+  float* partial = a.partial + ((int64_t(chunk) * a.batch + b) * H + h) * G * (D + 2);
+  for (int e = threadIdx.x; e < G * D; e += kMmaThreads) {
+    const int row = e / D, d = e % D;
+    const Partial r = CombineParts(kMmaWarps, [&](int w) {
+      return Partial{warp_values[w * G * D + e], warp_max[w * G + row], warp_sum[w * G + row]};
+    });
+    if (a.chunks == 1) {
+      out[e] = FromFloat<T>(r.acc / r.l);
+    } else if (kCluster) {
+      cta_values[e] = r.acc;
+      if (d == 0) cta_max[row] = r.m, cta_sum[row] = r.l;
+    } else {
+      partial[row * (D + 2) + d] = r.acc;
+      if (d == 0) partial[row * (D + 2) + D] = r.m, partial[row * (D + 2) + D + 1] = r.l;
+    }
+  }
+  if constexpr (kCluster) {  // the chunks of this (b, h), in chunk order; a slice per CTA
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+    namespace cg = cooperative_groups;
+    cg::cluster_group cluster = cg::this_cluster();
+    cluster.sync();
+    for (int e = chunk * kMmaThreads + threadIdx.x; e < G * D; e += a.chunks * kMmaThreads) {
+      const int row = e / D;
+      const Partial r = CombineParts(a.chunks, [&](int c) {
+        return Partial{cluster.map_shared_rank(cta_values, c)[e],
+                       cluster.map_shared_rank(cta_max, c)[row],
+                       cluster.map_shared_rank(cta_sum, c)[row]};
+      });
+      out[e] = FromFloat<T>(r.acc / r.l);
+    }
+    cluster.sync();  // no CTA leaves while another reads its shared memory
+#else
+    __trap();  // launched as a cluster on sm_90 only
+#endif
+  }
+}
+
+// The most shared memory per SM for `kernel`, as the GEMV kernels around it in a decode step
+// take (the SM then need not change its L1 / shared memory split between them), and `smem`
+// bytes of it per CTA.
+template <typename Kernel>
+cudaError_t SetSharedMemory(Kernel kernel, size_t smem) {
   cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributePreferredSharedMemoryCarveout,
                                          cudaSharedmemCarveoutMaxShared);
   if (err == cudaSuccess)
     err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(smem));
-  if (err == cudaSuccess) {
-    kernel<<<dim3(unsigned(a.chunks), unsigned(a.heads), unsigned(a.batch)), kAttnThreads, smem,
-             stream>>>(a);
-    err = cudaGetLastError();
+  return err;
+}
+
+// The SIMT kernel, then with several chunks the combine kernel.
+template <typename T>
+cudaError_t LaunchDecodeAttentionSimt(cudaStream_t stream, const AttentionArgs& a, size_t smem) {
+  constexpr int kVec = 16 / sizeof(T);
+  auto kernel = a.head_dim % kVec == 0 ? DecodeAttentionKernel<T, kVec>
+                                       : DecodeAttentionKernel<T, 1>;
+  cudaError_t err = SetSharedMemory(kernel, smem);
+  if (err != cudaSuccess) return err;
+  kernel<<<dim3(unsigned(a.chunks), unsigned(a.heads), unsigned(a.batch)), kAttnThreads, smem,
+           stream>>>(a);
+  err = cudaGetLastError();
+  if (err == cudaSuccess && a.chunks > 1) err = LaunchCombineChunks<T>(stream, a);
+  return err;
+}
+
+// The split kernel, its chunks of one (b, h) as one cluster or followed by the combine kernel.
+template <typename T, int D>
+cudaError_t LaunchDecodeAttentionMma(cudaStream_t stream, const AttentionArgs& a, size_t smem,
+                                     bool cluster) {
+  auto kernel = cluster ? DecodeAttentionMmaKernel<T, D, true>
+                        : DecodeAttentionMmaKernel<T, D, false>;
+  cudaError_t err = SetSharedMemory(kernel, smem);
+  if (err != cudaSuccess) return err;
+  cudaLaunchConfig_t config = {};
+  config.gridDim = dim3(unsigned(a.chunks), unsigned(a.heads), unsigned(a.batch));
+  config.blockDim = dim3(kMmaThreads);
+  config.dynamicSmemBytes = smem;
+  config.stream = stream;
+  cudaLaunchAttribute attribute;
+  attribute.id = cudaLaunchAttributeClusterDimension;
+  attribute.val.clusterDim.x = unsigned(a.chunks);
+  attribute.val.clusterDim.y = attribute.val.clusterDim.z = 1;
+  config.attrs = &attribute;
+  config.numAttrs = cluster ? 1 : 0;
+  err = cudaLaunchKernelEx(&config, kernel, a);
+  if (err == cudaSuccess) err = cudaGetLastError();
+  if (err == cudaSuccess && a.chunks > 1 && !cluster) err = LaunchCombineChunks<T>(stream, a);
+  return err;
+}
+
+template <typename T>
+cudaError_t LaunchDecodeAttention(cudaStream_t stream, const AttentionArgs& a, size_t smem,
+                                  bool mma, bool cluster) {
+  if (!mma) return LaunchDecodeAttentionSimt<T>(stream, a, smem);
+  if constexpr (std::is_same_v<T, float>) {
+    return cudaErrorInvalidValue;  // the split kernel is for 16-bit dtypes only
+  } else {
+    return a.head_dim == 64 ? LaunchDecodeAttentionMma<T, 64>(stream, a, smem, cluster)
+                            : LaunchDecodeAttentionMma<T, 128>(stream, a, smem, cluster);
   }
-  if (err == cudaSuccess && a.chunks > 1) {
-    CombineChunksKernel<T><<<dim3(unsigned(a.heads), unsigned(a.batch)), kAttnThreads, 0,
-                             stream>>>(a);
-    err = cudaGetLastError();
-  }
-  if (err != cudaSuccess)
-    return ffi::Error::Internal(std::string("decode_attention: ") + cudaGetErrorString(err));
-  return ffi::Error::Success();
 }
 
 ffi::Error DecodeAttentionCuda(cudaStream_t stream, ffi::ScratchAllocator scratch,
@@ -343,22 +742,50 @@ ffi::Error DecodeAttentionCuda(cudaStream_t stream, ffi::ScratchAllocator scratc
     return ffi::Error::InvalidArgument(
         "decode_attention: at most 65535 sequences and KV heads per call, got B = " +
         std::to_string(d.batch) + ", H_kv = " + std::to_string(d.kv_heads));
-  // Slots per CTA: as many as the shared memory budget holds (a multiple of 32, at most
-  // kAttnMaxChunk, no more than the cache has).
-  int device = 0, optin = 0;
+  int device = 0, optin = 0, sms = 0, major = 0;
   cudaGetDevice(&device);
   cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, device);
+  cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device);
+  cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device);
   const size_t elem = qkv.element_type() == ffi::DataType::F32 ? 4 : 2;
   const int64_t row = d.head_dim + int64_t(16 / elem);
-  const size_t budget = optin < kAttnSharedBudget ? size_t(optin) : size_t(kAttnSharedBudget);
-  int64_t chunk = std::min<int64_t>(kAttnMaxChunk, (d.max_len + 31) / 32 * 32);
-  while (chunk > 32 && AttentionSharedBytes(d.groups, d.head_dim, chunk, row, elem) > budget)
-    chunk -= 32;
-  if (AttentionSharedBytes(d.groups, d.head_dim, chunk, row, elem) > budget)
-    return ffi::Error::InvalidArgument(
-        "decode_attention: " + std::to_string(d.groups) + " query heads per KV head of dim " +
-        std::to_string(d.head_dim) + " leave no room for " + std::to_string(chunk) +
-        " cache slots in " + std::to_string(budget) + " bytes of shared memory");
+  auto round32 = [](int64_t v) { return (v + 31) / 32 * 32; };
+  // bf16 / f16 with D = 64 or 128 and G <= 16: the split kernel, the cache in about two CTAs
+  // per SM in all, a tile per warp at least (chunks of >= 64 slots), as one cluster per (b, h)
+  // on sm_90 where its chunks are short. Else the
+  // SIMT kernel: slots per CTA as many as its shared memory budget holds (a multiple of 32, at
+  // most kAttnMaxChunk, no more than the cache has).
+  const bool mma = elem == 2 && (d.head_dim == 64 || d.head_dim == 128) &&
+                   d.groups <= kMmaMaxGroups &&
+                   MmaSharedBytes(d.groups, int(d.head_dim), elem) <= size_t(optin);
+  int64_t chunk = 0;
+  size_t smem = 0;
+  bool cluster = false;
+  if (mma) {
+    const int64_t want = std::clamp<int64_t>(
+        std::min<int64_t>(2 * int64_t(sms) / (d.batch * d.kv_heads),
+                          (d.max_len + kMmaWarps * kMmaTile - 1) / (kMmaWarps * kMmaTile)),
+        1, kMmaMaxChunks);
+    auto slots_per_chunk = [&](int64_t chunks) {
+      return ((d.max_len + chunks - 1) / chunks + kMmaTile - 1) / kMmaTile * kMmaTile;
+    };
+    const int64_t cluster_chunk = slots_per_chunk(std::min<int64_t>(want, kMmaMaxCluster));
+    cluster = major >= 9 && cluster_chunk <= kMmaMaxClusterChunk && cluster_chunk < d.max_len;
+    chunk = cluster ? cluster_chunk : slots_per_chunk(want);
+    smem = MmaSharedBytes(d.groups, int(d.head_dim), elem);
+  } else {
+    const size_t budget = optin < kAttnSharedBudget ? size_t(optin) : size_t(kAttnSharedBudget);
+    chunk = std::min<int64_t>(kAttnMaxChunk, round32(d.max_len));
+    while (chunk > 32 && AttentionSharedBytes(d.groups, d.head_dim, chunk, row, elem) > budget)
+      chunk -= 32;
+    smem = AttentionSharedBytes(d.groups, d.head_dim, chunk, row, elem);
+    if (smem > budget)
+      return ffi::Error::InvalidArgument(
+          "decode_attention: " + std::to_string(d.groups) + " query heads per KV head of dim " +
+          std::to_string(d.head_dim) + " leave no room for " + std::to_string(chunk) +
+          " cache slots in " + std::to_string(budget) + " bytes of shared memory");
+  }
+  const int chunks = int((d.max_len + chunk - 1) / chunk);
   // The cache results alias the operands (the lowering asks XLA for it); copy where they do not.
   for (auto [in, res] : {std::pair{&k_cache, &k_out}, std::pair{&v_cache, &v_out}}) {
     if ((*res)->untyped_data() != in->untyped_data()) {
@@ -369,16 +796,16 @@ ffi::Error DecodeAttentionCuda(cudaStream_t stream, ffi::ScratchAllocator scratc
                                     cudaGetErrorString(err));
     }
   }
-  const int64_t sum_warps = std::clamp<int64_t>(
+  const int64_t sum_warps = mma ? 0 : std::clamp<int64_t>(
       int64_t(KeyRegionBytes(d.groups, d.head_dim, chunk, row, elem)) /
           (d.groups * d.head_dim * int64_t(sizeof(float))),
       1, kAttnThreads / 32);
   AttentionArgs a{qkv.untyped_data(), k_out->untyped_data(), v_out->untyped_data(),
                   static_cast<const int32_t*>(pos.untyped_data()), out->untyped_data(), nullptr,
-                  d.batch, d.kv_heads, d.groups, d.head_dim, d.max_len, int(chunk),
-                  int((d.max_len + chunk - 1) / chunk), int(row), int(sum_warps), rope_theta};
-  if (a.chunks > 1) {
-    const size_t bytes = sizeof(float) * size_t(a.chunks) *
+                  d.batch, d.kv_heads, d.groups, d.head_dim, d.max_len, int(chunk), chunks,
+                  int(row), int(sum_warps), rope_theta};
+  if (chunks > 1 && !cluster) {
+    const size_t bytes = sizeof(float) * size_t(chunks) *
                          size_t(d.batch * d.kv_heads * d.groups) * size_t(d.head_dim + 2);
     auto buffer = scratch.Allocate(bytes, 16);
     if (!buffer.has_value())
@@ -386,13 +813,22 @@ ffi::Error DecodeAttentionCuda(cudaStream_t stream, ffi::ScratchAllocator scratc
                                   std::to_string(bytes) + " bytes of scratch for chunk partials");
     a.partial = static_cast<float*>(buffer.value());
   }
-  const size_t smem = AttentionSharedBytes(d.groups, d.head_dim, chunk, row, elem);
+  cudaError_t err = cudaErrorInvalidValue;
   switch (qkv.element_type()) {
-    case ffi::DataType::F32: return LaunchDecodeAttention<float>(stream, a, smem);
-    case ffi::DataType::BF16: return LaunchDecodeAttention<__nv_bfloat16>(stream, a, smem);
-    case ffi::DataType::F16: return LaunchDecodeAttention<__half>(stream, a, smem);
+    case ffi::DataType::F32:
+      err = LaunchDecodeAttention<float>(stream, a, smem, mma, cluster);
+      break;
+    case ffi::DataType::BF16:
+      err = LaunchDecodeAttention<__nv_bfloat16>(stream, a, smem, mma, cluster);
+      break;
+    case ffi::DataType::F16:
+      err = LaunchDecodeAttention<__half>(stream, a, smem, mma, cluster);
+      break;
     default: return ffi::Error::InvalidArgument("decode_attention: unsupported qkv dtype");
   }
+  if (err != cudaSuccess)
+    return ffi::Error::Internal(std::string("decode_attention: ") + cudaGetErrorString(err));
+  return ffi::Error::Success();
 }
 
 }  // namespace
