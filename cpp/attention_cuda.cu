@@ -74,12 +74,19 @@ size_t AttentionSharedBytes(int64_t groups, int64_t head_dim, int64_t chunk, int
          sizeof(float) * size_t(groups * head_dim + groups * chunk + 2 * groups);
 }
 
-// 16 bytes from global to shared memory without a register (sm_80+): every copy of the chunk
-// is in flight at once.
-__device__ __forceinline__ void CopyAsync16(void* dst, const void* src) {
-  asm volatile("cp.async.cg.shared.global [%0], [%1], 16;" ::"r"(
-                   static_cast<uint32_t>(__cvta_generic_to_shared(dst))),
-               "l"(src));
+__device__ __forceinline__ uint32_t SharedAddress(const void* p) {
+  return static_cast<uint32_t>(__cvta_generic_to_shared(p));
+}
+// 16 bytes from global to shared memory without a register (sm_80+), or 16 zero bytes where
+// !valid (src is then not read).
+__device__ __forceinline__ void CopyAsync16(void* dst, const void* src, bool valid = true) {
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;" ::"r"(SharedAddress(dst)),
+               "l"(src), "r"(valid ? 16 : 0));
+}
+__device__ __forceinline__ void CopyAsyncCommit() { asm volatile("cp.async.commit_group;"); }
+template <int N>
+__device__ __forceinline__ void CopyAsyncWait() {  // all but this thread's N newest groups
+  asm volatile("cp.async.wait_group %0;" ::"n"(N) : "memory");
 }
 
 // V: elements per 16-byte access of a cache row where D * sizeof(T) allows it, else 1.
@@ -103,7 +110,7 @@ __global__ void __launch_bounds__(kAttnThreads) DecodeAttentionKernel(AttentionA
   if constexpr (kCopy16) {
     for (int64_t i = threadIdx.x; i < (G + 2) * D / V; i += kAttnThreads)
       CopyAsync16(xs + i * V, qkv + i * V);
-    asm volatile("cp.async.commit_group;");
+    CopyAsyncCommit();
   } else {
     for (int64_t i = threadIdx.x; i < (G + 2) * D; i += kAttnThreads) xs[i] = qkv[i];
   }
@@ -115,7 +122,7 @@ __global__ void __launch_bounds__(kAttnThreads) DecodeAttentionKernel(AttentionA
   const int64_t partial_base = ((int64_t(chunk) * a.batch + b) * H + h) * G;  // head g: + g
 
   if (n <= 0) {  // no slot of this chunk is attended: an empty partial (chunk 0 never is)
-    if constexpr (kCopy16) asm volatile("cp.async.wait_all;");
+    if constexpr (kCopy16) CopyAsyncWait<0>();
     for (int64_t i = threadIdx.x; i < G * (D + 2); i += kAttnThreads) {
       const int64_t g = i / (D + 2), e = i % (D + 2);
       a.partial[(partial_base + g) * (D + 2) + e] = e == D ? -INFINITY : 0.0f;
@@ -135,7 +142,7 @@ __global__ void __launch_bounds__(kAttnThreads) DecodeAttentionKernel(AttentionA
       CopyAsync16(ks + j * R + c * V, k_cache + (t0 + j) * row_stride + c * V);
       CopyAsync16(vs + j * R + c * V, v_cache + (t0 + j) * row_stride + c * V);
     }
-    asm volatile("cp.async.commit_group;");
+    CopyAsyncCommit();
   } else {
     for (int64_t i = threadIdx.x; i < n * D; i += kAttnThreads) {
       const int64_t j = i / D, d = i % D;
@@ -148,7 +155,7 @@ __global__ void __launch_bounds__(kAttnThreads) DecodeAttentionKernel(AttentionA
   // (rounded to T, as the model's rope returns them; the key in place in its qkv row). The
   // CTA of the slot's chunk writes the new key and value to the cache, and once the staged
   // rows have landed, over the slot's old row there (its copy may have read either).
-  if constexpr (kCopy16) asm volatile("cp.async.wait_group 1;");
+  if constexpr (kCopy16) CopyAsyncWait<1>();
   __syncthreads();  // the qkv rows have landed
   const int64_t half = D / 2;
   const bool owns_slot = slot < t1;
@@ -170,7 +177,7 @@ __global__ void __launch_bounds__(kAttnThreads) DecodeAttentionKernel(AttentionA
     for (int64_t d = threadIdx.x; d < D; d += kAttnThreads)
       v_cache[slot * row_stride + d] = xs[(G + 1) * D + d];
   }
-  if constexpr (kCopy16) asm volatile("cp.async.wait_all;");
+  if constexpr (kCopy16) CopyAsyncWait<0>();
   __syncthreads();  // the staged rows have landed, the new key is rotated
   if (owns_slot) {
     for (int64_t d = threadIdx.x; d < D; d += kAttnThreads) {
@@ -377,9 +384,9 @@ constexpr int kMmaMaxClusterChunk = 256;
 
 // Shared memory of the split kernel, in elements of T unless said: the warps' rings
 // [W][S][K, V][16][D + 8] (rows padded by 16 bytes: the 8 rows an ldmatrix phase reads hit
-// distinct banks), the rotated queries [16][D + 8] (rows G .. 15 unused), the qkv rows [G + 2][D] (16-byte padded),
-// then float32: each warp's max and sum per head [W][G] twice, the CTA's [G] twice, the rotary
-// cos / sin of each dim pair [D / 2] (RopeRotation). After the
+// distinct banks), the rotated queries [16][D + 8] (rows G .. 15 unused), the qkv rows
+// [G + 2][D] (16-byte padded), then float32: each warp's max and sum per head [W][G] twice, the
+// CTA's [G] twice, the rotary cos / sin of each dim pair [D / 2] (RopeRotation). After the
 // warps' loops the ring holds the warps' value sums [W][G][D] and the CTA's [G][D] (float32).
 __host__ __device__ constexpr int MmaRow(int head_dim) { return head_dim + 8; }
 __host__ __device__ constexpr size_t MmaRingBytes(int head_dim, size_t elem) {
@@ -393,19 +400,6 @@ __host__ __device__ size_t MmaSharedBytes(int64_t groups, int head_dim, size_t e
 static_assert(MmaRingBytes(64, 2) >= sizeof(float) * (kMmaWarps + 1) * kMmaMaxGroups * 64,
               "the ring holds the value sums after the loops");
 
-__device__ __forceinline__ uint32_t SharedAddress(const void* p) {
-  return static_cast<uint32_t>(__cvta_generic_to_shared(p));
-}
-// 16 bytes by cp.async, or 16 zero bytes where !valid (src is then not read).
-__device__ __forceinline__ void CopyAsync16OrZero(void* dst, const void* src, bool valid) {
-  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;" ::"r"(SharedAddress(dst)),
-               "l"(src), "r"(valid ? 16 : 0));
-}
-__device__ __forceinline__ void CopyAsyncCommit() { asm volatile("cp.async.commit_group;"); }
-template <int N>
-__device__ __forceinline__ void CopyAsyncWait() {  // all but this thread's N newest groups
-  asm volatile("cp.async.wait_group %0;" ::"n"(N) : "memory");
-}
 // Four 8x8 matrices of 16-bit elements; lane l gives the row address of matrix l / 8, row l % 8.
 __device__ __forceinline__ void LoadMatrices(uint32_t (&r)[4], const void* row) {
   asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0, %1, %2, %3}, [%4];"
@@ -443,7 +437,7 @@ __global__ void __launch_bounds__(kMmaThreads) DecodeAttentionMmaKernel(Attentio
 
   const T* qkv = static_cast<const T*>(a.qkv) + (b * H + h) * (G + 2) * D;
   for (int i = threadIdx.x; i < (G + 2) * D / 8; i += kMmaThreads)
-    CopyAsync16OrZero(xs + 8 * i, qkv + 8 * i, true);
+    CopyAsync16(xs + 8 * i, qkv + 8 * i);
   CopyAsyncCommit();
   const int32_t pos = *a.pos;
   const int64_t slot = DecodeSlot(pos, L);
@@ -467,8 +461,8 @@ __global__ void __launch_bounds__(kMmaThreads) DecodeAttentionMmaKernel(Attentio
         const int r = c / (D / 8), col = c % (D / 8) * 8;
         const int j = kMmaTile * tile + r;
         const int64_t offset = j < n ? (t0 + j) * row_stride + col : 0;
-        CopyAsync16OrZero(ks + r * R + col, k_cache + offset, j < n);
-        CopyAsync16OrZero(vs + r * R + col, v_cache + offset, j < n);
+        CopyAsync16(ks + r * R + col, k_cache + offset, j < n);
+        CopyAsync16(vs + r * R + col, v_cache + offset, j < n);
       }
     }
     CopyAsyncCommit();
