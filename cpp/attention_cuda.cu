@@ -357,8 +357,8 @@ cudaError_t LaunchCombineChunks(cudaStream_t stream, const AttentionArgs& a) {
 // ---------------------------------------------------------------- tensor-core split kernel
 
 // bf16 / f16, D = 64 or 128, G <= 16. The cache slots 0 .. slot of one (b, h) are split into
-// `chunks` ranges of `chunk` slots, a CTA of kMmaWarps warps each. A warp takes the range's
-// 16-slot tiles w, w + W, w + 2W, ..., streamed by cp.async through its own ring of kMmaStages
+// `chunks` ranges of `chunk` slots, a CTA of W warps each. A warp takes the range's
+// 16-slot tiles w, w + W, w + 2W, ..., streamed by cp.async through its own ring of S
 // shared-memory stages (slots past the range zero-filled), and runs flash attention on the
 // tensor cores (mma.m16n8k16, float32 accumulation): scores S = Q K^T with the G rotated
 // queries as the 16 rows of A (rows past G zero) against 8 slots at a time, an online softmax
@@ -370,10 +370,14 @@ cudaError_t LaunchCombineChunks(cudaStream_t stream, const AttentionArgs& a) {
 // (sm_90, up to kMmaMaxCluster chunks), else by CombineChunksKernel from FFI scratch. The CTA
 // whose range holds the slot writes the new key and value to the cache and uses them in place
 // of the slot's old row. Sums run in a fixed order: bit-stable run to run.
-constexpr int kMmaWarps = 4;
-constexpr int kMmaThreads = 32 * kMmaWarps;
 constexpr int kMmaTile = 16;        // cache slots per warp step
-constexpr int kMmaStages = 3;       // ring stages per warp
+// W warps per CTA and S ring stages per warp: caches of up to kMmaShortCache slots take 8
+// warps of 2 stages (the CTA's fixed work spread wider; one CTA per SM), longer ones 4 warps of
+// 3 stages (two CTAs per SM). H100 kernel µs, 8 / 4 warps: 70B (T = 80) 7.5 / 9.0, 8B at batch
+// 8 (T = 144) 8.5 / 9.3, at batch 1 8.2 / 8.0; T = 4096 14.1 / 10.7 (bench/NOTES.md, session 19).
+constexpr int kMmaShortCache = 1024;
+__host__ __device__ constexpr int MmaWarps(bool short_cache) { return short_cache ? 8 : 4; }
+__host__ __device__ constexpr int MmaStages(int warps) { return warps == 8 ? 2 : 3; }
 constexpr int kMmaMaxGroups = 16;   // query heads per KV head: the mma's 16 rows
 constexpr int kMmaMaxCluster = 8;   // CTAs per cluster (the portable maximum)
 constexpr int kMmaMaxChunks = 64;   // chunks per (b, h) without a cluster
@@ -389,15 +393,16 @@ constexpr int kMmaMaxClusterChunk = 256;
 // CTA's [G] twice, the rotary cos / sin of each dim pair [D / 2] (RopeRotation). After the
 // warps' loops the ring holds the warps' value sums [W][G][D] and the CTA's [G][D] (float32).
 __host__ __device__ constexpr int MmaRow(int head_dim) { return head_dim + 8; }
-__host__ __device__ constexpr size_t MmaRingBytes(int head_dim, size_t elem) {
-  return size_t(kMmaWarps) * kMmaStages * 2 * kMmaTile * MmaRow(head_dim) * elem;
+__host__ __device__ constexpr size_t MmaRingBytes(int warps, int head_dim, size_t elem) {
+  return size_t(warps) * MmaStages(warps) * 2 * kMmaTile * MmaRow(head_dim) * elem;
 }
-__host__ __device__ size_t MmaSharedBytes(int64_t groups, int head_dim, size_t elem) {
-  return MmaRingBytes(head_dim, elem) + size_t(kMmaTile) * MmaRow(head_dim) * elem +
+__host__ __device__ size_t MmaSharedBytes(int warps, int64_t groups, int head_dim, size_t elem) {
+  return MmaRingBytes(warps, head_dim, elem) + size_t(kMmaTile) * MmaRow(head_dim) * elem +
          QkvSharedBytes(groups, head_dim, elem) +
-         sizeof(float) * size_t(2 * kMmaWarps * groups + 2 * groups + head_dim);
+         sizeof(float) * size_t(2 * warps * groups + 2 * groups + head_dim);
 }
-static_assert(MmaRingBytes(64, 2) >= sizeof(float) * (kMmaWarps + 1) * kMmaMaxGroups * 64,
+static_assert(MmaRingBytes(4, 64, 2) >= sizeof(float) * (4 + 1) * kMmaMaxGroups * 64 &&
+                  MmaRingBytes(8, 64, 2) >= sizeof(float) * (8 + 1) * kMmaMaxGroups * 64,
               "the ring holds the value sums after the loops");
 
 // Four 8x8 matrices of 16-bit elements; lane l gives the row address of matrix l / 8, row l % 8.
@@ -414,9 +419,9 @@ __device__ __forceinline__ void LoadMatricesTransposed(uint32_t (&r)[4], const v
                : "memory");
 }
 
-template <typename T, int D, bool kCluster>
-__global__ void __launch_bounds__(kMmaThreads) DecodeAttentionMmaKernel(AttentionArgs a) {
-  constexpr int R = MmaRow(D), KS = D / 16, NT = D / 8;
+template <typename T, int D, int W, bool kCluster>
+__global__ void __launch_bounds__(32 * W) DecodeAttentionMmaKernel(AttentionArgs a) {
+  constexpr int R = MmaRow(D), KS = D / 16, NT = D / 8, S = MmaStages(W), kThreads = 32 * W;
   constexpr int kStage = 2 * kMmaTile * R;  // elements: the K tile, then the V tile
   extern __shared__ __align__(16) unsigned char shared[];
   const int G = int(a.groups);
@@ -425,18 +430,18 @@ __global__ void __launch_bounds__(kMmaThreads) DecodeAttentionMmaKernel(Attentio
   const int chunk = blockIdx.x;
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, g = lane / 4, t = lane % 4;
   T* ring = reinterpret_cast<T*>(shared);
-  T* qs = ring + kMmaWarps * kMmaStages * kStage;  // [16][R]
+  T* qs = ring + W * S * kStage;  // [16][R]
   T* xs = qs + kMmaTile * R;                       // [G + 2][D]
   float* warp_max = reinterpret_cast<float*>(reinterpret_cast<unsigned char*>(xs) +
                                              QkvSharedBytes(G, D, sizeof(T)));  // [W][G]
-  float* warp_sum = warp_max + kMmaWarps * G;                                   // [W][G]
-  float* cta_max = warp_sum + kMmaWarps * G;                                    // [G]
+  float* warp_sum = warp_max + W * G;                                   // [W][G]
+  float* cta_max = warp_sum + W * G;                                    // [G]
   float* cta_sum = cta_max + G;                                                 // [G]
   float* warp_values = reinterpret_cast<float*>(shared);  // [W][G][D], after the loops
-  float* cta_values = warp_values + kMmaWarps * G * D;    // [G][D]
+  float* cta_values = warp_values + W * G * D;    // [G][D]
 
   const T* qkv = static_cast<const T*>(a.qkv) + (b * H + h) * (G + 2) * D;
-  for (int i = threadIdx.x; i < (G + 2) * D / 8; i += kMmaThreads)
+  for (int i = threadIdx.x; i < (G + 2) * D / 8; i += kThreads)
     CopyAsync16(xs + 8 * i, qkv + 8 * i);
   CopyAsyncCommit();
   const int32_t pos = *a.pos;
@@ -451,9 +456,9 @@ __global__ void __launch_bounds__(kMmaThreads) DecodeAttentionMmaKernel(Attentio
 
   // The warp's k-th tile (range tile w + W k) into ring stage k % S; a group is committed
   // either way, so that every thread counts the same groups.
-  auto stage = [&](int k) { return ring + (warp * kMmaStages + k % kMmaStages) * kStage; };
+  auto stage = [&](int k) { return ring + (warp * S + k % S) * kStage; };
   auto issue = [&](int k) {
-    const int tile = warp + kMmaWarps * k;
+    const int tile = warp + W * k;
     if (tile < tiles) {
       T* ks = stage(k);
       T* vs = ks + kMmaTile * R;
@@ -468,7 +473,7 @@ __global__ void __launch_bounds__(kMmaThreads) DecodeAttentionMmaKernel(Attentio
     CopyAsyncCommit();
   };
 #pragma unroll
-  for (int k = 0; k < kMmaStages - 1; ++k) issue(k);
+  for (int k = 0; k < S - 1; ++k) issue(k);
 
   // While the first tiles are in flight: the rotary embedding of the queries (rounded to T,
   // into the mma's A rows 0 .. G - 1) and of the new key (rounded to T, into its qkv
@@ -476,10 +481,10 @@ __global__ void __launch_bounds__(kMmaThreads) DecodeAttentionMmaKernel(Attentio
   // computed once (rope[i], float32) for all G + 1 rows.
   constexpr int half = D / 2;
   RopeRotation* rope = reinterpret_cast<RopeRotation*>(cta_max + 2 * G);  // [D / 2]
-  for (int i = threadIdx.x; i < half; i += kMmaThreads) rope[i] = RopeAt(pos, i, D, a.theta);
-  CopyAsyncWait<kMmaStages - 1>();  // this thread's qkv copies
+  for (int i = threadIdx.x; i < half; i += kThreads) rope[i] = RopeAt(pos, i, D, a.theta);
+  CopyAsyncWait<S - 1>();  // this thread's qkv copies
   __syncthreads();
-  for (int e = threadIdx.x; e < (G + 1) * half; e += kMmaThreads) {
+  for (int e = threadIdx.x; e < (G + 1) * half; e += kThreads) {
     const int row = e / half, i = e % half;
     float y1, y2;
     Rotate(ToFloat(xs[row * D + i]), ToFloat(xs[row * D + i + half]), rope[i], &y1, &y2);
@@ -493,7 +498,7 @@ __global__ void __launch_bounds__(kMmaThreads) DecodeAttentionMmaKernel(Attentio
     }
   }
   if (owns_slot) {
-    for (int d = threadIdx.x; d < D; d += kMmaThreads)
+    for (int d = threadIdx.x; d < D; d += kThreads)
       v_cache[slot * row_stride + d] = xs[(G + 1) * D + d];
   }
   __syncthreads();
@@ -515,11 +520,11 @@ __global__ void __launch_bounds__(kMmaThreads) DecodeAttentionMmaKernel(Attentio
 #pragma unroll
   for (int j = 0; j < NT; ++j) o[j][0] = o[j][1] = o[j][2] = o[j][3] = 0.0f;
   const float sqrt_d = sqrtf(float(D));
-  for (int k = 0; warp + kMmaWarps * k < tiles; ++k) {
-    issue(k + kMmaStages - 1);
-    CopyAsyncWait<kMmaStages - 1>();
+  for (int k = 0; warp + W * k < tiles; ++k) {
+    issue(k + S - 1);
+    CopyAsyncWait<S - 1>();
     __syncwarp();
-    const int tile = warp + kMmaWarps * k;
+    const int tile = warp + W * k;
     T* ks = stage(k);
     T* vs = ks + kMmaTile * R;
     const int64_t new_row = slot - t0 - kMmaTile * tile;
@@ -621,10 +626,9 @@ __global__ void __launch_bounds__(kMmaThreads) DecodeAttentionMmaKernel(Attentio
   }
   __syncthreads();
   T* out = static_cast<T*>(a.out) + (b * H + h) * G * D;
-  float* partial = a.partial + ((int64_t(chunk) * a.batch + b) * H + h) * G * (D + 2);
-  for (int e = threadIdx.x; e < G * D; e += kMmaThreads) {
+  for (int e = threadIdx.x; e < G * D; e += kThreads) {
     const int row = e / D, d = e % D;
-    const Partial r = CombineParts(kMmaWarps, [&](int w) {
+    const Partial r = CombineParts(W, [&](int w) {
       return Partial{warp_values[w * G * D + e], warp_max[w * G + row], warp_sum[w * G + row]};
     });
     if (a.chunks == 1) {
@@ -632,9 +636,11 @@ __global__ void __launch_bounds__(kMmaThreads) DecodeAttentionMmaKernel(Attentio
     } else if (kCluster) {
       cta_values[e] = r.acc;
       if (d == 0) cta_max[row] = r.m, cta_sum[row] = r.l;
-    } else {
-      partial[row * (D + 2) + d] = r.acc;
-      if (d == 0) partial[row * (D + 2) + D] = r.m, partial[row * (D + 2) + D + 1] = r.l;
+    } else {  // [chunk, b, h, row][D + 2] in FFI scratch
+      float* partial =
+          a.partial + (((int64_t(chunk) * a.batch + b) * H + h) * G + row) * (D + 2);
+      partial[d] = r.acc;
+      if (d == 0) partial[D] = r.m, partial[D + 1] = r.l;
     }
   }
   if constexpr (kCluster) {  // the chunks of this (b, h), in chunk order; a slice per CTA
@@ -642,7 +648,7 @@ __global__ void __launch_bounds__(kMmaThreads) DecodeAttentionMmaKernel(Attentio
     namespace cg = cooperative_groups;
     cg::cluster_group cluster = cg::this_cluster();
     cluster.sync();
-    for (int e = chunk * kMmaThreads + threadIdx.x; e < G * D; e += a.chunks * kMmaThreads) {
+    for (int e = chunk * kThreads + threadIdx.x; e < G * D; e += a.chunks * kThreads) {
       const int row = e / D;
       const Partial r = CombineParts(a.chunks, [&](int c) {
         return Partial{cluster.map_shared_rank(cta_values, c)[e],
@@ -686,16 +692,16 @@ cudaError_t LaunchDecodeAttentionSimt(cudaStream_t stream, const AttentionArgs& 
 }
 
 // The split kernel, its chunks of one (b, h) as one cluster or followed by the combine kernel.
-template <typename T, int D>
+template <typename T, int D, int W>
 cudaError_t LaunchDecodeAttentionMma(cudaStream_t stream, const AttentionArgs& a, size_t smem,
                                      bool cluster) {
-  auto kernel = cluster ? DecodeAttentionMmaKernel<T, D, true>
-                        : DecodeAttentionMmaKernel<T, D, false>;
+  auto kernel = cluster ? DecodeAttentionMmaKernel<T, D, W, true>
+                        : DecodeAttentionMmaKernel<T, D, W, false>;
   cudaError_t err = SetSharedMemory(kernel, smem);
   if (err != cudaSuccess) return err;
   cudaLaunchConfig_t config = {};
   config.gridDim = dim3(unsigned(a.chunks), unsigned(a.heads), unsigned(a.batch));
-  config.blockDim = dim3(kMmaThreads);
+  config.blockDim = dim3(32 * W);
   config.dynamicSmemBytes = smem;
   config.stream = stream;
   cudaLaunchAttribute attribute;
@@ -710,15 +716,21 @@ cudaError_t LaunchDecodeAttentionMma(cudaStream_t stream, const AttentionArgs& a
   return err;
 }
 
+// mma: the split kernel with `warps` warps per CTA (MmaWarps), else the SIMT kernel.
 template <typename T>
 cudaError_t LaunchDecodeAttention(cudaStream_t stream, const AttentionArgs& a, size_t smem,
-                                  bool mma, bool cluster) {
+                                  bool mma, int warps, bool cluster) {
   if (!mma) return LaunchDecodeAttentionSimt<T>(stream, a, smem);
   if constexpr (std::is_same_v<T, float>) {
     return cudaErrorInvalidValue;  // the split kernel is for 16-bit dtypes only
   } else {
-    return a.head_dim == 64 ? LaunchDecodeAttentionMma<T, 64>(stream, a, smem, cluster)
-                            : LaunchDecodeAttentionMma<T, 128>(stream, a, smem, cluster);
+    constexpr int kShort = MmaWarps(true), kLong = MmaWarps(false);
+    const bool short_cache = warps == kShort;
+    if (a.head_dim == 64)
+      return short_cache ? LaunchDecodeAttentionMma<T, 64, kShort>(stream, a, smem, cluster)
+                         : LaunchDecodeAttentionMma<T, 64, kLong>(stream, a, smem, cluster);
+    return short_cache ? LaunchDecodeAttentionMma<T, 128, kShort>(stream, a, smem, cluster)
+                       : LaunchDecodeAttentionMma<T, 128, kLong>(stream, a, smem, cluster);
   }
 }
 
@@ -745,20 +757,21 @@ ffi::Error DecodeAttentionCuda(cudaStream_t stream, ffi::ScratchAllocator scratc
   const int64_t row = d.head_dim + int64_t(16 / elem);
   auto round32 = [](int64_t v) { return (v + 31) / 32 * 32; };
   // bf16 / f16 with D = 64 or 128 and G <= 16: the split kernel, the cache in about two CTAs
-  // per SM in all, a tile per warp at least (chunks of >= 64 slots), as one cluster per (b, h)
-  // on sm_90 where its chunks are short. Else the
-  // SIMT kernel: slots per CTA as many as its shared memory budget holds (a multiple of 32, at
-  // most kAttnMaxChunk, no more than the cache has).
+  // per SM in all, a tile per warp at least (chunks of >= 16 W slots), as one cluster per
+  // (b, h) on sm_90 where its chunks are short. Else the SIMT kernel: slots per CTA as many as its
+  // shared memory budget holds (a multiple of 32, at most kAttnMaxChunk, no more than the cache
+  // has).
+  const int warps = MmaWarps(d.max_len <= kMmaShortCache);
   const bool mma = elem == 2 && (d.head_dim == 64 || d.head_dim == 128) &&
                    d.groups <= kMmaMaxGroups &&
-                   MmaSharedBytes(d.groups, int(d.head_dim), elem) <= size_t(optin);
+                   MmaSharedBytes(warps, d.groups, int(d.head_dim), elem) <= size_t(optin);
   int64_t chunk = 0;
   size_t smem = 0;
   bool cluster = false;
   if (mma) {
     const int64_t want = std::clamp<int64_t>(
         std::min<int64_t>(2 * int64_t(sms) / (d.batch * d.kv_heads),
-                          (d.max_len + kMmaWarps * kMmaTile - 1) / (kMmaWarps * kMmaTile)),
+                          (d.max_len + warps * kMmaTile - 1) / (warps * kMmaTile)),
         1, kMmaMaxChunks);
     auto slots_per_chunk = [&](int64_t chunks) {
       return ((d.max_len + chunks - 1) / chunks + kMmaTile - 1) / kMmaTile * kMmaTile;
@@ -766,7 +779,7 @@ ffi::Error DecodeAttentionCuda(cudaStream_t stream, ffi::ScratchAllocator scratc
     const int64_t cluster_chunk = slots_per_chunk(std::min<int64_t>(want, kMmaMaxCluster));
     cluster = major >= 9 && cluster_chunk <= kMmaMaxClusterChunk && cluster_chunk < d.max_len;
     chunk = cluster ? cluster_chunk : slots_per_chunk(want);
-    smem = MmaSharedBytes(d.groups, int(d.head_dim), elem);
+    smem = MmaSharedBytes(warps, d.groups, int(d.head_dim), elem);
   } else {
     const size_t budget = optin < kAttnSharedBudget ? size_t(optin) : size_t(kAttnSharedBudget);
     chunk = std::min<int64_t>(kAttnMaxChunk, round32(d.max_len));
@@ -810,13 +823,13 @@ ffi::Error DecodeAttentionCuda(cudaStream_t stream, ffi::ScratchAllocator scratc
   cudaError_t err = cudaErrorInvalidValue;
   switch (qkv.element_type()) {
     case ffi::DataType::F32:
-      err = LaunchDecodeAttention<float>(stream, a, smem, mma, cluster);
+      err = LaunchDecodeAttention<float>(stream, a, smem, mma, warps, cluster);
       break;
     case ffi::DataType::BF16:
-      err = LaunchDecodeAttention<__nv_bfloat16>(stream, a, smem, mma, cluster);
+      err = LaunchDecodeAttention<__nv_bfloat16>(stream, a, smem, mma, warps, cluster);
       break;
     case ffi::DataType::F16:
-      err = LaunchDecodeAttention<__half>(stream, a, smem, mma, cluster);
+      err = LaunchDecodeAttention<__half>(stream, a, smem, mma, warps, cluster);
       break;
     default: return ffi::Error::InvalidArgument("decode_attention: unsupported qkv dtype");
   }

@@ -24,8 +24,9 @@ __device__ __forceinline__ __nv_bfloat16 FromFloat<__nv_bfloat16>(float v) {
 template <>
 __device__ __forceinline__ __half FromFloat<__half>(float v) { return __float2half_rn(v); }
 
-// Pack: two float32 as one register of the dtype (lo in the low half), Unpack its inverse; Mul: elementwise product
-// of two packed registers; Mma: c += a b (m16n8k16, a row-major, b column-major).
+// Pack: two float32 as one register of the dtype (lo in the low half), Unpack its inverse;
+// Mul: elementwise product of two packed registers; Mma: c += a b (m16n8k16, a row-major,
+// b column-major).
 template <typename T>
 struct MmaType;
 template <>

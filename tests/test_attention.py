@@ -20,13 +20,14 @@ DTYPES = [pytest.param(np.dtype(np.float32), id="f32"),
           pytest.param(np.dtype(jnp.bfloat16), id="bf16"),
           pytest.param(np.dtype(np.float16), id="f16")]
 # (B, H_kv, G, D, T). On an H100, bf16 / f16 with D = 64 or 128 and G <= 16 take the
-# tensor-core split kernel: one chunk (T = 16), chunks of one (b, h) as a thread-block cluster
-# (T = 300, 144, 1000: 5, 3, 8 chunks; G = 16 fills the mma's rows), or 47 chunks and the
-# combine kernel (T = 3000); float32, D = 32 and G = 17 the SIMT kernel, one chunk or 9 and the
-# combine kernel (T = 2100).
+# tensor-core split kernel: 8 warps per CTA up to 1024 slots, one chunk (T = 16) or the chunks
+# of one (b, h) as a thread-block cluster (T = 300, 144, 1000: 3, 2, 8 chunks; G = 16 fills
+# the mma's rows); 4 warps beyond, as a cluster (T = 2000: 8 chunks) or 47 chunks and the
+# combine kernel (T = 3000). float32, D = 32 and G = 17 take the SIMT kernel, one chunk or 9
+# and the combine kernel (T = 2100).
 SHAPES = [(1, 2, 4, 64, 16), (2, 1, 1, 128, 300), (1, 8, 4, 128, 144), (1, 2, 8, 128, 1000),
-          (2, 3, 2, 32, 7), (1, 1, 4, 64, 3000), (1, 1, 2, 32, 2100), (1, 1, 16, 128, 300),
-          (1, 1, 17, 64, 40)]
+          (2, 3, 2, 32, 7), (1, 2, 2, 128, 2000), (1, 1, 4, 64, 3000), (1, 1, 2, 32, 2100),
+          (1, 1, 16, 128, 300), (1, 1, 17, 64, 40)]
 # pos as a function of T: the first slot, the middle, the last, past the end and negative
 # (both clamp into [0, T - 1]).
 POSITIONS = {"first": lambda t: 0, "middle": lambda t: t // 2 + 1, "last": lambda t: t - 1,
