@@ -11,7 +11,7 @@ the device busy time per step from one traced run (jax_nf4.benchmark.traced_devi
 each variant's longest kernels per step on stderr (and in the JSON rows); on a CPU the wall time
 per step.
 
-    python bench/bench_attention.py [--json PATH] [--quick]
+    python bench/bench_attention.py [--json PATH] [--quick] [--only LABEL_TEXT]
 """
 
 from __future__ import annotations

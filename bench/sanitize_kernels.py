@@ -6,8 +6,9 @@ into the next), the tiled kernel (M > 8: M tails, several M tiles, split-K acros
 sum kernel), one and two stacked groups (the byte-pair kernel stages the double-quant table
 only for one), dequantize and quantize, each dtype, plain and double-quantized scales; and the
 decode-attention kernels (the tensor-core split kernel with 8 and 4 warps, its chunks as a
-cluster, with empty chunks, and with the combine kernel; the SIMT kernel for float32, a head dim without 16-byte
-rows, and several chunks with the combine kernel) against the same op on the CPU. `python3 bench/sanitize_kernels.py attention` runs only the latter.
+cluster, with empty chunks, and with the combine kernel; the SIMT kernel for float32, a head
+dim without 16-byte rows, and several chunks with the combine kernel) against the same op on
+the CPU. `python3 bench/sanitize_kernels.py attention` runs only the latter.
 """
 
 import sys

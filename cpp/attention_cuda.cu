@@ -26,6 +26,7 @@
 
 #include "attention_ffi_shapes.h"
 #include "attention_math.h"
+#include "cuda_copy.cuh"
 #include "cuda_dtypes.cuh"
 #include "xla/ffi/api/ffi.h"
 
@@ -72,21 +73,6 @@ size_t AttentionSharedBytes(int64_t groups, int64_t head_dim, int64_t chunk, int
          size_t(chunk) * size_t(row) * elem_bytes +
          QkvSharedBytes(groups, head_dim, elem_bytes) +
          sizeof(float) * size_t(groups * head_dim + groups * chunk + 2 * groups);
-}
-
-__device__ __forceinline__ uint32_t SharedAddress(const void* p) {
-  return static_cast<uint32_t>(__cvta_generic_to_shared(p));
-}
-// 16 bytes from global to shared memory without a register (sm_80+), or 16 zero bytes where
-// !valid (src is then not read).
-__device__ __forceinline__ void CopyAsync16(void* dst, const void* src, bool valid = true) {
-  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;" ::"r"(SharedAddress(dst)),
-               "l"(src), "r"(valid ? 16 : 0));
-}
-__device__ __forceinline__ void CopyAsyncCommit() { asm volatile("cp.async.commit_group;"); }
-template <int N>
-__device__ __forceinline__ void CopyAsyncWait() {  // all but this thread's N newest groups
-  asm volatile("cp.async.wait_group %0;" ::"n"(N) : "memory");
 }
 
 // V: elements per 16-byte access of a cache row where D * sizeof(T) allows it, else 1.

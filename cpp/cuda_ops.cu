@@ -15,6 +15,7 @@
 #include <string>
 #include <type_traits>
 
+#include "cuda_copy.cuh"
 #include "cuda_dtypes.cuh"
 #include "nf4_ffi_shapes.h"
 #include "nf4_math.h"
@@ -933,18 +934,6 @@ struct TileArgs {
   int k_splits, spans_per_split, block_shift;
 };
 
-__device__ __forceinline__ void CopyAsync16(uint32_t dst, const void* src, bool valid) {
-  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n"
-               :
-               : "r"(dst), "l"(src), "r"(valid ? 16 : 0));
-}
-__device__ __forceinline__ void CopyAsyncCommit() { asm volatile("cp.async.commit_group;\n"); }
-// Waits until at most `kGtRing - 2` of this thread's copy groups are still in flight: the
-// oldest of the ring's stages has landed.
-__device__ __forceinline__ void CopyAsyncWaitRing() {
-  asm volatile("cp.async.wait_group %0;\n" ::"n"(kGtRing - 2) : "memory");
-}
-
 // The M <= 16 tile has registers (<= 128) and shared memory (95 KB) for two CTAs per SM.
 template <int NT>
 constexpr int kGtMinCtasPerSm = NT == 2 ? 2 : 1;
@@ -1185,7 +1174,7 @@ __global__ void __launch_bounds__(32 * kGtWarps, kGtMinCtasPerSm<NT>)
   }
   decode_from(first_even, first_odd, begin);  // nothing where a split is past the end of K
   for (int stage = 0; stage < stages; ++stage) {
-    CopyAsyncWaitRing();
+    CopyAsyncWait<kGtRing - 2>();  // the oldest of the ring's stages has landed
     __syncthreads();
     issue(stage + 2);
     compute(stage);
