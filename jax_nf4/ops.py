@@ -164,7 +164,9 @@ def decode_attention(qkv: ArrayLike, k_cache: ArrayLike, v_cache: ArrayLike, pos
       ``(out [B, H_kv, G, D], k_cache, v_cache)``: the caches with slot ``pos`` set to the
       rotated key (rounded to the dtype) and the value; ``out[b, h, g]`` is the softmax
       attention of the rotated query (rounded to the dtype) over slots ``0 .. pos``, scaled by
-      ``1 / sqrt(D)``, all in float32, rounded once. Later slots are never read.
+      ``1 / sqrt(D)``, in float32 arithmetic, rounded once (on a GPU, bf16 / f16 weights enter
+      the value sum as two terms of the dtype: 16 significant bits or more, far below that
+      rounding). Later slots are never read.
 
     The caches are updated in place where XLA may reuse their buffers: donate them
     (``jax.jit(..., donate_argnums=...)``) or carry them through ``lax.scan`` /
