@@ -346,7 +346,7 @@ cudaError_t LaunchCombineChunks(cudaStream_t stream, const AttentionArgs& a) {
 // `chunks` ranges of `chunk` slots, a CTA of W warps each. A warp takes the range's
 // 16-slot tiles w, w + W, w + 2W, ..., streamed by cp.async through its own ring of S
 // shared-memory stages (slots past the range zero-filled), and runs flash attention on the
-// tensor cores (mma.m16n8k16, float32 accumulation): scores S = Q K^T with the G rotated
+// tensor cores (mma.m16n8k16, float32 accumulation): the scores Q K^T with the G rotated
 // queries as the 16 rows of A (rows past G zero) against 8 slots at a time, an online softmax
 // in float32 (running max and sum per query head), and O += P V. P enters the mma as two terms
 // of the dtype, P = hi + lo (lo = P - hi rounded), so the weights keep ~16 significant bits and
