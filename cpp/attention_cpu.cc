@@ -137,8 +137,8 @@ void CopyIfDistinct(ffi::AnyBuffer in, ffi::AnyBuffer& out) {
 }
 
 ffi::Error DecodeAttentionImpl(ffi::ThreadPool pool, ffi::AnyBuffer qkv, ffi::AnyBuffer k_cache,
-                               ffi::AnyBuffer v_cache, ffi::AnyBuffer pos, ffi::Result<ffi::AnyBuffer> out,
-                               ffi::Result<ffi::AnyBuffer> k_out,
+                               ffi::AnyBuffer v_cache, ffi::AnyBuffer pos,
+                               ffi::Result<ffi::AnyBuffer> out, ffi::Result<ffi::AnyBuffer> k_out,
                                ffi::Result<ffi::AnyBuffer> v_out, float rope_theta) {
   AttentionDims d;
   if (auto e = CheckDecodeAttention(qkv, k_cache, v_cache, pos, *out, *k_out, *v_out, &d);

@@ -6,6 +6,7 @@
 #include <cuda_fp16.h>
 
 #include <cstdint>
+#include <type_traits>
 
 namespace jax_nf4 {
 
@@ -24,54 +25,50 @@ __device__ __forceinline__ __nv_bfloat16 FromFloat<__nv_bfloat16>(float v) {
 template <>
 __device__ __forceinline__ __half FromFloat<__half>(float v) { return __float2half_rn(v); }
 
-// Pack: two float32 as one register of the dtype (lo in the low half), Unpack its inverse;
-// Mul: elementwise product of two packed registers; Mma: c += a b (m16n8k16, a row-major,
-// b column-major).
+// The 16-bit dtypes' register pairs and tensor-core product: Pack, two float32 as one register
+// of the dtype (lo in the low half), Unpack its inverse; Mul, the elementwise product of two
+// packed registers; Mma, c += a b (m16n8k16, a row-major, b column-major, float32 c).
 template <typename T>
-struct MmaType;
-template <>
-struct MmaType<__nv_bfloat16> {
+struct MmaType {
+  static_assert(std::is_same_v<T, __nv_bfloat16> || std::is_same_v<T, __half>);
+  static constexpr bool kBf16 = std::is_same_v<T, __nv_bfloat16>;
+  using Pair = std::conditional_t<kBf16, __nv_bfloat162, __half2>;
+
   static __device__ __forceinline__ uint32_t Pack(float lo, float hi) {
-    __nv_bfloat162 v = __floats2bfloat162_rn(lo, hi);
+    Pair v;
+    if constexpr (kBf16) {
+      v = __floats2bfloat162_rn(lo, hi);
+    } else {
+      v = __floats2half2_rn(lo, hi);
+    }
     return *reinterpret_cast<uint32_t*>(&v);
   }
   static __device__ __forceinline__ float2 Unpack(uint32_t v) {
-    return __bfloat1622float2(*reinterpret_cast<__nv_bfloat162*>(&v));
+    if constexpr (kBf16) {
+      return __bfloat1622float2(*reinterpret_cast<Pair*>(&v));
+    } else {
+      return __half22float2(*reinterpret_cast<Pair*>(&v));
+    }
   }
-  static __device__ __forceinline__ uint32_t Mul(uint32_t a, uint32_t b) {  // elementwise
-    __nv_bfloat162 v = __hmul2(*reinterpret_cast<__nv_bfloat162*>(&a),
-                               *reinterpret_cast<__nv_bfloat162*>(&b));
+  static __device__ __forceinline__ uint32_t Mul(uint32_t a, uint32_t b) {
+    Pair v = __hmul2(*reinterpret_cast<Pair*>(&a), *reinterpret_cast<Pair*>(&b));
     return *reinterpret_cast<uint32_t*>(&v);
   }
   static __device__ __forceinline__ void Mma(float (&c)[4], const uint32_t (&a)[4], uint32_t b0,
                                              uint32_t b1) {
-    asm volatile(
-        "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, "
-        "{%8,%9}, {%0,%1,%2,%3};\n"
-        : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
-        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
-  }
-};
-template <>
-struct MmaType<__half> {
-  static __device__ __forceinline__ uint32_t Pack(float lo, float hi) {
-    __half2 v = __floats2half2_rn(lo, hi);
-    return *reinterpret_cast<uint32_t*>(&v);
-  }
-  static __device__ __forceinline__ float2 Unpack(uint32_t v) {
-    return __half22float2(*reinterpret_cast<__half2*>(&v));
-  }
-  static __device__ __forceinline__ uint32_t Mul(uint32_t a, uint32_t b) {  // elementwise
-    __half2 v = __hmul2(*reinterpret_cast<__half2*>(&a), *reinterpret_cast<__half2*>(&b));
-    return *reinterpret_cast<uint32_t*>(&v);
-  }
-  static __device__ __forceinline__ void Mma(float (&c)[4], const uint32_t (&a)[4], uint32_t b0,
-                                             uint32_t b1) {
-    asm volatile(
-        "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, "
-        "{%8,%9}, {%0,%1,%2,%3};\n"
-        : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
-        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+    if constexpr (kBf16) {
+      asm volatile(
+          "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, "
+          "{%8,%9}, {%0,%1,%2,%3};\n"
+          : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+          : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+    } else {
+      asm volatile(
+          "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, "
+          "{%8,%9}, {%0,%1,%2,%3};\n"
+          : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+          : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+    }
   }
 };
 
