@@ -56,7 +56,8 @@ struct AttentionArgs {
 
 // Shared memory of a CTA: the chunk's key and value rows [chunk][row] in T, the qkv rows of
 // its KV head [G + 2][D] in T (padded to 16 bytes), the rotated queries q[G][D] (float32 of
-// the dtype-rounded values), the scores / probabilities p[G][chunk], each head's max and sum.
+// the dtype-rounded values), the scores / probabilities p[G][chunk], each head's max and sum,
+// the rotary cos / sin of each dim pair [D / 2] (RopeRotation).
 __host__ __device__ size_t QkvSharedBytes(int64_t groups, int64_t head_dim, size_t elem_bytes) {
   return (size_t(groups + 2) * size_t(head_dim) * elem_bytes + 15) / 16 * 16;
 }
@@ -72,7 +73,35 @@ size_t AttentionSharedBytes(int64_t groups, int64_t head_dim, int64_t chunk, int
   return KeyRegionBytes(groups, head_dim, chunk, row, elem_bytes) +
          size_t(chunk) * size_t(row) * elem_bytes +
          QkvSharedBytes(groups, head_dim, elem_bytes) +
-         sizeof(float) * size_t(groups * head_dim + groups * chunk + 2 * groups);
+         sizeof(float) * size_t(groups * head_dim + groups * chunk + 2 * groups + head_dim);
+}
+
+// The rotary embedding of a KV head's G queries and new key: rows 0 .. G of its staged qkv
+// rows xs [G + 2][D], each pair (i, i + D / 2) rotated by rope[i] (computed once per pair for
+// all G + 1 rows) and rounded to T, as the model's rope returns them. Query g's pair goes to
+// store_query(g, i, r1, r2); the key replaces its xs row and, in the CTA that owns the slot,
+// the cache's slot row (k_slot), where the new value (row G + 1) goes too (v_slot).
+template <typename T, typename StoreQuery>
+__device__ __forceinline__ void RotateQueriesAndKey(T* xs, const RopeRotation* rope, int G,
+                                                    int D, int threads, bool owns_slot,
+                                                    T* k_slot, T* v_slot,
+                                                    StoreQuery store_query) {
+  const int half = D / 2;
+  for (int e = threadIdx.x; e < (G + 1) * half; e += threads) {
+    const int row = e / half, i = e % half;
+    float y1, y2;
+    Rotate(ToFloat(xs[row * D + i]), ToFloat(xs[row * D + i + half]), rope[i], &y1, &y2);
+    const T r1 = FromFloat<T>(y1), r2 = FromFloat<T>(y2);
+    if (row < G) {
+      store_query(row, i, r1, r2);
+    } else if (owns_slot) {
+      xs[G * D + i] = k_slot[i] = r1;
+      xs[G * D + i + half] = k_slot[i + half] = r2;
+    }
+  }
+  if (owns_slot) {
+    for (int d = threadIdx.x; d < D; d += threads) v_slot[d] = xs[(G + 1) * D + d];
+  }
 }
 
 // V: elements per 16-byte access of a cache row where D * sizeof(T) allows it, else 1.
@@ -90,6 +119,7 @@ __global__ void __launch_bounds__(kAttnThreads) DecodeAttentionKernel(AttentionA
                                       QkvSharedBytes(G, D, sizeof(T)));  // [G][D]
   float* p = q + G * D;                  // [G][C]
   float* stats = p + G * C;              // max[G], sum[G]
+  RopeRotation* rope = reinterpret_cast<RopeRotation*>(stats + 2 * G);  // [D / 2]
   // The qkv rows go out first (their copies in flight while pos is read), then the chunk's
   // cache rows below: every copy in flight at once.
   const T* qkv = static_cast<const T*>(a.qkv) + (b * H + h) * (G + 2) * D;
@@ -141,28 +171,17 @@ __global__ void __launch_bounds__(kAttnThreads) DecodeAttentionKernel(AttentionA
   // (rounded to T, as the model's rope returns them; the key in place in its qkv row). The
   // CTA of the slot's chunk writes the new key and value to the cache, and once the staged
   // rows have landed, over the slot's old row there (its copy may have read either).
+  for (int i = threadIdx.x; i < int(D / 2); i += kAttnThreads)
+    rope[i] = RopeAt(pos, i, int(D), a.theta);
   if constexpr (kCopy16) CopyAsyncWait<1>();
-  __syncthreads();  // the qkv rows have landed
-  const int64_t half = D / 2;
+  __syncthreads();  // the qkv rows have landed, the rotations are in
   const bool owns_slot = slot < t1;
-  for (int e = threadIdx.x; e < int((G + 1) * half); e += kAttnThreads) {  // (row g, pair i)
-    const int g = e / int(half), i = e % int(half);
-    float y1, y2;
-    Rotate(ToFloat(xs[g * D + i]), ToFloat(xs[g * D + i + half]),
-           RopeAt(pos, i, int(D), a.theta), &y1, &y2);
-    const T r1 = FromFloat<T>(y1), r2 = FromFloat<T>(y2);
-    if (g < G) {
-      q[g * D + i] = ToFloat(r1);
-      q[g * D + i + half] = ToFloat(r2);
-    } else if (owns_slot) {
-      xs[g * D + i] = k_cache[slot * row_stride + i] = r1;
-      xs[g * D + i + half] = k_cache[slot * row_stride + i + half] = r2;
-    }
-  }
-  if (owns_slot) {
-    for (int64_t d = threadIdx.x; d < D; d += kAttnThreads)
-      v_cache[slot * row_stride + d] = xs[(G + 1) * D + d];
-  }
+  RotateQueriesAndKey(xs, rope, int(G), int(D), kAttnThreads, owns_slot,
+                      k_cache + slot * row_stride, v_cache + slot * row_stride,
+                      [&](int g, int i, T r1, T r2) {
+                        q[g * D + i] = ToFloat(r1);
+                        q[g * D + i + D / 2] = ToFloat(r2);
+                      });
   if constexpr (kCopy16) CopyAsyncWait<0>();
   __syncthreads();  // the staged rows have landed, the new key is rotated
   if (owns_slot) {
@@ -470,23 +489,11 @@ __global__ void __launch_bounds__(32 * W) DecodeAttentionMmaKernel(AttentionArgs
   for (int i = threadIdx.x; i < half; i += kThreads) rope[i] = RopeAt(pos, i, D, a.theta);
   CopyAsyncWait<S - 1>();  // this thread's qkv copies
   __syncthreads();
-  for (int e = threadIdx.x; e < (G + 1) * half; e += kThreads) {
-    const int row = e / half, i = e % half;
-    float y1, y2;
-    Rotate(ToFloat(xs[row * D + i]), ToFloat(xs[row * D + i + half]), rope[i], &y1, &y2);
-    const T r1 = FromFloat<T>(y1), r2 = FromFloat<T>(y2);
-    if (row < G) {
-      qs[row * R + i] = r1;
-      qs[row * R + i + half] = r2;
-    } else if (owns_slot) {
-      xs[G * D + i] = k_cache[slot * row_stride + i] = r1;
-      xs[G * D + i + half] = k_cache[slot * row_stride + i + half] = r2;
-    }
-  }
-  if (owns_slot) {
-    for (int d = threadIdx.x; d < D; d += kThreads)
-      v_cache[slot * row_stride + d] = xs[(G + 1) * D + d];
-  }
+  RotateQueriesAndKey(xs, rope, G, D, kThreads, owns_slot, k_cache + slot * row_stride,
+                      v_cache + slot * row_stride, [&](int row, int i, T r1, T r2) {
+                        qs[row * R + i] = r1;
+                        qs[row * R + i + half] = r2;
+                      });
   __syncthreads();
 
   // A fragments of the queries, for every k step; lane l addresses row l % 8 (+ 8 for
