@@ -7,10 +7,8 @@
     smallest memory use to the largest (NF4 b1, NF4 b8, bf16 b1, bf16 b8) because the peak is
     process-wide; the last runs quantize lm_head too ("nf4+lm_head", batch 1; bitsandbytes keeps
     it dense). NF4 decodes with jax_nf4.decode_attention (rotary, cache write and attention in
-    one kernel) and jax_nf4.add_rms_norm (each residual add and the RMSNorm after it in one
-    kernel), bf16 with the jnp attention and norms (the baseline: the same model in XLA); the
-    last run is NF4 + lm_head with the jnp attention and norms, so the kernels' share is
-    measured in the same run.
+    one kernel), bf16 with the jnp attention (the baseline: the same model in XLA); the last run
+    is NF4 + lm_head with the jnp attention, so the kernel's share is measured in the same run.
 (b) llama3-70b shapes: the decode time of one decoder layer (batch 1, one token, a KV cache of
     512 slots, attention over all of them) at full width and at the 1/2 and 1/4 shard a GPU
     holds under tensor parallelism tp: q/k/v/gate/up column-parallel (N / tp), o_proj / down
@@ -260,14 +258,12 @@ def main(argv: Sequence[str] | None = None) -> dict:
         kw = {"prompt_len": 4 if args.quick else 16, "iters": args.iters}
         rows = {}
         # The last rows quantize lm_head too (bitsandbytes keeps it dense, as the others do).
-        # NF4 decodes with jax_nf4.decode_attention and jax_nf4.add_rms_norm, bf16 (the
-        # baseline: the same model in XLA) with the jnp attention and norms; the last row is
-        # NF4 with the jnp attention and norms, for the A/B.
+        # NF4 decodes with jax_nf4.decode_attention, bf16 (the baseline: the same model in XLA)
+        # with the jnp attention; the last row is NF4 with the jnp attention, for the A/B.
         for nf4, batch, head, attn in ((True, 1, False, True), (True, 8, False, True),
                                        (False, 1, False, False), (False, 8, False, False),
                                        (True, 1, True, True), (True, 1, True, False)):
-            config = dataclasses.replace(base, nf4_lm_head=head, decode_attention=attn,
-                                         fused_norm=attn)
+            config = dataclasses.replace(base, nf4_lm_head=head, decode_attention=attn)
             r = llama.benchmark_decode(name, batch, new_tokens, nf4, **kw, config=config,
                                        profile=True,
                                        progress=functools.partial(_stage, f"{name} b{batch}"))
@@ -276,8 +272,8 @@ def main(argv: Sequence[str] | None = None) -> dict:
             rows[r["weights"], batch, attn] = r
             results["decode"].append(r)
             peak = "-" if r["peak_bytes"] is None else f"{r['peak_bytes'] / 2**30:.2f} GiB"
-            emit(f"(a) {name} {r['weights']:<11} {r['attention']:<7} attention + norms, batch "
-                 f"{batch}: {r['tokens_per_s']:9.1f} tokens/s "
+            emit(f"(a) {name} {r['weights']:<11} {r['attention']:<7} attention, batch {batch}: "
+                 f"{r['tokens_per_s']:9.1f} tokens/s "
                  f"({1e3 * r['seconds'] / new_tokens:.2f} ms/step), weights "
                  f"{r['weight_bytes'] / 2**30:.2f} GiB, peak {peak}, build {r['build_s']:.1f} "
                  f"s, compile {r['compile_s']:.1f} s")

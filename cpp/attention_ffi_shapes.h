@@ -28,6 +28,31 @@ inline ffi::Error InvalidAttentionArgument(const std::string& msg) {
   return ffi::Error::InvalidArgument("decode_attention: " + msg);
 }
 
+inline const char* DtypeName(ffi::DataType t) {
+  switch (t) {
+    case ffi::DataType::F32: return "float32";
+    case ffi::DataType::BF16: return "bfloat16";
+    case ffi::DataType::F16: return "float16";
+    case ffi::DataType::S32: return "int32";
+    default: return "an unsupported dtype";
+  }
+}
+
+// A buffer's dtype and dims, e.g. "bfloat16[1, 8, 6, 128]".
+template <typename Dims>
+std::string Typed(ffi::DataType t, const Dims& dims) {
+  return std::string(DtypeName(t)) + DimsToString(dims);
+}
+
+inline bool Matches(ffi::AnyBuffer b, ffi::DataType t, std::initializer_list<int64_t> want) {
+  auto dims = b.dimensions();
+  if (b.element_type() != t || dims.size() != want.size()) return false;
+  size_t i = 0;
+  for (int64_t w : want)
+    if (dims[i++] != w) return false;
+  return true;
+}
+
 // Checks every operand and result against qkv's shape; fills dims.
 inline ffi::Error CheckDecodeAttention(ffi::AnyBuffer qkv, ffi::AnyBuffer k_cache,
                                        ffi::AnyBuffer v_cache, ffi::AnyBuffer pos,

@@ -18,10 +18,8 @@
 
 namespace nb = nanobind;
 
-// The fused decode-attention step (attention_cpu.cc) and the RMSNorms (norm_cpu.cc).
+// The fused decode-attention step (attention_cpu.cc).
 XLA_FFI_DECLARE_HANDLER_SYMBOL(JaxNf4DecodeAttentionCpu);
-XLA_FFI_DECLARE_HANDLER_SYMBOL(JaxNf4RmsNormCpu);
-XLA_FFI_DECLARE_HANDLER_SYMBOL(JaxNf4AddRmsNormCpu);
 
 namespace jax_nf4 {
 namespace {
@@ -417,8 +415,6 @@ NB_MODULE(_nf4_cpu, m) {
         nb::capsule(reinterpret_cast<void*>(jax_nf4::kNf4DequantizeDqCpu));
     targets["nf4_matmul_dq"] = nb::capsule(reinterpret_cast<void*>(jax_nf4::kNf4MatmulDqCpu));
     targets["decode_attention"] = nb::capsule(reinterpret_cast<void*>(JaxNf4DecodeAttentionCpu));
-    targets["rms_norm"] = nb::capsule(reinterpret_cast<void*>(JaxNf4RmsNormCpu));
-    targets["add_rms_norm"] = nb::capsule(reinterpret_cast<void*>(JaxNf4AddRmsNormCpu));
     return targets;
   });
 }

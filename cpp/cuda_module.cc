@@ -1,5 +1,5 @@
-// nanobind module `jax_nf4._nf4_cuda`: capsules of the CUDA FFI handlers in cuda_ops.cu,
-// attention_cuda.cu and norm_cuda.cu.
+// nanobind module `jax_nf4._nf4_cuda`: capsules of the CUDA FFI handlers in cuda_ops.cu and
+// attention_cuda.cu.
 #include "nanobind/nanobind.h"
 #include "xla/ffi/api/api.h"
 
@@ -11,8 +11,6 @@ XLA_FFI_DECLARE_HANDLER_SYMBOL(JaxNf4MatmulCuda);
 XLA_FFI_DECLARE_HANDLER_SYMBOL(JaxNf4DequantizeDqCuda);
 XLA_FFI_DECLARE_HANDLER_SYMBOL(JaxNf4MatmulDqCuda);
 XLA_FFI_DECLARE_HANDLER_SYMBOL(JaxNf4DecodeAttentionCuda);
-XLA_FFI_DECLARE_HANDLER_SYMBOL(JaxNf4RmsNormCuda);
-XLA_FFI_DECLARE_HANDLER_SYMBOL(JaxNf4AddRmsNormCuda);
 
 NB_MODULE(_nf4_cuda, m) {
   m.def("registrations", []() {
@@ -24,8 +22,6 @@ NB_MODULE(_nf4_cuda, m) {
     targets["nf4_matmul_dq"] = nb::capsule(reinterpret_cast<void*>(JaxNf4MatmulDqCuda));
     targets["decode_attention"] =
         nb::capsule(reinterpret_cast<void*>(JaxNf4DecodeAttentionCuda));
-    targets["rms_norm"] = nb::capsule(reinterpret_cast<void*>(JaxNf4RmsNormCuda));
-    targets["add_rms_norm"] = nb::capsule(reinterpret_cast<void*>(JaxNf4AddRmsNormCuda));
     return targets;
   });
 }

@@ -33,12 +33,6 @@ gradient would be zero almost everywhere, which is never what a caller wants): a
 tangent raises a ``TypeError``. Quantize outside the differentiated function, or wrap the input
 in ``jax.lax.stop_gradient`` (then JAX never asks for the rule).
 
-``rms_norm`` (``y = dtype((s * inv_rms) * scale)``, ``s = x`` or ``dtype(x + residual)``) is
-differentiable in every array: its JVP runs the kernel for the primal outputs and forms the
-tangents with jnp in float32, ``ds = dx (+ dresidual)`` and
-``dy = scale * inv_rms * (ds - s * inv_rms^2 * mean(s * ds)) + s * inv_rms * dscale``, which
-JAX transposes for reverse mode (the rounding of ``s`` counts as the identity).
-
 ``decode_attention`` is an inference-only decode step (rotary, cache write and attention of one
 token): a non-zero tangent of any input raises a ``NotImplementedError``.
 """
@@ -51,7 +45,7 @@ from jax import lax
 from jax.interpreters import ad
 
 from jax_nf4._primitives import (decode_attention_p, nf4_dequantize_p, nf4_matmul_p,
-                                 nf4_quantize_p, rms_norm_p)
+                                 nf4_quantize_p)
 
 __all__: list[str] = []
 
@@ -185,26 +179,9 @@ def _decode_attention_jvp(primals, tangents, *, rope_theta):
     return outs, [_zero_tangent_of(o) for o in outs]
 
 
-# ----------------------------------------------------------------------------- rms_norm
-
-def _rms_norm_jvp(primals, tangents, *, eps):
-    outs = rms_norm_p.bind(*primals, eps=eps)
-    *rows, scale = primals
-    *row_dots, scale_dot = (ad.instantiate_zeros(t) for t in tangents)
-    f32 = jnp.float32
-    s = (outs[1] if len(rows) == 2 else rows[0]).astype(f32)   # [G, R, D]
-    ds = sum(t.astype(f32) for t in row_dots)
-    inv = lax.rsqrt(jnp.mean(s * s, axis=-1, keepdims=True) + eps)
-    g, dg = scale.astype(f32)[:, None, :], scale_dot.astype(f32)[:, None, :]
-    dy = g * inv * (ds - s * inv * inv * jnp.mean(s * ds, axis=-1, keepdims=True)) + s * inv * dg
-    dtype = outs[0].dtype
-    return outs, [dy.astype(dtype)] + ([ds.astype(dtype)] if len(rows) == 2 else [])
-
-
 ad.primitive_jvps[nf4_matmul_p] = _matmul_jvp
 ad.primitive_transposes[nf4_matmul_p] = _matmul_transpose
 ad.primitive_jvps[nf4_dequantize_p] = _dequantize_jvp
 ad.primitive_transposes[nf4_dequantize_p] = _dequantize_transpose
 ad.primitive_jvps[nf4_quantize_p] = _quantize_jvp
 ad.primitive_jvps[decode_attention_p] = _decode_attention_jvp
-ad.primitive_jvps[rms_norm_p] = _rms_norm_jvp

@@ -20,7 +20,6 @@ by an XLA dot (tensor cores on GPU, XLA's threaded dot on CPU):
 - CPU: fused loop up to M = 8; above it the weight is dequantized to float32 and multiplied
   in float32, so CPU results follow the float32 contract for every M.
 
-``rms_norm`` (with or without the residual add before it) is one FFI call on each platform.
 ``decode_attention`` (rotary, cache write and attention of one decode step) is one FFI call on
 each platform, its cache operands aliased to its cache results so that XLA updates the cache
 in place (where it can donate the buffer: a jit argument donated, or a loop carry).
@@ -38,7 +37,7 @@ from jax.interpreters import mlir
 
 from jax_nf4 import _nf4_cpu
 from jax_nf4._primitives import (decode_attention_p, nf4_dequantize_p, nf4_matmul_p,
-                                 nf4_quantize_p, rms_norm_p)
+                                 nf4_quantize_p)
 
 try:
     from jax_nf4 import _nf4_cuda
@@ -106,18 +105,6 @@ def _decode_attention_rule():
     return lowering
 
 
-def _rms_norm_rule():
-    """x, scale -> y ("rms_norm"); x, residual, scale -> y, sum ("add_rms_norm"); eps is the
-    one (float32) attribute."""
-    norm = jax.ffi.ffi_lowering("jax_nf4_rms_norm")
-    add_norm = jax.ffi.ffi_lowering("jax_nf4_add_rms_norm")
-
-    def lowering(ctx, *args, eps):
-        return (add_norm if len(args) == 3 else norm)(ctx, *args, eps=np.float32(eps))
-
-    return lowering
-
-
 def _register(module, platform: str, xla_platform: str) -> None:
     """``module``'s FFI targets (XLA's platform name) and every primitive's lowering on
     ``platform`` (JAX's)."""
@@ -128,7 +115,6 @@ def _register(module, platform: str, xla_platform: str) -> None:
                            platform=platform)
     mlir.register_lowering(nf4_matmul_p, _matmul_rule(platform), platform=platform)
     mlir.register_lowering(decode_attention_p, _decode_attention_rule(), platform=platform)
-    mlir.register_lowering(rms_norm_p, _rms_norm_rule(), platform=platform)
 
 
 _register(_nf4_cpu, "cpu", "cpu")

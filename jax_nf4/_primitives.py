@@ -12,11 +12,6 @@ and the fused decode-attention step (:func:`jax_nf4.decode_attention`):
   decode_attention_p (qkv[B, H_kv, G+2, D], k_cache[B, T, H_kv, D], v_cache, pos i32[])
                      -> out[B, H_kv, G, D], k_cache, v_cache            (rope_theta)
 
-and the RMSNorms (:func:`jax_nf4.rms_norm`, :func:`jax_nf4.add_rms_norm`):
-
-  rms_norm_p (x[G, R, D], scale[G, D])                    -> y[G, R, D]                 (eps)
-             (x[G, R, D], residual[G, R, D], scale[G, D]) -> y, x + residual [G, R, D]
-
 ``scales`` is ``(absmax,)`` or, for double-quantized scales, ``(codes u8[G, N, K/bs],
 nested_absmax f32[G, ceil(N*K/bs/256)], table f32[G, 256], offset f32[G])``; the kernels decode
 the latter on the fly.
@@ -36,8 +31,7 @@ from jax.core import ShapedArray
 
 from jax_nf4 import _shapes
 
-__all__ = ["decode_attention_p", "nf4_quantize_p", "nf4_dequantize_p", "nf4_matmul_p",
-           "rms_norm_p"]
+__all__ = ["decode_attention_p", "nf4_quantize_p", "nf4_dequantize_p", "nf4_matmul_p"]
 
 
 def _varying_axes(x) -> frozenset:
@@ -80,7 +74,6 @@ nf4_quantize_p = _make("nf4_quantize", multiple_results=True)
 nf4_dequantize_p = _make("nf4_dequantize")
 nf4_matmul_p = _make("nf4_matmul")
 decode_attention_p = _make("decode_attention", multiple_results=True)
-rms_norm_p = _make("rms_norm", multiple_results=True)
 
 
 # ----------------------------------------------------------------------------- abstract eval
@@ -110,20 +103,10 @@ def _decode_attention_abstract(qkv, k_cache, v_cache, pos, *, rope_theta):
             _out_aval(v_cache, tuple(v_cache.shape), dtype))
 
 
-def _rms_norm_abstract(x, *rest, eps):
-    residual, scale = rest if len(rest) == 2 else (None, rest[0])
-    if x.ndim != 3:
-        raise ValueError(f"rms_norm: the primitive takes x [G, R, D], got "
-                         f"{np.dtype(x.dtype).name}{list(x.shape)}")
-    dtype = _shapes.check_rms_norm(x, residual, scale, (x.shape[0], x.shape[2]), "rms_norm")
-    return tuple(_out_aval(x, tuple(x.shape), dtype) for _ in rest)
-
-
 nf4_quantize_p.def_abstract_eval(_quantize_abstract)
 nf4_dequantize_p.def_abstract_eval(_dequantize_abstract)
 nf4_matmul_p.def_abstract_eval(_matmul_abstract)
 decode_attention_p.def_abstract_eval(_decode_attention_abstract)
-rms_norm_p.def_abstract_eval(_rms_norm_abstract)
 
 
 # ----------------------------------------------------------------------------- batching
@@ -195,24 +178,7 @@ def _decode_attention_batch(args, dims, *, rope_theta):
     return [_unfold(o, size) for o in outs], [0, 0, 0]
 
 
-def _rms_norm_batch(args, dims, *, eps):
-    """An unbatched scale: the vmapped axis folds into the rows R (x and residual, broadcast
-    where one of them is unbatched); a batched scale: into the group dim G."""
-    *rows, scale = args
-    *row_dims, scale_dim = dims
-    size = _batch_size(args, dims)
-    if scale_dim is None:
-        stacked = [jnp.moveaxis(_to_front(a, d, size), 0, 1) for a, d in zip(rows, row_dims)]
-        g, _, r, d = stacked[0].shape
-        outs = rms_norm_p.bind(*(a.reshape(g, size * r, d) for a in stacked), scale, eps=eps)
-        return [o.reshape(g, size, r, d) for o in outs], [1] * len(outs)
-    folded = [_fold(_to_front(a, d, size)) for a, d in zip(args, dims)]
-    outs = rms_norm_p.bind(*folded, eps=eps)
-    return [_unfold(o, size) for o in outs], [0] * len(outs)
-
-
 batching.primitive_batchers[nf4_quantize_p] = _quantize_batch
 batching.primitive_batchers[nf4_dequantize_p] = _dequantize_batch
 batching.primitive_batchers[nf4_matmul_p] = _matmul_batch
 batching.primitive_batchers[decode_attention_p] = _decode_attention_batch
-batching.primitive_batchers[rms_norm_p] = _rms_norm_batch

@@ -118,22 +118,3 @@ def check_decode_attention(qkv: Any, k_cache: Any, v_cache: Any,
         raise TypeError(f"{op}: pos must be an int32 scalar (the new token's position), got "
                         f"{_describe_array(pos)}")
     return b, h, g2 - 2, d, dtype
-
-
-def check_rms_norm(x: Any, residual: Any, scale: Any, scale_shape: tuple[int, ...],
-                   op: str) -> np.dtype:
-    """Checks the RMSNorm operands: ``x [..., D]`` of an activation dtype, ``residual`` (or
-    None) of x's shape and dtype, ``scale`` of an activation dtype and shape ``scale_shape``
-    (``[D]`` for the public ops, ``[G, D]`` for the primitive's ``x [G, R, D]``); returns x's
-    dtype."""
-    if x.ndim < 1 or x.shape[-1] < 1:
-        raise ValueError(f"{op}: x must have shape [..., D] with D >= 1, got {_describe_array(x)}")
-    dtype = check_activation_dtype(x.dtype, f"{op}: x")
-    if residual is not None and (residual.shape != x.shape or np.dtype(residual.dtype) != dtype):
-        raise ValueError(f"{op}: residual must have x's shape and dtype {_describe_array(x)}, "
-                         f"got {_describe_array(residual)}")
-    if tuple(scale.shape) != tuple(scale_shape):
-        raise ValueError(f"{op}: scale must have shape {list(scale_shape)} (x's last dim), got "
-                         f"{_describe_array(scale)} for x {_describe_array(x)}")
-    check_activation_dtype(scale.dtype, f"{op}: scale")
-    return dtype

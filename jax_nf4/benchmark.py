@@ -204,23 +204,6 @@ def traced_device_ms(fn: Callable, *args, per: int, device: int | None = None, t
              for name, us, calls in top_kernels(trace, top, device)])
 
 
-def step_us(run: Callable, args: Sequence, steps: int, top: int = 8
-            ) -> tuple[float, list | None]:
-    """Time per step of ``run(*args)``, a jitted chain of ``steps`` steps (compiled first): on
-    a GPU the device busy µs from one traced run and the ``top`` longest kernels ``[name, µs,
-    calls]`` per step; on a CPU the wall µs (best of 3) and None."""
-    jax.block_until_ready(run(*args))
-    kinds, kernels = traced_device_ms(run, *args, per=steps, top=top)
-    if kinds is not None:
-        return 1e3 * kinds["busy"], [[name, 1e3 * ms, calls] for name, ms, calls in kernels]
-    best = math.inf
-    for _ in range(3):
-        t0 = time.perf_counter()
-        jax.block_until_ready(run(*args))
-        best = min(best, time.perf_counter() - t0)
-    return 1e6 * best / steps, None
-
-
 def _traced_busy_us(fn: Callable, *args) -> float | None:
     """GPU busy microseconds of one call of ``fn(*args)`` (see :func:`device_busy_us`)."""
     trace = trace_call(fn, *args)

@@ -1,5 +1,4 @@
-"""Public ops: NF4 quantize, dequantize, matmul, linear; the fused decode-attention step and
-RMSNorms."""
+"""Public ops: NF4 quantize, dequantize, matmul, linear; the fused decode-attention step."""
 
 from __future__ import annotations
 
@@ -14,12 +13,11 @@ from jax.typing import ArrayLike, DTypeLike
 from jax_nf4 import _lowering  # noqa: F401  (registers the lowerings)
 from jax_nf4 import _shapes
 from jax_nf4._primitives import (decode_attention_p, nf4_dequantize_p, nf4_matmul_p,
-                                 nf4_quantize_p, rms_norm_p)
+                                 nf4_quantize_p)
 from jax_nf4._weight import NF4Weight
 from jax_nf4.double_quant import NESTED_BLOCK_SIZE, DoubleQuantScales, quantize_scales
 
-__all__ = ["quantize", "dequantize", "matmul", "linear", "decode_attention", "rms_norm",
-           "add_rms_norm"]
+__all__ = ["quantize", "dequantize", "matmul", "linear", "decode_attention"]
 
 
 def _check_weight(q: Any, name: str = "q") -> NF4Weight:
@@ -191,54 +189,3 @@ def _decode_attention_operands(qkv: ArrayLike, k_cache: ArrayLike, v_cache: Arra
                          f"batch), got {pos_dtype.name}{list(np.shape(pos))}")
     return (jnp.asarray(qkv), jnp.asarray(k_cache), jnp.asarray(v_cache),
             jnp.asarray(pos, jnp.int32))
-
-
-def rms_norm(x: ArrayLike, scale: ArrayLike, *, eps: float = 1e-6) -> jax.Array:
-    """RMSNorm over the last dim in one kernel: ``x / sqrt(mean(x^2) + eps) * scale``.
-
-    Args:
-      x: ``[..., D]`` float32, bfloat16 or float16.
-      scale: ``[D]`` float32, bfloat16 or float16.
-      eps: added to the mean of squares (>= 0).
-
-    Returns:
-      ``[..., D]`` in ``x``'s dtype: ``dtype((x * inv_rms) * scale)``, every step in float32
-      (``inv_rms = 1 / sqrt(sum(x^2) / D + eps)``), rounded once. Differentiable with respect
-      to ``x`` and ``scale`` (the derivative is computed with jnp in float32).
-    """
-    x, scale = jnp.asarray(x), jnp.asarray(scale)
-    _shapes.check_rms_norm(x, None, scale, x.shape[-1:], "rms_norm")
-    (y,) = rms_norm_p.bind(x.reshape(1, -1, x.shape[-1]), scale[None], eps=_check_eps(eps))
-    return y.reshape(x.shape)
-
-
-def add_rms_norm(x: ArrayLike, residual: ArrayLike, scale: ArrayLike, *,
-                 eps: float = 1e-6) -> tuple[jax.Array, jax.Array]:
-    """The pre-norm residual step in one kernel: ``s = x + residual``, then ``rms_norm(s)``.
-
-    Args:
-      x, residual: ``[..., D]`` of one dtype (float32, bfloat16 or float16), e.g. the residual
-        stream and a layer's output.
-      scale: ``[D]`` float32, bfloat16 or float16.
-      eps: added to the mean of squares (>= 0).
-
-    Returns:
-      ``(rms_norm(s, scale, eps=eps), s)``, both ``[..., D]`` in ``x``'s dtype, where
-      ``s = dtype(x + residual)`` (added in float32, rounded once, as ``x + residual`` in jnp
-      rounds it) is the new residual stream and the norm is taken of the rounded ``s``.
-      Differentiable with respect to all three arrays.
-    """
-    x, residual, scale = jnp.asarray(x), jnp.asarray(residual), jnp.asarray(scale)
-    _shapes.check_rms_norm(x, residual, scale, x.shape[-1:], "add_rms_norm")
-    rows = (1, -1, x.shape[-1])
-    y, s = rms_norm_p.bind(x.reshape(rows), residual.reshape(rows), scale[None],
-                           eps=_check_eps(eps))
-    return y.reshape(x.shape), s.reshape(x.shape)
-
-
-def _check_eps(eps: Any) -> float:
-    if isinstance(eps, bool) or not isinstance(eps, (int, float, np.floating, np.integer)):
-        raise TypeError(f"eps must be a float, got {type(eps).__name__}")
-    if not (math.isfinite(eps) and eps >= 0):
-        raise ValueError(f"eps must be finite and >= 0, got {eps}")
-    return float(eps)

@@ -1,5 +1,5 @@
-"""The benchmarks behind `jax-nf4 bench` (the README's main job), bench/bench_attention.py and
-bench/bench_norm.py, on tiny CPU problems."""
+"""The benchmarks behind `jax-nf4 bench` (the README's main job) and bench/bench_attention.py, on
+tiny CPU problems."""
 
 from __future__ import annotations
 
@@ -244,12 +244,3 @@ def test_bench_attention_quick(bench_script, tmp_path, capsys):
     assert [r["label"] for r in rows] == ["tiny", "tiny b2"]
     assert all(r["fused_us"] > 0 and r["xla_us"] > 0 for r in rows)
     assert "| tiny b2 | 2 | 1 | 3 | 8 | 40 |" in capsys.readouterr().out
-
-
-def test_bench_norm_quick(bench_script, tmp_path, capsys):
-    out = tmp_path / "norm.json"
-    rows = bench_script("bench_norm").main(["--quick", "--json", str(out)])
-    assert json.loads(out.read_text()) == rows
-    assert [r["label"] for r in rows] == ["tiny"]
-    assert all(r["fused_us"] > 0 and r["xla_us"] > 0 for r in rows)
-    assert "| tiny | 2 | 128 |" in capsys.readouterr().out

@@ -48,7 +48,7 @@ from jax.sharding import PartitionSpec as P
 
 from jax_nf4._weight import NF4Weight
 from jax_nf4.flax import NF4Linear
-from jax_nf4.ops import add_rms_norm, decode_attention, dequantize, rms_norm
+from jax_nf4.ops import decode_attention, dequantize
 
 __all__ = ["CONFIGS", "KVCache", "Llama", "LlamaConfig", "ShardedLlama", "benchmark_decode",
            "compare_decode", "dequantized_copy", "from_checkpoint", "gate_up_rows", "generate",
@@ -75,8 +75,7 @@ class LlamaConfig:
     ``decode_attention``: single-token decode steps with a cache use
     :func:`jax_nf4.decode_attention` (rotary, cache write and attention in one kernel; the
     cache must have the activation dtype); ``False`` keeps the jnp attention, e.g. for a
-    plain-XLA baseline. ``fused_norm``: each RMSNorm and the residual add before it run as
-    one kernel (:func:`jax_nf4.add_rms_norm`); ``False`` keeps them in jnp.
+    plain-XLA baseline.
     """
 
     vocab_size: int
@@ -94,7 +93,6 @@ class LlamaConfig:
     tp: int = 1  # tensor-parallel shards: lm_head holds vocab_size / tp columns (shard_config)
     tp_axis: str | None = None  # mesh axis of the collectives of a shard (shard_config)
     decode_attention: bool = True  # fused decode-attention kernel for cached 1-token steps
-    fused_norm: bool = True  # RMSNorms (and the residual adds before them) as jax_nf4 kernels
 
     def __post_init__(self):
         if self.n_heads % self.n_kv_heads:
@@ -178,32 +176,17 @@ def _linear(config: LlamaConfig, nf4: bool, in_features: int, out_features: int,
 
 
 class RMSNorm(nnx.Module):
-    """``x / rms(x) * scale``, computed in float32, returned in ``dtype``; :meth:`add` takes the
-    residual add before it too. ``fused``: one jax_nf4 kernel (:func:`jax_nf4.rms_norm` /
-    :func:`jax_nf4.add_rms_norm`, the same float32 steps); otherwise jnp (XLA)."""
+    """``x / rms(x) * scale``, computed in float32, returned in ``dtype``."""
 
-    def __init__(self, dim: int, *, eps: float, dtype: Any, param_dtype: Any,
-                 fused: bool = False):
+    def __init__(self, dim: int, *, eps: float, dtype: Any, param_dtype: Any):
         self.eps = eps
         self.dtype = dtype
-        self.fused = fused
         self.scale = nnx.Param(jnp.ones((dim,), param_dtype))
 
     def __call__(self, x: Array) -> Array:
-        scale = self.scale.get_value()
-        if self.fused:
-            return rms_norm(x, scale, eps=self.eps).astype(self.dtype)
         x32 = x.astype(jnp.float32)
         y = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
-        return (y * scale.astype(jnp.float32)).astype(self.dtype)
-
-    def add(self, x: Array, residual: Array) -> tuple[Array, Array]:
-        """``(norm(x + residual), x + residual)``, the sum in ``x``'s dtype."""
-        if self.fused:
-            y, s = add_rms_norm(x, residual, self.scale.get_value(), eps=self.eps)
-            return y.astype(self.dtype), s
-        s = x + residual
-        return self(s), s
+        return (y * self.scale.get_value().astype(jnp.float32)).astype(self.dtype)
 
 
 def rope(x: Array, positions: Array, theta: float) -> Array:
@@ -314,31 +297,16 @@ class Block(nnx.Module):
 
     def __init__(self, config: LlamaConfig, nf4: bool, *, dtype: Any, param_dtype: Any,
                  rngs: nnx.Rngs):
-        norm = {"eps": config.norm_eps, "dtype": dtype, "param_dtype": param_dtype,
-                "fused": config.fused_norm}
+        norm = {"eps": config.norm_eps, "dtype": dtype, "param_dtype": param_dtype}
         self.attn_norm = RMSNorm(config.d_model, **norm)
         self.attn = Attention(config, nf4, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
         self.mlp_norm = RMSNorm(config.d_model, **norm)
         self.mlp = MLP(config, nf4, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
 
     def __call__(self, x, positions, kv):
-        x, h, kv = self.residual_step(x, None, positions, kv)
-        return x + h, kv
-
-    def residual_step(self, x: Array, pending: Array | None, positions: Array,
-                      kv: tuple[Array, Array] | None
-                      ) -> tuple[Array, Array, tuple[Array, Array]]:
-        """The block on the residual stream ``x + pending`` (``pending``: the previous block's
-        MLP output, or None), with every residual add fused into the norm after it: returns
-        ``(x', h, kv)`` where ``x' + h`` is the block's output (``h`` its MLP output, left for
-        the next norm to add)."""
-        if pending is None:
-            normed = self.attn_norm(x)
-        else:
-            normed, x = self.attn_norm.add(x, pending)
-        h, kv = self.attn(normed, positions, kv)
-        normed, x = self.mlp_norm.add(x, h)
-        return x, self.mlp(normed), kv
+        h, kv = self.attn(self.attn_norm(x), positions, kv)
+        x = x + h
+        return x + self.mlp(self.mlp_norm(x)), kv
 
 
 class Llama(nnx.Module):
@@ -359,7 +327,7 @@ class Llama(nnx.Module):
         self.layers = nnx.List([Block(config, nf4, dtype=dtype, param_dtype=param_dtype,
                                       rngs=rngs) for _ in range(config.n_layers)])
         self.norm = RMSNorm(config.d_model, eps=config.norm_eps, dtype=dtype,
-                            param_dtype=param_dtype, fused=config.fused_norm)
+                            param_dtype=param_dtype)
         self.lm_head = _linear(config, nf4 and config.nf4_lm_head, config.d_model,
                                config.vocab_size // config.tp, dtype=dtype,
                                param_dtype=param_dtype, rngs=rngs)
@@ -373,16 +341,15 @@ class Llama(nnx.Module):
         ``pos .. pos + S - 1``, and the updated cache. Without a cache: a plain causal forward
         pass over ``tokens`` (``pos`` still shifts the rotary positions)."""
         positions = pos + jnp.arange(tokens.shape[1], dtype=jnp.int32)
-        x, h = self.embed(tokens), None
+        x = self.embed(tokens)
         ks, vs = [], []
         for i, layer in enumerate(self.layers):
-            x, h, (k, v) = layer.residual_step(
-                x, h, positions, None if cache is None else (cache.k[i], cache.v[i]))
+            x, (k, v) = layer(x, positions,
+                              None if cache is None else (cache.k[i], cache.v[i]))
             ks.append(k)
             vs.append(v)
         cache = None if cache is None else KVCache(tuple(ks), tuple(vs))
-        normed = self.norm(x) if h is None else self.norm.add(x, h)[0]
-        logits = self.lm_head(normed).astype(jnp.float32)
+        logits = self.lm_head(self.norm(x)).astype(jnp.float32)
         if self.config.tp_axis is not None:   # each shard holds vocab_size / tp columns
             logits = jax.lax.all_gather(logits, self.config.tp_axis, axis=-1, tiled=True)
         return logits, cache
