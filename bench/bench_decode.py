@@ -1,14 +1,15 @@
 """Decode benchmark of the Llama-style model (jax_nf4.models.llama), for one GPU.
 
 (a) llama3-8b greedy decoding at batch 1 and 8 with NF4 and with bf16 weights (same shapes,
-    same prompt): tokens/s (prefill of 16 tokens included, compile excluded), the ratio, weight
-    bytes and the device's peak memory; on a GPU also the device time per token of one traced run by
-    kernel class (jax_nf4's kernels, GEMMs, the rest) and the idle time. The runs go from the
-    smallest memory use to the largest (NF4 b1, NF4 b8, bf16 b1, bf16 b8) because the peak is
-    process-wide; the last runs quantize lm_head too ("nf4+lm_head", batch 1; bitsandbytes keeps
-    it dense). NF4 decodes with jax_nf4.decode_attention (rotary, cache write and attention in
-    one kernel), bf16 with the jnp attention (the baseline: the same model in XLA); the last run
-    is NF4 + lm_head with the jnp attention, so the kernel's share is measured in the same run.
+    same prompt): tokens/s (prefill of --prompt-len tokens included, default 16; compile
+    excluded), the ratio, weight bytes and the device's peak memory; on a GPU also the device
+    time per token of one traced run by kernel class (jax_nf4's kernels, GEMMs, the rest) and
+    the idle time. The runs go from the smallest memory use to the largest (NF4 b1, NF4 b8,
+    bf16 b1, bf16 b8) because the peak is process-wide; the last runs quantize lm_head too
+    ("nf4+lm_head", batch 1; bitsandbytes keeps it dense). NF4 decodes with
+    jax_nf4.decode_attention (rotary, cache write and attention in one kernel), bf16 with the
+    jnp attention (the baseline: the same model in XLA); the last run is NF4 + lm_head with the
+    jnp attention, so the kernel's share is measured in the same run.
 (b) llama3-70b shapes: the decode time of one decoder layer (batch 1, one token, a KV cache of
     512 slots, attention over all of them) at full width and at the 1/2 and 1/4 shard a GPU
     holds under tensor parallelism tp: q/k/v/gate/up column-parallel (N / tp), o_proj / down
@@ -45,6 +46,7 @@ rewritten, so a timeout keeps what was done. Stages go to stderr. --quick runs t
 preset (one layer in (a)) in place of the models (seconds on a CPU; a test runs it).
 
     python bench/bench_decode.py --json decode.json [--skip-8b] [--skip-70b] [--skip-tp] [--quick]
+        [--prompt-len N] [--new-tokens N] [--iters N] [--tps 1,2,4] [--tp-batch B]
 """
 
 from __future__ import annotations
@@ -217,6 +219,9 @@ def main(argv: Sequence[str] | None = None) -> dict:
     p.add_argument("--new-tokens", type=int, default=None, metavar="N",
                    help="tokens per sequence in (a) (default 128; --quick 4)")
     p.add_argument("--iters", type=int, default=3, metavar="N", help="timed runs in (a)")
+    p.add_argument("--prompt-len", type=int, default=None, metavar="N",
+                   help="prompt tokens per sequence in (a), i.e. the cache position decoding "
+                        "starts from (default 16; --quick 4)")
     p.add_argument("--nvlink-gbps", type=float, default=450.0,
                    help="NVLink bandwidth per direction per GPU, GB/s (default 450, H100 SXM)")
     p.add_argument("--allreduce-latency-us", type=float, default=10.0,
@@ -228,7 +233,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
         p.error(f"--tps must be comma-separated integers, got {args.tps!r}")
     if tps_wanted[0] != 1 or tps_wanted != sorted(set(tps_wanted)):
         p.error(f"--tps must ascend from 1, got {args.tps!r}")
-    for name in ("new_tokens", "iters", "tp_tokens", "tp_batch"):
+    for name in ("new_tokens", "iters", "tp_tokens", "tp_batch", "prompt_len"):
         value = getattr(args, name)
         if value is not None and value < 1:
             p.error(f"--{name.replace('_', '-')} must be >= 1")
@@ -255,7 +260,10 @@ def main(argv: Sequence[str] | None = None) -> dict:
         base = llama.get_config(name)
         if args.quick:
             base = dataclasses.replace(base, n_layers=1)
-        kw = {"prompt_len": 4 if args.quick else 16, "iters": args.iters}
+        kw = {"prompt_len": args.prompt_len or (4 if args.quick else 16), "iters": args.iters}
+        if kw["prompt_len"] + new_tokens > base.max_len:
+            p.error(f"--prompt-len + --new-tokens must fit the {base.max_len} cache slots of "
+                    f"{name}, got {kw['prompt_len']} + {new_tokens}")
         rows = {}
         # The last rows quantize lm_head too (bitsandbytes keeps it dense, as the others do).
         # NF4 decodes with jax_nf4.decode_attention, bf16 (the baseline: the same model in XLA)

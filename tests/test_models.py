@@ -339,6 +339,13 @@ def test_bench_decode_rejects_bad_tps(bench_script, tps, capsys):
     assert e.value.code == 2 and "--tps must" in capsys.readouterr().err
 
 
+def test_bench_decode_rejects_a_prompt_past_the_cache(bench_script, capsys):
+    with pytest.raises(SystemExit) as e:
+        bench_script("bench_decode").main(["--quick", "--prompt-len", "62", "--skip-70b",
+                                           "--skip-tp"])
+    assert e.value.code == 2 and "must fit the 64 cache slots of tiny" in capsys.readouterr().err
+
+
 def test_bench_decode_quick(bench_script, tmp_path, capsys):
     out = tmp_path / "decode.json"
     results = bench_script("bench_decode").main(["--quick", "--iters", "1", "--json", str(out)])
