@@ -262,8 +262,8 @@ def main(argv: Sequence[str] | None = None) -> dict:
             base = dataclasses.replace(base, n_layers=1)
         kw = {"prompt_len": args.prompt_len or (4 if args.quick else 16), "iters": args.iters}
         if kw["prompt_len"] + new_tokens > base.max_len:
-            p.error(f"--prompt-len + --new-tokens must fit the {base.max_len} cache slots of "
-                    f"{name}, got {kw['prompt_len']} + {new_tokens}")
+            p.error(f"--prompt-len + --new-tokens must fit the {base.max_len}-position context "
+                    f"of {name}, got {kw['prompt_len']} + {new_tokens}")
         rows = {}
         # The last rows quantize lm_head too (bitsandbytes keeps it dense, as the others do).
         # NF4 decodes with jax_nf4.decode_attention, bf16 (the baseline: the same model in XLA)
