@@ -813,19 +813,9 @@ ffi::Error DecodeAttentionCuda(cudaStream_t stream, ffi::ScratchAllocator scratc
                                   std::to_string(bytes) + " bytes of scratch for chunk partials");
     a.partial = static_cast<float*>(buffer.value());
   }
-  cudaError_t err = cudaErrorInvalidValue;
-  switch (qkv.element_type()) {
-    case ffi::DataType::F32:
-      err = LaunchDecodeAttention<float>(stream, a, smem, mma, warps, cluster);
-      break;
-    case ffi::DataType::BF16:
-      err = LaunchDecodeAttention<__nv_bfloat16>(stream, a, smem, mma, warps, cluster);
-      break;
-    case ffi::DataType::F16:
-      err = LaunchDecodeAttention<__half>(stream, a, smem, mma, warps, cluster);
-      break;
-    default: return ffi::Error::InvalidArgument("decode_attention: unsupported qkv dtype");
-  }
+  const cudaError_t err = DispatchActivation(qkv.element_type(), [&](auto t) {
+    return LaunchDecodeAttention<decltype(t)>(stream, a, smem, mma, warps, cluster);
+  });
   if (err != cudaSuccess)
     return ffi::Error::Internal(std::string("decode_attention: ") + cudaGetErrorString(err));
   return ffi::Error::Success();

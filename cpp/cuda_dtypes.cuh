@@ -1,14 +1,29 @@
-// float32 <-> activation dtype conversions of the CUDA kernels (round to nearest even), and the
-// 16-bit dtypes' tensor-core operations (mma.m16n8k16 with float32 accumulation).
+// float32 <-> activation dtype conversions of the CUDA kernels (round to nearest even), the
+// handlers' dispatch over the activation dtypes, and the 16-bit dtypes' tensor-core operations
+// (mma.m16n8k16 with float32 accumulation).
 #pragma once
 
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
+#include <cuda_runtime.h>
 
 #include <cstdint>
 #include <type_traits>
 
+#include "xla/ffi/api/ffi.h"
+
 namespace jax_nf4 {
+
+// Calls fn(T{}) with the CUDA storage type T of an activation dtype (float32 for any other
+// dtype: the handlers check dtypes first).
+template <typename Fn>
+cudaError_t DispatchActivation(xla::ffi::DataType dtype, Fn&& fn) {
+  switch (dtype) {
+    case xla::ffi::DataType::BF16: return fn(__nv_bfloat16{});
+    case xla::ffi::DataType::F16: return fn(__half{});
+    default: return fn(float{});
+  }
+}
 
 __device__ __forceinline__ float ToFloat(float v) { return v; }
 __device__ __forceinline__ float ToFloat(__nv_bfloat16 v) { return __bfloat162float(v); }

@@ -1452,16 +1452,6 @@ ffi::Error LaunchError(const char* op, cudaError_t err) {
                               cudaGetErrorString(err));
 }
 
-// Calls fn(T{}) with the CUDA storage type of an activation dtype.
-template <typename Fn>
-cudaError_t DispatchActivation(ffi::DataType dtype, Fn&& fn) {
-  switch (dtype) {
-    case ffi::DataType::BF16: return fn(__nv_bfloat16{});
-    case ffi::DataType::F16: return fn(__half{});
-    default: return fn(float{});
-  }
-}
-
 ffi::Error QuantizeCuda(cudaStream_t stream, ffi::AnyBuffer w, ffi::Result<ffi::AnyBuffer> packed,
                         ffi::Result<ffi::AnyBuffer> absmax, int64_t block_size) {
   Nf4Dims d;

@@ -339,11 +339,12 @@ def test_bench_decode_rejects_bad_tps(bench_script, tps, capsys):
     assert e.value.code == 2 and "--tps must" in capsys.readouterr().err
 
 
-def test_bench_decode_rejects_a_prompt_past_the_cache(bench_script, capsys):
+def test_bench_decode_rejects_a_prompt_past_the_context(bench_script, capsys):
     with pytest.raises(SystemExit) as e:
         bench_script("bench_decode").main(["--quick", "--prompt-len", "62", "--skip-70b",
                                            "--skip-tp"])
-    assert e.value.code == 2 and "must fit the 64-position context of tiny" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and "must fit the 64-position context of tiny" in err
 
 
 def test_bench_decode_quick(bench_script, tmp_path, capsys):
