@@ -12,6 +12,10 @@ XLA_FFI_DECLARE_HANDLER_SYMBOL(JaxNf4DequantizeDqCuda);
 XLA_FFI_DECLARE_HANDLER_SYMBOL(JaxNf4MatmulDqCuda);
 XLA_FFI_DECLARE_HANDLER_SYMBOL(JaxNf4DecodeAttentionCuda);
 
+namespace jax_nf4 {
+bool HasWgmmaKernel();  // cuda_ops.cu
+}
+
 NB_MODULE(_nf4_cuda, m) {
   m.def("registrations", []() {
     nb::dict targets;
@@ -24,4 +28,6 @@ NB_MODULE(_nf4_cuda, m) {
         nb::capsule(reinterpret_cast<void*>(JaxNf4DecodeAttentionCuda));
     return targets;
   });
+  m.def("has_wgmma", &jax_nf4::HasWgmmaKernel,
+        "Whether this build has the sm_90a wgmma matmul kernel (large M on H100 / H200).");
 }

@@ -1,11 +1,14 @@
 // CUDA FFI handlers for the NF4 ops: quantize, dequantize and the fused dequant + matmul (GEMV
-// kernels up to kMaxFusedRows activation rows, the tiled tensor-core kernel above; the Python
-// lowering sends large M to dequantize + an XLA dot instead).
+// kernels up to kMaxFusedRows activation rows, the tiled tensor-core kernel above, and on sm_90
+// the wgmma kernel above kWgMinRows; the Python lowering sends large M to dequantize + an XLA
+// dot instead).
 //
 // Operands carry a leading group dim G (see nf4_ffi_shapes.h). Kernels read the packed weights
 // with 16-byte streaming loads when the block size allows (block_size % 16 == 0), else with a
 // byte-wise path; the codebook sits in shared memory replicated once per bank, so the 32 lanes
 // of a warp never conflict. Reductions run in a fixed order: results are bit-stable run to run.
+#include <cuda.h>
+#include <cudaTypedefs.h>
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
@@ -1324,6 +1327,402 @@ cudaError_t LaunchGemmTile(TileArgs<Scales> a, const TilePlan& plan, cudaStream_
   });
 }
 
+// ---------------------------------------------------------------- wgmma matmul (sm_90a)
+
+// Fused dequant + matmul on Hopper's warpgroup MMA (sm_90a) for bf16 / f16 activations,
+// power-of-two block_size >= 64 and M above kWgMinRows: a warp-specialized CTA of three
+// warpgroups. One thread of the first streams 64-k stages of the activations (128 rows, TMA with
+// the 128-byte swizzle wgmma reads B in) and of the packed weights (128 row pairs) into a ring
+// of kWgStages shared-memory slots, each slot's arrival tracked by an mbarrier; the other two
+// warpgroups each own 64 row pairs as two m64 tiles (mma rows g and g + 8 of a warp are the two
+// rows of one pair, as in the 16-row-tile decode) and per stage decode their A fragments from
+// the slot into registers (PairTable, scaled in the activation dtype as the tiled kernel does)
+// and issue m64n128k16 wgmma with B read from the slot. A stage is done in two halves of two
+// k16 steps, with fragment sets alternating, so a half's decode runs while the half before it
+// multiplies. K splits across CTAs (float32 partial sums, SumKSplitsKernel) when the tiles
+// alone would leave SMs idle.
+constexpr int kWgTokens = 128;                   // activation rows per CTA (the wgmma N)
+constexpr int kWgPairs = 128;                    // weight row pairs per CTA
+constexpr int kWgStages = 6;                     // ring slots
+constexpr int kWgThreads = 384;                  // producer warpgroup + two consumer warpgroups
+constexpr int kWgActBytes = kWgTokens * 64 * 2;  // one stage's activations: 16 KB
+constexpr int kWgSlotBytes = kWgActBytes + kWgPairs * 64;
+constexpr int kWgSharedBytes = 1024 + kWgStages * kWgSlotBytes + kPairTableBytes + 16 * kWgStages;
+constexpr int64_t kWgMinRows = 64;  // M from which the launch prefers this kernel (sm_90)
+
+template <typename Scales>
+struct WgArgs {
+  Scales scales;
+  void* out;       // [G, m_total, N]
+  float* partial;  // [k_splits, G, m_total, N] when k_splits > 1
+  int64_t groups, m_total, pairs, cols;
+  int row_blocks, m_tiles, k_splits, stages_per_split, block_shift;
+};
+
+#if defined(__CUDA_ARCH__) && defined(__CUDA_ARCH_FEAT_SM90_ALL)
+__device__ __forceinline__ void MbarrierWait(uint32_t bar, uint32_t parity) {
+  asm volatile(
+      "{\n\t.reg .pred done;\n"
+      "WAIT_%=:\n\t"
+      "mbarrier.try_wait.parity.shared::cta.b64 done, [%0], %1;\n\t"
+      "@!done bra WAIT_%=;\n}" ::"r"(bar),
+      "r"(parity)
+      : "memory");
+}
+// Box {c0, c1, c2} of a 3-D tensor map into shared memory, completing on mbarrier `bar`.
+__device__ __forceinline__ void TmaLoad3d(uint32_t dst, const CUtensorMap* map, int c0, int c1,
+                                          int c2, uint32_t bar) {
+  asm volatile(
+      "cp.async.bulk.tensor.3d.shared::cluster.global.tile.mbarrier::complete_tx::bytes"
+      " [%0], [%1, {%2, %3, %4}], [%5];" ::"r"(dst),
+      "l"(reinterpret_cast<uint64_t>(map)), "r"(c0), "r"(c1), "r"(c2), "r"(bar)
+      : "memory");
+}
+// K-major B operand of one k16 step: 8-row groups of 128-byte rows 1024 bytes apart, 128-byte
+// swizzle (the TMA box's); the slot is 1024-byte aligned, the step's start 32 bytes further.
+__device__ __forceinline__ uint64_t WgmmaDescriptorSw128(uint32_t address) {
+  return uint64_t((address & 0x3ffff) >> 4) | (uint64_t(1) << 16) | (uint64_t(1024 >> 4) << 32) |
+         (uint64_t(1) << 62);
+}
+// acc += A (64 x 16, registers) B (16 x 128, shared memory), float32 accumulation.
+template <typename T>
+__device__ __forceinline__ void WgmmaM64N128K16(float (&d)[64], const uint32_t (&a)[4],
+                                                uint64_t desc_b) {
+#define JAX_NF4_WGMMA_ARGS                                                                       \
+  "{%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, %18, %19, " \
+  "%20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31, %32, %33, %34, %35, %36, %37, "  \
+  "%38, %39, %40, %41, %42, %43, %44, %45, %46, %47, %48, %49, %50, %51, %52, %53, %54, %55, "  \
+  "%56, %57, %58, %59, %60, %61, %62, %63}, {%64, %65, %66, %67}, %68, p, 1, 1, 0;\n}\n"
+#define JAX_NF4_WGMMA_OPERANDS                                                                    \
+  : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]),          \
+    "+f"(d[7]), "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]),     \
+    "+f"(d[14]), "+f"(d[15]), "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]),  \
+    "+f"(d[21]), "+f"(d[22]), "+f"(d[23]), "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]),  \
+    "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31]), "+f"(d[32]), "+f"(d[33]), "+f"(d[34]),  \
+    "+f"(d[35]), "+f"(d[36]), "+f"(d[37]), "+f"(d[38]), "+f"(d[39]), "+f"(d[40]), "+f"(d[41]),  \
+    "+f"(d[42]), "+f"(d[43]), "+f"(d[44]), "+f"(d[45]), "+f"(d[46]), "+f"(d[47]), "+f"(d[48]),  \
+    "+f"(d[49]), "+f"(d[50]), "+f"(d[51]), "+f"(d[52]), "+f"(d[53]), "+f"(d[54]), "+f"(d[55]),  \
+    "+f"(d[56]), "+f"(d[57]), "+f"(d[58]), "+f"(d[59]), "+f"(d[60]), "+f"(d[61]), "+f"(d[62]),  \
+    "+f"(d[63])                                                                                  \
+  : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(desc_b), "r"(1)
+  if constexpr (MmaType<T>::kBf16) {
+    asm volatile("{\n.reg .pred p;\nsetp.ne.b32 p, %69, 0;\n"
+                 "wgmma.mma_async.sync.aligned.m64n128k16.f32.bf16.bf16 " JAX_NF4_WGMMA_ARGS
+                 JAX_NF4_WGMMA_OPERANDS);
+  } else {
+    asm volatile("{\n.reg .pred p;\nsetp.ne.b32 p, %69, 0;\n"
+                 "wgmma.mma_async.sync.aligned.m64n128k16.f32.f16.f16 " JAX_NF4_WGMMA_ARGS
+                 JAX_NF4_WGMMA_OPERANDS);
+  }
+#undef JAX_NF4_WGMMA_ARGS
+#undef JAX_NF4_WGMMA_OPERANDS
+}
+// A quad's 64 bytes of one row pair and stage (lane t holding bytes 16t .. 16t + 15 as w)
+// redistributed so that lane t gets the bytes of its A fragments: v[s] = bytes 16s + 2t,
+// 16s + 2t + 1, 16s + 2t + 8, 16s + 2t + 9 (k16 step s; the word PairTable::Fragment takes).
+__device__ __forceinline__ void QuadTranspose(const uint4& w, int t, uint32_t (&v)[4]) {
+  uint32_t r[4];
+#pragma unroll
+  for (int d = 0; d < 4; ++d) {
+    const int u = t ^ d;  // the lane this word goes to: 16-bit half u of both 8-byte chunks
+    const uint32_t lo = (u & 2) ? w.y : w.x, hi = (u & 2) ? w.w : w.z;
+    const uint32_t word = __byte_perm(lo, hi, (u & 1) ? 0x7632 : 0x5410);
+    r[d] = d == 0 ? word : __shfl_xor_sync(0xffffffffu, word, d);  // from lane t ^ d
+  }
+#pragma unroll
+  for (int s = 0; s < 4; ++s) {  // v[s] came from lane s, i.e. d = s ^ t
+    const int d = s ^ t;
+    v[s] = (d & 2) ? ((d & 1) ? r[3] : r[2]) : ((d & 1) ? r[1] : r[0]);
+  }
+}
+#endif
+
+template <typename T, typename Scales>
+__global__ void __launch_bounds__(kWgThreads, 1)
+    GemmWgmmaKernel(const __grid_constant__ CUtensorMap x_map,
+                    const __grid_constant__ CUtensorMap w_map, WgArgs<Scales> a) {
+#if defined(__CUDA_ARCH__) && defined(__CUDA_ARCH_FEAT_SM90_ALL)
+  extern __shared__ __align__(16) unsigned char dynamic_shared[];
+  const uint32_t raw_base = SharedAddress(dynamic_shared);
+  const uint32_t base = (raw_base + 1023) & ~1023u;  // slots: 1024-byte aligned (swizzle)
+  uint4* table_storage =
+      reinterpret_cast<uint4*>(dynamic_shared + (base - raw_base) + kWgStages * kWgSlotBytes);
+  const uint32_t bars = base + kWgStages * kWgSlotBytes + kPairTableBytes;
+  auto full = [&](int slot) { return bars + 8 * slot; };
+  auto empty = [&](int slot) { return bars + 8 * (kWgStages + slot); };
+
+  int64_t b = blockIdx.x;
+  const int mt = int(b % a.m_tiles);
+  b /= a.m_tiles;
+  const int ks = int(b % a.k_splits);
+  b /= a.k_splits;
+  const int rb = int(b % a.row_blocks), grp = int(b / a.row_blocks);
+  const int first = ks * a.stages_per_split;
+  const int total = int(a.cols / 64);
+  const int count = a.stages_per_split < total - first ? a.stages_per_split : total - first;
+
+  if (threadIdx.x == 0) {
+    for (int s = 0; s < kWgStages; ++s) {
+      asm volatile("mbarrier.init.shared::cta.b64 [%0], 1;" ::"r"(full(s)) : "memory");
+      asm volatile("mbarrier.init.shared::cta.b64 [%0], 256;" ::"r"(empty(s)) : "memory");
+    }
+    asm volatile("fence.mbarrier_init.release.cluster;" ::: "memory");
+    asm volatile("prefetch.tensormap [%0];" ::"l"(reinterpret_cast<uint64_t>(&x_map)) : "memory");
+    asm volatile("prefetch.tensormap [%0];" ::"l"(reinterpret_cast<uint64_t>(&w_map)) : "memory");
+  }
+  PairTable<T>::Fill(table_storage);
+  __syncthreads();
+
+  if (threadIdx.x < 128) {  // the producer warpgroup: one thread issues every copy
+    asm volatile("setmaxnreg.dec.sync.aligned.u32 40;");
+    if (threadIdx.x == 0) {
+      for (int i = 0; i < count; ++i) {
+        const int slot = i % kWgStages;
+        if (i >= kWgStages) MbarrierWait(empty(slot), ((i / kWgStages) + 1) & 1);
+        asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;" ::"r"(full(slot)),
+                     "r"(kWgSlotBytes)
+                     : "memory");
+        const int k0 = (first + i) * 64;
+        const uint32_t dst = base + slot * kWgSlotBytes;
+        TmaLoad3d(dst, &x_map, k0, mt * kWgTokens, grp, full(slot));
+        TmaLoad3d(dst + kWgActBytes, &w_map, k0, rb * kWgPairs, grp, full(slot));
+      }
+    }
+    return;
+  }
+  asm volatile("setmaxnreg.inc.sync.aligned.u32 232;");
+
+  const int ct = threadIdx.x - 128, cwg = ct / 128, warp = (ct % 128) / 32;
+  const int lane = ct % 32, g = lane / 4, t = lane % 4;
+  const PairTable<T> pair_table(table_storage);
+  const int64_t N = 2 * a.pairs, blocks = a.cols >> a.block_shift;
+  const int step_shift = a.block_shift - 6;
+  int pair_in_cta[2];
+  int64_t pair[2];
+  using Row = decltype(a.scales.RowOf(0, 0, 1, 1));
+  Row row_even[2], row_odd[2];
+#pragma unroll
+  for (int j = 0; j < 2; ++j) {
+    pair_in_cta[j] = 64 * cwg + 32 * j + 8 * warp + g;
+    pair[j] = int64_t(rb) * kWgPairs + pair_in_cta[j];
+    const int64_t p = pair[j] < a.pairs ? pair[j] : 0;  // rows past N read pair 0, never stored
+    row_even[j] = a.scales.RowOf(grp, 2 * p, N, blocks);
+    row_odd[j] = a.scales.RowOf(grp, 2 * p + 1, N, blocks);
+  }
+  typename Row::Raw raw_even[2], raw_odd[2];
+  auto fetch = [&](int stage) {  // raw scales of this CTA's stage `stage`
+    const int blk = (first + stage) >> step_shift;
+#pragma unroll
+    for (int j = 0; j < 2; ++j) {
+      raw_even[j] = row_even[j].Fetch(blk);
+      raw_odd[j] = row_odd[j].Fetch(blk);
+    }
+  };
+  fetch(0);
+
+  float acc[2][64];
+#pragma unroll
+  for (int j = 0; j < 2; ++j)
+#pragma unroll
+    for (int c = 0; c < 64; ++c) acc[j][c] = 0.0f;
+  uint32_t frag_a[2][2][4], frag_b[2][2][4];  // [tile][step of the half][register]
+
+  for (int i = 0; i < count; ++i) {
+    const int slot = i % kWgStages;
+    const int blk = (first + i) >> step_shift;
+    uint32_t se[2], so[2];  // this stage's scales as value pairs in the activation dtype
+#pragma unroll
+    for (int j = 0; j < 2; ++j) {
+      const float even = row_even[j].Decode(raw_even[j], blk);
+      const float odd = row_odd[j].Decode(raw_odd[j], blk);
+      se[j] = MmaType<T>::Pack(even, even);
+      so[j] = MmaType<T>::Pack(odd, odd);
+    }
+    if (i + 1 < count) fetch(i + 1);
+    MbarrierWait(full(slot), (i / kWgStages) & 1);
+    const uint32_t slot_base = base + slot * kWgSlotBytes;
+    uint32_t v[2][4];
+#pragma unroll
+    for (int j = 0; j < 2; ++j) {
+      uint4 w;
+      asm volatile("ld.shared.v4.u32 {%0, %1, %2, %3}, [%4];"
+                   : "=r"(w.x), "=r"(w.y), "=r"(w.z), "=r"(w.w)
+                   : "r"(slot_base + kWgActBytes + pair_in_cta[j] * 64 + 16 * t));
+      QuadTranspose(w, t, v[j]);
+    }
+#pragma unroll
+    for (int h = 0; h < 2; ++h) {
+      uint32_t(&frag)[2][2][4] = h == 0 ? frag_a : frag_b;
+#pragma unroll
+      for (int j = 0; j < 2; ++j)
+#pragma unroll
+        for (int s = 0; s < 2; ++s) {
+          pair_table.Fragment(v[j][2 * h + s], frag[j][s]);
+          frag[j][s][0] = MmaType<T>::Mul(frag[j][s][0], se[j]);
+          frag[j][s][1] = MmaType<T>::Mul(frag[j][s][1], so[j]);
+          frag[j][s][2] = MmaType<T>::Mul(frag[j][s][2], se[j]);
+          frag[j][s][3] = MmaType<T>::Mul(frag[j][s][3], so[j]);
+        }
+      asm volatile("wgmma.fence.sync.aligned;" ::: "memory");
+#pragma unroll
+      for (int s = 0; s < 2; ++s)
+#pragma unroll
+        for (int j = 0; j < 2; ++j)
+          WgmmaM64N128K16<T>(acc[j], frag[j][s],
+                             WgmmaDescriptorSw128(slot_base + 32 * (2 * h + s)));
+      asm volatile("wgmma.commit_group.sync.aligned;" ::: "memory");
+      // The half before this one has finished: its fragment set may be rewritten, and after
+      // the first half, the previous stage's slot is no longer read.
+      asm volatile("wgmma.wait_group.sync.aligned 1;" ::: "memory");
+      if (h == 0 && i > 0)
+        asm volatile("mbarrier.arrive.shared::cta.b64 _, [%0];" ::"r"(empty((i - 1) % kWgStages))
+                     : "memory");
+    }
+  }
+  asm volatile("wgmma.wait_group.sync.aligned 0;" ::: "memory");
+
+  // acc[j][4 c + e] is (row 2 pair[j], token 8 c + 2 t + e), acc[j][4 c + 2 + e] its odd row.
+  const bool direct = a.k_splits == 1;
+  const int64_t m_base = int64_t(mt) * kWgTokens;
+#pragma unroll
+  for (int j = 0; j < 2; ++j) {
+    if (pair[j] >= a.pairs) continue;
+#pragma unroll
+    for (int c = 0; c < 16; ++c)
+#pragma unroll
+      for (int e = 0; e < 2; ++e) {
+        const int64_t m = m_base + 8 * c + 2 * t + e;
+        if (m >= a.m_total) continue;
+        const int64_t at = (grp * a.m_total + m) * N + 2 * pair[j];
+        if (direct)
+          *reinterpret_cast<uint32_t*>(static_cast<T*>(a.out) + at) =
+              MmaType<T>::Pack(acc[j][4 * c + e], acc[j][4 * c + 2 + e]);
+        else
+          *reinterpret_cast<float2*>(a.partial + ks * a.groups * a.m_total * N + at) =
+              make_float2(acc[j][4 * c + e], acc[j][4 * c + 2 + e]);
+      }
+  }
+#elif defined(__CUDA_ARCH__)
+  __trap();  // launched only on sm_90 from an sm_90a build (WgmmaUsable)
+#endif
+}
+
+// Whether this build has the wgmma kernel for `device` (sm_90a code runs on compute capability
+// 9.0 only; other builds and GPUs take the tiled kernel).
+bool WgmmaUsable(int device) {
+#if defined(JAX_NF4_SM90A)
+  int major = 0, minor = 0;
+  cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device);
+  cudaDeviceGetAttribute(&minor, cudaDevAttrComputeCapabilityMinor, device);
+  return major == 9 && minor == 0;
+#else
+  (void)device;
+  return false;
+#endif
+}
+
+// The wgmma kernel's grid: tiles of 128 row pairs x 128 activation rows, K split so that
+// rounds x (stages per CTA + ~4 of fill and store + the split's partial sums) is least, rounds
+// = ceil(CTAs / SMs), at least 8 stages per CTA.
+struct WgPlan {
+  int row_blocks = 0, m_tiles = 0, k_splits = 1, stages_per_split = 0;
+  int64_t partial_bytes = 0;
+};
+
+WgPlan PlanWgmma(int64_t groups, int64_t m_total, int64_t pairs, int64_t cols, int sms) {
+  WgPlan plan;
+  plan.row_blocks = int((pairs + kWgPairs - 1) / kWgPairs);
+  plan.m_tiles = int((m_total + kWgTokens - 1) / kWgTokens);
+  const int64_t stages = cols / 64, ctas = groups * plan.row_blocks * plan.m_tiles;
+  constexpr int64_t kPartialCost = 6;  // a split CTA's 128 KB of float32 partial sums, in stages
+  int64_t best_cost = -1;
+  for (int64_t splits = 1; splits <= 16; ++splits) {
+    const int64_t per = (stages + splits - 1) / splits;
+    if (splits > 1 && (per < 8 || (stages + per - 1) / per != splits)) continue;
+    const int64_t cost =
+        (ctas * splits + sms - 1) / sms * (per + 4 + (splits > 1 ? kPartialCost : 0));
+    if (best_cost < 0 || cost < best_cost) {
+      best_cost = cost;
+      plan.k_splits = int(splits);
+      plan.stages_per_split = int(per);
+    }
+  }
+  if (plan.k_splits > 1)
+    plan.partial_bytes = int64_t(plan.k_splits) * groups * m_total * 2 * pairs * 4;
+  return plan;
+}
+
+// cuTensorMapEncodeTiled from the driver (the runtime's entry-point query: no libcuda link).
+PFN_cuTensorMapEncodeTiled_v12000 TensorMapEncoder() {
+  static const PFN_cuTensorMapEncodeTiled_v12000 encode = [] {
+    void* fn = nullptr;
+    cudaDriverEntryPointQueryResult status;
+    if (cudaGetDriverEntryPointByVersion("cuTensorMapEncodeTiled", &fn, 12000, cudaEnableDefault,
+                                         &status) != cudaSuccess ||
+        status != cudaDriverEntryPointSuccess)
+      fn = nullptr;
+    return reinterpret_cast<PFN_cuTensorMapEncodeTiled_v12000>(fn);
+  }();
+  return encode;
+}
+
+// A 3-D tensor map over [groups, rows, cols] elements of `bytes` each, boxes of box_rows x 64.
+cudaError_t EncodeTensorMap3d(CUtensorMap* map, const void* data, int bytes, int64_t groups,
+                              int64_t rows, int64_t cols, int box_rows, bool swizzle128) {
+  const PFN_cuTensorMapEncodeTiled_v12000 encode = TensorMapEncoder();
+  if (encode == nullptr) return cudaErrorNotSupported;
+  const cuuint64_t dims[3] = {cuuint64_t(cols), cuuint64_t(rows), cuuint64_t(groups)};
+  const cuuint64_t strides[2] = {cuuint64_t(cols * bytes), cuuint64_t(rows * cols * bytes)};
+  const cuuint32_t box[3] = {64, cuuint32_t(box_rows), 1}, element_strides[3] = {1, 1, 1};
+  const CUresult r = encode(
+      map, bytes == 1 ? CU_TENSOR_MAP_DATA_TYPE_UINT8 : CU_TENSOR_MAP_DATA_TYPE_UINT16, 3,
+      const_cast<void*>(data), dims, strides, box, element_strides, CU_TENSOR_MAP_INTERLEAVE_NONE,
+      swizzle128 ? CU_TENSOR_MAP_SWIZZLE_128B : CU_TENSOR_MAP_SWIZZLE_NONE,
+      CU_TENSOR_MAP_L2_PROMOTION_L2_128B, CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE);
+  return r == CUDA_SUCCESS ? cudaSuccess : cudaErrorInvalidValue;
+}
+
+// Sets the wgmma kernel's shared-memory size on `device`, once per device and process.
+template <typename T, typename Scales>
+cudaError_t PrepareGemmWgmma(int device) {
+  constexpr int kMaxDevices = 64;
+  static std::atomic<bool> prepared[kMaxDevices];
+  const bool cached = device >= 0 && device < kMaxDevices;
+  if (cached && prepared[device].load(std::memory_order_relaxed)) return cudaSuccess;
+  const cudaError_t err = cudaFuncSetAttribute(
+      GemmWgmmaKernel<T, Scales>, cudaFuncAttributeMaxDynamicSharedMemorySize, kWgSharedBytes);
+  if (err == cudaSuccess && cached) prepared[device].store(true, std::memory_order_relaxed);
+  return err;
+}
+
+template <typename T, typename Scales>
+cudaError_t LaunchGemmWgmma(const void* x, const uint8_t* packed, WgArgs<Scales> a,
+                            const WgPlan& plan, int device, cudaStream_t stream) {
+  if (cudaError_t err = PrepareGemmWgmma<T, Scales>(device); err != cudaSuccess) return err;
+  CUtensorMap x_map, w_map;
+  if (cudaError_t err = EncodeTensorMap3d(&x_map, x, 2, a.groups, a.m_total, a.cols, kWgTokens,
+                                          true);
+      err != cudaSuccess)
+    return err;
+  if (cudaError_t err = EncodeTensorMap3d(&w_map, packed, 1, a.groups, a.pairs, a.cols,
+                                          kWgPairs, false);
+      err != cudaSuccess)
+    return err;
+  a.row_blocks = plan.row_blocks;
+  a.m_tiles = plan.m_tiles;
+  a.k_splits = plan.k_splits;
+  a.stages_per_split = plan.stages_per_split;
+  const int64_t ctas = a.groups * plan.row_blocks * plan.m_tiles * plan.k_splits;
+  GemmWgmmaKernel<T, Scales><<<dim3(unsigned(ctas)), kWgThreads, kWgSharedBytes, stream>>>(
+      x_map, w_map, a);
+  cudaError_t err = cudaGetLastError();
+  if (err != cudaSuccess || a.k_splits == 1) return err;
+  const int64_t count = a.groups * a.m_total * 2 * a.pairs;
+  SumKSplitsKernel<T><<<GridFor(count, kThreads), kThreads, 0, stream>>>(
+      a.partial, static_cast<T*>(a.out), count, a.k_splits);
+  return cudaGetLastError();
+}
+
 // ---------------------------------------------------------------- dequantize
 
 // One thread per V-byte chunk of one row pair: 2V outputs, V x sizeof(T) bytes to each row (16
@@ -1531,6 +1930,33 @@ ffi::Error Matmul(cudaStream_t stream, ffi::ScratchAllocator& scratch, ffi::AnyB
     cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device);
     cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, device);
   }
+  if (tensor_cores && m_rows > kWgMinRows && WgmmaUsable(device)) {
+    const WgPlan plan = PlanWgmma(d.groups, m_rows, d.rows / 2, d.cols, sms);
+    WgArgs<Scales> a{};
+    a.scales = scales;
+    a.out = out->untyped_data();
+    a.groups = d.groups;
+    a.m_total = m_rows;
+    a.pairs = d.rows / 2;
+    a.cols = d.cols;
+    a.block_shift = block_shift;
+    if (plan.partial_bytes > 0) {
+      auto buffer = scratch.Allocate(plan.partial_bytes, 16);
+      if (!buffer.has_value())
+        return ffi::Error::Internal("nf4_matmul: could not allocate " +
+                                    std::to_string(plan.partial_bytes) +
+                                    " bytes of scratch for the split-K partial sums");
+      a.partial = static_cast<float*>(*buffer);
+    }
+    cudaError_t err = DispatchActivation(x.element_type(), [&](auto tag) {
+      using T = decltype(tag);
+      if constexpr (std::is_same_v<T, float>) return cudaErrorInvalidValue;  // not reached
+      else return LaunchGemmWgmma<T>(x.untyped_data(),
+                                     static_cast<const uint8_t*>(packed.untyped_data()), a, plan,
+                                     device, stream);
+    });
+    return err == cudaSuccess ? ffi::Error::Success() : LaunchError("nf4_matmul", err);
+  }
   const int tile_nt = tensor_cores && m_rows > kMaxFusedRows ? ChooseTileNt(m_rows, optin) : 0;
   if (tile_nt > 0) {
     int ctas_per_sm = 0;
@@ -1629,6 +2055,15 @@ ffi::Error MatmulDqCuda(cudaStream_t stream, ffi::ScratchAllocator scratch, ffi:
 }
 
 }  // namespace
+
+bool HasWgmmaKernel() {
+#if defined(JAX_NF4_SM90A)
+  return true;
+#else
+  return false;
+#endif
+}
+
 }  // namespace jax_nf4
 
 namespace ffi = xla::ffi;

@@ -196,11 +196,13 @@ def test_kernels_decode_double_quant_scales(platform, device, rng, x_dtype, bloc
 
 @pytest.mark.parametrize("x_dtype, m, k", [
     (np.float32, 4, 640), (jnp.bfloat16, 4, 640), (jnp.bfloat16, 24, 640),
-    (jnp.bfloat16, 24, 2048)], ids=["f32", "bf16", "bf16-tiled", "bf16-tiled-row-nested"])
+    (jnp.bfloat16, 24, 2048), (jnp.bfloat16, 150, 640)],
+    ids=["f32", "bf16", "bf16-tiled", "bf16-tiled-row-nested", "bf16-wgmma"])
 def test_vmap_over_stacked_double_quant_weights(platform, device, rng, x_dtype, m, k):
     """A vmap over stacked weights is one kernel launch over all of them (on the GPU with bf16
-    activations the byte-pair GEMV with one group per weight, its table read per block, or at
-    M = 24 the tiled kernel, each CTA with its weight's table); 32 rows of 10 blocks put a
+    activations the byte-pair GEMV with one group per weight, its table read per block, at
+    M = 24 the tiled kernel, each CTA with its weight's table, at M = 150 on H100 / H200 the
+    wgmma kernel); 32 rows of 10 blocks put a
     nested-scale boundary inside row 25 of each weight, 32 blocks per row (row-nested reads)
     put 8 rows in each nested group."""
     w = jax.device_put(rng.standard_normal((3, 32, k)).astype(np.float32), device)

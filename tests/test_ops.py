@@ -302,13 +302,14 @@ def test_matmul_gemv_grid(rng, platform, device, dtype, m, n, k, block_size):
 
 
 @pytest.mark.parametrize("dtype", DTYPES[1:])
-@pytest.mark.parametrize("m", [9, 16, 24, 33, 64, 65, 129, 200, 256])
+@pytest.mark.parametrize("m", [9, 16, 24, 33, 64, 65, 129, 200, 256, 300, 520])
 @pytest.mark.parametrize("n, k, block_size", [(34, 448, 64), (1030, 4160, 64), (256, 8192, 128)],
                          ids=["partial-tile-7-spans", "5-row-blocks-65-spans", "k-split"])
 def test_matmul_tiled_grid(rng, platform, device, dtype, m, n, k, block_size):
-    """The tiled kernel (M = 9..256 on CUDA): each n-tile count (M <= 16, 32, 64, above) full
-    and partial, several M tiles, partial row blocks, stages cut short by the end of K, and K
-    split across CTAs (few row blocks, long K)."""
+    """The tiled kernel (M = 9..256 on CUDA) and the wgmma kernel (M > 64 on H100 / H200):
+    each n-tile count (M <= 16, 32, 64, above) full and partial, several M tiles (partial ones
+    too), partial row blocks, stages cut short by the end of K, and K split across CTAs (few
+    row blocks, long K)."""
     w = random_weight(rng, (n, k), np.float32)
     x = random_activations(rng, (m, k), dtype)
     y = jax.jit(jax_nf4.matmul)(jax.device_put(x, device), quantize_on(device, w, block_size))
@@ -316,14 +317,18 @@ def test_matmul_tiled_grid(rng, platform, device, dtype, m, n, k, block_size):
     assert_matmul_close(y, x, packed, absmax, block_size, platform)
 
 
+@pytest.mark.parametrize("wgmma", [False, True])
 @pytest.mark.parametrize("platform_name, dtype, block_size, rows", [
     ("cuda", jnp.bfloat16, 64, 256), ("cuda", np.float16, 256, 256),
     ("cuda", np.float32, 64, 8), ("cuda", jnp.bfloat16, 48, 8), ("cuda", jnp.bfloat16, 32, 8),
     ("cpu", jnp.bfloat16, 64, 8), ("cpu", np.float32, 64, 8)])
-def test_fused_max_rows(platform_name, dtype, block_size, rows):
-    """The documented routing: tensor-core kernels to M = 256 on CUDA, 8 rows elsewhere."""
-    from jax_nf4._lowering import fused_max_rows
-    assert fused_max_rows(platform_name, dtype, block_size) == rows
+def test_fused_max_rows(monkeypatch, platform_name, dtype, block_size, rows, wgmma):
+    """The documented routing: tensor-core kernels to M = 256 on CUDA (512 where the wgmma
+    kernel runs), 8 rows elsewhere."""
+    from jax_nf4 import _lowering
+    monkeypatch.setattr(_lowering, "cuda_wgmma_available", lambda: wgmma)
+    expected = 512 if wgmma and rows == 256 else rows
+    assert _lowering.fused_max_rows(platform_name, dtype, block_size) == expected
 
 
 @pytest.mark.parametrize("m, fused", [(8, True), (9, False)])
@@ -397,11 +402,12 @@ def test_vmap_matmul_over_stacked_weights(rng, platform, device, mode, dtype):
         assert_matmul_close(y[i], x, packed[i], absmax[i], 64, platform)
 
 
-@pytest.mark.parametrize("m", [1, 8])
+@pytest.mark.parametrize("m", [1, 8, 150])
 def test_vmap_matmul_over_stacked_weights_with_many_tiles(rng, platform, device, m):
     """Two stacked weights of 1250 tiles of 16 row pairs each: on the GPU the byte-pair GEMV's
     persistent CTAs work through units of both weights, their loads running on from a unit of
-    one weight into a unit of the next."""
+    one weight into a unit of the next; at M = 150 the wgmma kernel's grid spans both weights
+    (its tensor maps have the stack as their third dimension)."""
     layers, n, k = 2, 40000, 192
     w = random_weight(rng, (layers, n, k), np.float32)
     x = random_activations(rng, (m, k), np.dtype(jnp.bfloat16))
