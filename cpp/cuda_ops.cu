@@ -1331,24 +1331,32 @@ cudaError_t LaunchGemmTile(TileArgs<Scales> a, const TilePlan& plan, cudaStream_
 
 // Fused dequant + matmul on Hopper's warpgroup MMA (sm_90a) for bf16 / f16 activations,
 // power-of-two block_size >= 64 and M above kWgMinRows: a warp-specialized CTA of three
-// warpgroups. One thread of the first streams 64-k stages of the activations (128 rows, TMA with
-// the 128-byte swizzle wgmma reads B in) and of the packed weights (128 row pairs) into a ring
-// of kWgStages shared-memory slots, each slot's arrival tracked by an mbarrier; the other two
-// warpgroups each own 64 row pairs as two m64 tiles (mma rows g and g + 8 of a warp are the two
-// rows of one pair, as in the 16-row-tile decode) and per stage decode their A fragments from
-// the slot into registers (PairTable, scaled in the activation dtype as the tiled kernel does)
-// and issue m64n128k16 wgmma with B read from the slot. A stage is done in two halves of two
-// k16 steps, with fragment sets alternating, so a half's decode runs while the half before it
-// multiplies. K splits across CTAs (float32 partial sums, SumKSplitsKernel) when the tiles
-// alone would leave SMs idle.
-constexpr int kWgTokens = 128;                   // activation rows per CTA (the wgmma N)
-constexpr int kWgPairs = 128;                    // weight row pairs per CTA
-constexpr int kWgStages = 6;                     // ring slots
-constexpr int kWgThreads = 384;                  // producer warpgroup + two consumer warpgroups
-constexpr int kWgActBytes = kWgTokens * 64 * 2;  // one stage's activations: 16 KB
-constexpr int kWgSlotBytes = kWgActBytes + kWgPairs * 64;
-constexpr int kWgSharedBytes = 1024 + kWgStages * kWgSlotBytes + kPairTableBytes + 16 * kWgStages;
+// warpgroups. One thread of the first streams 64-k stages of the activations (TMA with the
+// 128-byte swizzle wgmma reads B in) and of the packed weights into a ring of shared-memory
+// slots, each slot's arrival tracked by an mbarrier; the other two warpgroups each own TL m64
+// tiles of 32 row pairs (mma rows g and g + 8 of a warp are the two rows of one pair, as in the
+// 16-row-tile decode), and per stage decode their A fragments from the slot into registers
+// (PairTable, scaled in the activation dtype as the tiled kernel does) and issue m64nNk16
+// wgmma with B, N = 256 / TL activation rows, read from the slot. A stage is done in two
+// halves of two k16 steps, with fragment sets alternating, so a half's decode runs while the
+// half before it multiplies. The decode, not the MMA or L2, sets the pace (ncu at M = 2048,
+// TL = 2: tensor pipe 54% busy, L2 36%), hence TL = 1 wherever M fills 256 rows: each decoded
+// fragment feeds twice the MMA. K splits across CTAs (float32 partial sums, SumKSplitsKernel)
+// when the tiles alone would leave SMs idle.
+constexpr int kWgThreads = 384;     // producer warpgroup + two consumer warpgroups
 constexpr int64_t kWgMinRows = 64;  // M from which the launch prefers this kernel (sm_90)
+// The CTA shapes: TL m64 tiles per consumer warpgroup, 64 TL row pairs x 256 / TL activation
+// rows per CTA (the wgmma N), so that the accumulators are 128 registers either way. TL = 2 up
+// to 128 activation rows; above, TL = 1 decodes each weight fragment for twice the MMA.
+template <int TL>
+struct WgShape {
+  static constexpr int kTokens = 256 / TL;
+  static constexpr int kPairs = 64 * TL;
+  static constexpr int kActBytes = kTokens * 64 * 2;  // one stage's activations
+  static constexpr int kSlotBytes = kActBytes + kPairs * 64;
+  static constexpr int kStages = TL == 2 ? 6 : 5;  // ring slots
+  static constexpr int kSharedBytes = 1024 + kStages * kSlotBytes + kPairTableBytes + 16 * kStages;
+};
 
 template <typename Scales>
 struct WgArgs {
@@ -1384,39 +1392,64 @@ __device__ __forceinline__ uint64_t WgmmaDescriptorSw128(uint32_t address) {
   return uint64_t((address & 0x3ffff) >> 4) | (uint64_t(1) << 16) | (uint64_t(1024 >> 4) << 32) |
          (uint64_t(1) << 62);
 }
-// acc += A (64 x 16, registers) B (16 x 128, shared memory), float32 accumulation.
-template <typename T>
-__device__ __forceinline__ void WgmmaM64N128K16(float (&d)[64], const uint32_t (&a)[4],
-                                                uint64_t desc_b) {
-#define JAX_NF4_WGMMA_ARGS                                                                       \
-  "{%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, %18, %19, " \
-  "%20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31, %32, %33, %34, %35, %36, %37, "  \
-  "%38, %39, %40, %41, %42, %43, %44, %45, %46, %47, %48, %49, %50, %51, %52, %53, %54, %55, "  \
-  "%56, %57, %58, %59, %60, %61, %62, %63}, {%64, %65, %66, %67}, %68, p, 1, 1, 0;\n}\n"
-#define JAX_NF4_WGMMA_OPERANDS                                                                    \
-  : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]),          \
-    "+f"(d[7]), "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]),     \
-    "+f"(d[14]), "+f"(d[15]), "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]),  \
-    "+f"(d[21]), "+f"(d[22]), "+f"(d[23]), "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]),  \
-    "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31]), "+f"(d[32]), "+f"(d[33]), "+f"(d[34]),  \
-    "+f"(d[35]), "+f"(d[36]), "+f"(d[37]), "+f"(d[38]), "+f"(d[39]), "+f"(d[40]), "+f"(d[41]),  \
-    "+f"(d[42]), "+f"(d[43]), "+f"(d[44]), "+f"(d[45]), "+f"(d[46]), "+f"(d[47]), "+f"(d[48]),  \
-    "+f"(d[49]), "+f"(d[50]), "+f"(d[51]), "+f"(d[52]), "+f"(d[53]), "+f"(d[54]), "+f"(d[55]),  \
-    "+f"(d[56]), "+f"(d[57]), "+f"(d[58]), "+f"(d[59]), "+f"(d[60]), "+f"(d[61]), "+f"(d[62]),  \
-    "+f"(d[63])                                                                                  \
-  : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(desc_b), "r"(1)
-  if constexpr (MmaType<T>::kBf16) {
+// The accumulator operands of a wgmma asm statement: the register list "%0, ..., %N-1" and
+// the "+f" bindings of d[0 .. N-1], for N = 64 and 128.
+#define JAX_NF4_REGS64                                                                        \
+  "%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, "                        \
+  "%16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31, "              \
+  "%32, %33, %34, %35, %36, %37, %38, %39, %40, %41, %42, %43, %44, %45, %46, %47, "              \
+  "%48, %49, %50, %51, %52, %53, %54, %55, %56, %57, %58, %59, %60, %61, %62, %63"                
+#define JAX_NF4_REGS128                                                                       \
+  JAX_NF4_REGS64 ", "                                                                             \
+  "%64, %65, %66, %67, %68, %69, %70, %71, %72, %73, %74, %75, %76, %77, %78, %79, "              \
+  "%80, %81, %82, %83, %84, %85, %86, %87, %88, %89, %90, %91, %92, %93, %94, %95, "              \
+  "%96, %97, %98, %99, %100, %101, %102, %103, %104, %105, %106, %107, %108, %109, %110, %111, "  \
+  "%112, %113, %114, %115, %116, %117, %118, %119, %120, %121, %122, %123, %124, %125, %126, %127"
+#define JAX_NF4_ACC8(i)                                                                       \
+  "+f"(d[i]), "+f"(d[i + 1]), "+f"(d[i + 2]), "+f"(d[i + 3]), "+f"(d[i + 4]), "+f"(d[i + 5]),   \
+      "+f"(d[i + 6]), "+f"(d[i + 7])
+#define JAX_NF4_ACC64(i)                                                                      \
+  JAX_NF4_ACC8(i), JAX_NF4_ACC8(i + 8), JAX_NF4_ACC8(i + 16), JAX_NF4_ACC8(i + 24),            \
+      JAX_NF4_ACC8(i + 32), JAX_NF4_ACC8(i + 40), JAX_NF4_ACC8(i + 48), JAX_NF4_ACC8(i + 56)
+// acc += A (64 x 16, registers) B (16 x N, shared memory), float32 accumulation (wgmma
+// m64nNk16, the A fragment from registers), for N = 128 and 256.
+template <typename T, int N>
+__device__ __forceinline__ void WgmmaRs(float (&d)[N / 2], const uint32_t (&a)[4],
+                                        uint64_t desc_b) {
+  static_assert(N == 128 || N == 256);
+  constexpr bool kBf16 = MmaType<T>::kBf16;
+#define JAX_NF4_A_OPERANDS "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(desc_b), "r"(1)
+  if constexpr (N == 128 && kBf16) {
     asm volatile("{\n.reg .pred p;\nsetp.ne.b32 p, %69, 0;\n"
-                 "wgmma.mma_async.sync.aligned.m64n128k16.f32.bf16.bf16 " JAX_NF4_WGMMA_ARGS
-                 JAX_NF4_WGMMA_OPERANDS);
+                 "wgmma.mma_async.sync.aligned.m64n128k16.f32.bf16.bf16 {" JAX_NF4_REGS64
+                 "}, {%64, %65, %66, %67}, %68, p, 1, 1, 0;\n}\n"
+                 : JAX_NF4_ACC64(0)
+                 : JAX_NF4_A_OPERANDS);
+  } else if constexpr (N == 128) {
+    asm volatile("{\n.reg .pred p;\nsetp.ne.b32 p, %69, 0;\n"
+                 "wgmma.mma_async.sync.aligned.m64n128k16.f32.f16.f16 {" JAX_NF4_REGS64
+                 "}, {%64, %65, %66, %67}, %68, p, 1, 1, 0;\n}\n"
+                 : JAX_NF4_ACC64(0)
+                 : JAX_NF4_A_OPERANDS);
+  } else if constexpr (kBf16) {
+    asm volatile("{\n.reg .pred p;\nsetp.ne.b32 p, %133, 0;\n"
+                 "wgmma.mma_async.sync.aligned.m64n256k16.f32.bf16.bf16 {" JAX_NF4_REGS128
+                 "}, {%128, %129, %130, %131}, %132, p, 1, 1, 0;\n}\n"
+                 : JAX_NF4_ACC64(0), JAX_NF4_ACC64(64)
+                 : JAX_NF4_A_OPERANDS);
   } else {
-    asm volatile("{\n.reg .pred p;\nsetp.ne.b32 p, %69, 0;\n"
-                 "wgmma.mma_async.sync.aligned.m64n128k16.f32.f16.f16 " JAX_NF4_WGMMA_ARGS
-                 JAX_NF4_WGMMA_OPERANDS);
+    asm volatile("{\n.reg .pred p;\nsetp.ne.b32 p, %133, 0;\n"
+                 "wgmma.mma_async.sync.aligned.m64n256k16.f32.f16.f16 {" JAX_NF4_REGS128
+                 "}, {%128, %129, %130, %131}, %132, p, 1, 1, 0;\n}\n"
+                 : JAX_NF4_ACC64(0), JAX_NF4_ACC64(64)
+                 : JAX_NF4_A_OPERANDS);
   }
-#undef JAX_NF4_WGMMA_ARGS
-#undef JAX_NF4_WGMMA_OPERANDS
+#undef JAX_NF4_A_OPERANDS
 }
+#undef JAX_NF4_REGS64
+#undef JAX_NF4_REGS128
+#undef JAX_NF4_ACC8
+#undef JAX_NF4_ACC64
 // A quad's 64 bytes of one row pair and stage (lane t holding bytes 16t .. 16t + 15 as w)
 // redistributed so that lane t gets the bytes of its A fragments: v[s] = bytes 16s + 2t,
 // 16s + 2t + 1, 16s + 2t + 8, 16s + 2t + 9 (k16 step s; the word PairTable::Fragment takes).
@@ -1437,19 +1470,21 @@ __device__ __forceinline__ void QuadTranspose(const uint4& w, int t, uint32_t (&
 }
 #endif
 
-template <typename T, typename Scales>
+template <typename T, typename Scales, int TL>
 __global__ void __launch_bounds__(kWgThreads, 1)
     GemmWgmmaKernel(const __grid_constant__ CUtensorMap x_map,
                     const __grid_constant__ CUtensorMap w_map, WgArgs<Scales> a) {
 #if defined(__CUDA_ARCH__) && defined(__CUDA_ARCH_FEAT_SM90_ALL)
+  using Shape = WgShape<TL>;
+  constexpr int kStages = Shape::kStages, kTokens = Shape::kTokens;
   extern __shared__ __align__(16) unsigned char dynamic_shared[];
   const uint32_t raw_base = SharedAddress(dynamic_shared);
   const uint32_t base = (raw_base + 1023) & ~1023u;  // slots: 1024-byte aligned (swizzle)
   uint4* table_storage =
-      reinterpret_cast<uint4*>(dynamic_shared + (base - raw_base) + kWgStages * kWgSlotBytes);
-  const uint32_t bars = base + kWgStages * kWgSlotBytes + kPairTableBytes;
+      reinterpret_cast<uint4*>(dynamic_shared + (base - raw_base) + kStages * Shape::kSlotBytes);
+  const uint32_t bars = base + kStages * Shape::kSlotBytes + kPairTableBytes;
   auto full = [&](int slot) { return bars + 8 * slot; };
-  auto empty = [&](int slot) { return bars + 8 * (kWgStages + slot); };
+  auto empty = [&](int slot) { return bars + 8 * (kStages + slot); };
 
   int64_t b = blockIdx.x;
   const int mt = int(b % a.m_tiles);
@@ -1462,7 +1497,7 @@ __global__ void __launch_bounds__(kWgThreads, 1)
   const int count = a.stages_per_split < total - first ? a.stages_per_split : total - first;
 
   if (threadIdx.x == 0) {
-    for (int s = 0; s < kWgStages; ++s) {
+    for (int s = 0; s < kStages; ++s) {
       asm volatile("mbarrier.init.shared::cta.b64 [%0], 1;" ::"r"(full(s)) : "memory");
       asm volatile("mbarrier.init.shared::cta.b64 [%0], 256;" ::"r"(empty(s)) : "memory");
     }
@@ -1477,15 +1512,15 @@ __global__ void __launch_bounds__(kWgThreads, 1)
     asm volatile("setmaxnreg.dec.sync.aligned.u32 40;");
     if (threadIdx.x == 0) {
       for (int i = 0; i < count; ++i) {
-        const int slot = i % kWgStages;
-        if (i >= kWgStages) MbarrierWait(empty(slot), ((i / kWgStages) + 1) & 1);
+        const int slot = i % kStages;
+        if (i >= kStages) MbarrierWait(empty(slot), ((i / kStages) + 1) & 1);
         asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;" ::"r"(full(slot)),
-                     "r"(kWgSlotBytes)
+                     "r"(Shape::kSlotBytes)
                      : "memory");
         const int k0 = (first + i) * 64;
-        const uint32_t dst = base + slot * kWgSlotBytes;
-        TmaLoad3d(dst, &x_map, k0, mt * kWgTokens, grp, full(slot));
-        TmaLoad3d(dst + kWgActBytes, &w_map, k0, rb * kWgPairs, grp, full(slot));
+        const uint32_t dst = base + slot * Shape::kSlotBytes;
+        TmaLoad3d(dst, &x_map, k0, mt * kTokens, grp, full(slot));
+        TmaLoad3d(dst + Shape::kActBytes, &w_map, k0, rb * Shape::kPairs, grp, full(slot));
       }
     }
     return;
@@ -1497,64 +1532,64 @@ __global__ void __launch_bounds__(kWgThreads, 1)
   const PairTable<T> pair_table(table_storage);
   const int64_t N = 2 * a.pairs, blocks = a.cols >> a.block_shift;
   const int step_shift = a.block_shift - 6;
-  int pair_in_cta[2];
-  int64_t pair[2];
+  int pair_in_cta[TL];
+  int64_t pair[TL];
   using Row = decltype(a.scales.RowOf(0, 0, 1, 1));
-  Row row_even[2], row_odd[2];
+  Row row_even[TL], row_odd[TL];
 #pragma unroll
-  for (int j = 0; j < 2; ++j) {
-    pair_in_cta[j] = 64 * cwg + 32 * j + 8 * warp + g;
-    pair[j] = int64_t(rb) * kWgPairs + pair_in_cta[j];
+  for (int j = 0; j < TL; ++j) {
+    pair_in_cta[j] = 32 * (TL * cwg + j) + 8 * warp + g;
+    pair[j] = int64_t(rb) * Shape::kPairs + pair_in_cta[j];
     const int64_t p = pair[j] < a.pairs ? pair[j] : 0;  // rows past N read pair 0, never stored
     row_even[j] = a.scales.RowOf(grp, 2 * p, N, blocks);
     row_odd[j] = a.scales.RowOf(grp, 2 * p + 1, N, blocks);
   }
-  typename Row::Raw raw_even[2], raw_odd[2];
+  typename Row::Raw raw_even[TL], raw_odd[TL];
   auto fetch = [&](int stage) {  // raw scales of this CTA's stage `stage`
     const int blk = (first + stage) >> step_shift;
 #pragma unroll
-    for (int j = 0; j < 2; ++j) {
+    for (int j = 0; j < TL; ++j) {
       raw_even[j] = row_even[j].Fetch(blk);
       raw_odd[j] = row_odd[j].Fetch(blk);
     }
   };
   fetch(0);
 
-  float acc[2][64];
+  float acc[TL][kTokens / 2];
 #pragma unroll
-  for (int j = 0; j < 2; ++j)
+  for (int j = 0; j < TL; ++j)
 #pragma unroll
-    for (int c = 0; c < 64; ++c) acc[j][c] = 0.0f;
-  uint32_t frag_a[2][2][4], frag_b[2][2][4];  // [tile][step of the half][register]
+    for (int c = 0; c < kTokens / 2; ++c) acc[j][c] = 0.0f;
+  uint32_t frag_a[TL][2][4], frag_b[TL][2][4];  // [tile][step of the half][register]
 
   for (int i = 0; i < count; ++i) {
-    const int slot = i % kWgStages;
+    const int slot = i % kStages;
     const int blk = (first + i) >> step_shift;
-    uint32_t se[2], so[2];  // this stage's scales as value pairs in the activation dtype
+    uint32_t se[TL], so[TL];  // this stage's scales as value pairs in the activation dtype
 #pragma unroll
-    for (int j = 0; j < 2; ++j) {
+    for (int j = 0; j < TL; ++j) {
       const float even = row_even[j].Decode(raw_even[j], blk);
       const float odd = row_odd[j].Decode(raw_odd[j], blk);
       se[j] = MmaType<T>::Pack(even, even);
       so[j] = MmaType<T>::Pack(odd, odd);
     }
     if (i + 1 < count) fetch(i + 1);
-    MbarrierWait(full(slot), (i / kWgStages) & 1);
-    const uint32_t slot_base = base + slot * kWgSlotBytes;
-    uint32_t v[2][4];
+    MbarrierWait(full(slot), (i / kStages) & 1);
+    const uint32_t slot_base = base + slot * Shape::kSlotBytes;
+    uint32_t v[TL][4];
 #pragma unroll
-    for (int j = 0; j < 2; ++j) {
+    for (int j = 0; j < TL; ++j) {
       uint4 w;
       asm volatile("ld.shared.v4.u32 {%0, %1, %2, %3}, [%4];"
                    : "=r"(w.x), "=r"(w.y), "=r"(w.z), "=r"(w.w)
-                   : "r"(slot_base + kWgActBytes + pair_in_cta[j] * 64 + 16 * t));
+                   : "r"(slot_base + Shape::kActBytes + pair_in_cta[j] * 64 + 16 * t));
       QuadTranspose(w, t, v[j]);
     }
 #pragma unroll
     for (int h = 0; h < 2; ++h) {
-      uint32_t(&frag)[2][2][4] = h == 0 ? frag_a : frag_b;
+      uint32_t(&frag)[TL][2][4] = h == 0 ? frag_a : frag_b;
 #pragma unroll
-      for (int j = 0; j < 2; ++j)
+      for (int j = 0; j < TL; ++j)
 #pragma unroll
         for (int s = 0; s < 2; ++s) {
           pair_table.Fragment(v[j][2 * h + s], frag[j][s]);
@@ -1567,15 +1602,15 @@ __global__ void __launch_bounds__(kWgThreads, 1)
 #pragma unroll
       for (int s = 0; s < 2; ++s)
 #pragma unroll
-        for (int j = 0; j < 2; ++j)
-          WgmmaM64N128K16<T>(acc[j], frag[j][s],
+        for (int j = 0; j < TL; ++j)
+          WgmmaRs<T, kTokens>(acc[j], frag[j][s],
                              WgmmaDescriptorSw128(slot_base + 32 * (2 * h + s)));
       asm volatile("wgmma.commit_group.sync.aligned;" ::: "memory");
       // The half before this one has finished: its fragment set may be rewritten, and after
       // the first half, the previous stage's slot is no longer read.
       asm volatile("wgmma.wait_group.sync.aligned 1;" ::: "memory");
       if (h == 0 && i > 0)
-        asm volatile("mbarrier.arrive.shared::cta.b64 _, [%0];" ::"r"(empty((i - 1) % kWgStages))
+        asm volatile("mbarrier.arrive.shared::cta.b64 _, [%0];" ::"r"(empty((i - 1) % kStages))
                      : "memory");
     }
   }
@@ -1583,12 +1618,12 @@ __global__ void __launch_bounds__(kWgThreads, 1)
 
   // acc[j][4 c + e] is (row 2 pair[j], token 8 c + 2 t + e), acc[j][4 c + 2 + e] its odd row.
   const bool direct = a.k_splits == 1;
-  const int64_t m_base = int64_t(mt) * kWgTokens;
+  const int64_t m_base = int64_t(mt) * kTokens;
 #pragma unroll
-  for (int j = 0; j < 2; ++j) {
+  for (int j = 0; j < TL; ++j) {
     if (pair[j] >= a.pairs) continue;
 #pragma unroll
-    for (int c = 0; c < 16; ++c)
+    for (int c = 0; c < kTokens / 8; ++c)
 #pragma unroll
       for (int e = 0; e < 2; ++e) {
         const int64_t m = m_base + 8 * c + 2 * t + e;
@@ -1621,20 +1656,24 @@ bool WgmmaUsable(int device) {
 #endif
 }
 
-// The wgmma kernel's grid: tiles of 128 row pairs x 128 activation rows, K split so that
-// rounds x (stages per CTA + ~4 of fill and store + the split's partial sums) is least, rounds
-// = ceil(CTAs / SMs), at least 8 stages per CTA.
+// The wgmma kernel's grid: the CTA shape by M (TL = 2 up to 128 activation rows, else 1), and K
+// split so that rounds x (stages per CTA + ~4 of fill and store + the split's partial sums) is
+// least, rounds = ceil(CTAs / SMs), at least 8 stages per CTA.
 struct WgPlan {
+  int tiles = 0;  // TL
   int row_blocks = 0, m_tiles = 0, k_splits = 1, stages_per_split = 0;
   int64_t partial_bytes = 0;
 };
 
 WgPlan PlanWgmma(int64_t groups, int64_t m_total, int64_t pairs, int64_t cols, int sms) {
   WgPlan plan;
-  plan.row_blocks = int((pairs + kWgPairs - 1) / kWgPairs);
-  plan.m_tiles = int((m_total + kWgTokens - 1) / kWgTokens);
+  plan.tiles = m_total <= WgShape<2>::kTokens ? 2 : 1;
+  const int64_t cta_pairs = 64 * plan.tiles, tokens = 256 / plan.tiles;
+  plan.row_blocks = int((pairs + cta_pairs - 1) / cta_pairs);
+  plan.m_tiles = int((m_total + tokens - 1) / tokens);
   const int64_t stages = cols / 64, ctas = groups * plan.row_blocks * plan.m_tiles;
   constexpr int64_t kPartialCost = 6;  // a split CTA's 128 KB of float32 partial sums, in stages
+                                       // (about 3.5 stages' shared-memory fill, twice over)
   int64_t best_cost = -1;
   for (int64_t splits = 1; splits <= 16; ++splits) {
     const int64_t per = (stages + splits - 1) / splits;
@@ -1683,29 +1722,31 @@ cudaError_t EncodeTensorMap3d(CUtensorMap* map, const void* data, int bytes, int
 }
 
 // Sets the wgmma kernel's shared-memory size on `device`, once per device and process.
-template <typename T, typename Scales>
+template <typename T, typename Scales, int TL>
 cudaError_t PrepareGemmWgmma(int device) {
   constexpr int kMaxDevices = 64;
   static std::atomic<bool> prepared[kMaxDevices];
   const bool cached = device >= 0 && device < kMaxDevices;
   if (cached && prepared[device].load(std::memory_order_relaxed)) return cudaSuccess;
-  const cudaError_t err = cudaFuncSetAttribute(
-      GemmWgmmaKernel<T, Scales>, cudaFuncAttributeMaxDynamicSharedMemorySize, kWgSharedBytes);
+  const cudaError_t err =
+      cudaFuncSetAttribute(GemmWgmmaKernel<T, Scales, TL>,
+                           cudaFuncAttributeMaxDynamicSharedMemorySize, WgShape<TL>::kSharedBytes);
   if (err == cudaSuccess && cached) prepared[device].store(true, std::memory_order_relaxed);
   return err;
 }
 
-template <typename T, typename Scales>
-cudaError_t LaunchGemmWgmma(const void* x, const uint8_t* packed, WgArgs<Scales> a,
-                            const WgPlan& plan, int device, cudaStream_t stream) {
-  if (cudaError_t err = PrepareGemmWgmma<T, Scales>(device); err != cudaSuccess) return err;
+template <typename T, typename Scales, int TL>
+cudaError_t LaunchGemmWgmmaShape(const void* x, const uint8_t* packed, WgArgs<Scales> a,
+                                 const WgPlan& plan, int device, cudaStream_t stream) {
+  using Shape = WgShape<TL>;
+  if (cudaError_t err = PrepareGemmWgmma<T, Scales, TL>(device); err != cudaSuccess) return err;
   CUtensorMap x_map, w_map;
-  if (cudaError_t err = EncodeTensorMap3d(&x_map, x, 2, a.groups, a.m_total, a.cols, kWgTokens,
-                                          true);
+  if (cudaError_t err = EncodeTensorMap3d(&x_map, x, 2, a.groups, a.m_total, a.cols,
+                                          Shape::kTokens, true);
       err != cudaSuccess)
     return err;
   if (cudaError_t err = EncodeTensorMap3d(&w_map, packed, 1, a.groups, a.pairs, a.cols,
-                                          kWgPairs, false);
+                                          Shape::kPairs, false);
       err != cudaSuccess)
     return err;
   a.row_blocks = plan.row_blocks;
@@ -1713,14 +1754,21 @@ cudaError_t LaunchGemmWgmma(const void* x, const uint8_t* packed, WgArgs<Scales>
   a.k_splits = plan.k_splits;
   a.stages_per_split = plan.stages_per_split;
   const int64_t ctas = a.groups * plan.row_blocks * plan.m_tiles * plan.k_splits;
-  GemmWgmmaKernel<T, Scales><<<dim3(unsigned(ctas)), kWgThreads, kWgSharedBytes, stream>>>(
-      x_map, w_map, a);
+  GemmWgmmaKernel<T, Scales, TL>
+      <<<dim3(unsigned(ctas)), kWgThreads, Shape::kSharedBytes, stream>>>(x_map, w_map, a);
   cudaError_t err = cudaGetLastError();
   if (err != cudaSuccess || a.k_splits == 1) return err;
   const int64_t count = a.groups * a.m_total * 2 * a.pairs;
   SumKSplitsKernel<T><<<GridFor(count, kThreads), kThreads, 0, stream>>>(
       a.partial, static_cast<T*>(a.out), count, a.k_splits);
   return cudaGetLastError();
+}
+
+template <typename T, typename Scales>
+cudaError_t LaunchGemmWgmma(const void* x, const uint8_t* packed, const WgArgs<Scales>& a,
+                            const WgPlan& plan, int device, cudaStream_t stream) {
+  return plan.tiles == 2 ? LaunchGemmWgmmaShape<T, Scales, 2>(x, packed, a, plan, device, stream)
+                         : LaunchGemmWgmmaShape<T, Scales, 1>(x, packed, a, plan, device, stream);
 }
 
 // ---------------------------------------------------------------- dequantize

@@ -6,8 +6,8 @@ M (activation rows) up to :func:`fused_max_rows` and, above it, the dequantize k
 by an XLA dot (tensor cores on GPU, XLA's threaded dot on CPU):
 
 - CUDA, bfloat16 / float16 activations with a power-of-two ``block_size >= 64``: fused
-  tensor-core kernels (float32 accumulation) up to M = 256, on H100 / H200
-  (:func:`cuda_wgmma_available`) up to M = 512, where M > 64 runs the wgmma kernel.
+  tensor-core kernels (float32 accumulation) up to M = 256, and for every M on H100 / H200
+  (:func:`cuda_wgmma_available`), where M > 64 runs the wgmma kernel.
   M <= 8 runs the byte-pair GEMV (one table lookup per code byte, a persistent grid; on GPUs
   that give a CTA 145 KB of shared memory: sm_80, sm_90; elsewhere the 16-row-tile GEMV): the
   weight enters the product as codebook values in the activation dtype, scaled in float32 per
@@ -15,11 +15,11 @@ by an XLA dot (tensor cores on GPU, XLA's threaded dot on CPU):
   256 weight rows x up to 128 activation rows per CTA, 95 - 200 KB of shared memory by M tile:
   smaller tiles where a CTA gets less): there the weight enters scaled, rounded to the
   activation dtype as dequantize + dot rounds it (float16 activations need weights within
-  float16 range, as dequantize to float16 does). The wgmma kernel (sm_90a) streams 128 weight
-  row pairs and 128 activation rows per 64-element stage into shared memory by TMA, decodes the
-  weights into registers as the tiled kernel does, and multiplies with Hopper's warpgroup MMA.
-  Above the fused range the weight is dequantized to the activation dtype and multiplied by an
-  XLA dot (faster there on the H100: BENCHMARKS.md).
+  float16 range, as dequantize to float16 does). The wgmma kernel (sm_90a) streams the weights
+  and activations of each 64-element stage into shared memory by TMA (128 row pairs x 128
+  activation rows per CTA up to M = 128, 64 x 256 above), decodes the weights into registers
+  as the tiled kernel does, and multiplies with Hopper's warpgroup MMA. Without it, above
+  M = 256 the weight is dequantized to the activation dtype and multiplied by an XLA dot.
 - CUDA otherwise (float32 activations, other block sizes): fused SIMT GEMV up to M = 8.
 - CPU: fused loop up to M = 8; above it the weight is dequantized to float32 and multiplied
   in float32, so CPU results follow the float32 contract for every M.
@@ -31,6 +31,7 @@ in place (where it can donate the buffer: a jit argument donated, or a loop carr
 
 from __future__ import annotations
 
+import sys
 from functools import cache, partial
 
 import jax
@@ -50,14 +51,12 @@ except ImportError:  # built without CUDA
 
 
 CUDA_TILED_MAX_ROWS = 256  # the tiled kernel's M range on CUDA (dequantize + dot above)
-CUDA_WGMMA_MAX_ROWS = 512  # the wgmma kernel's (H100 / H200; dequantize + dot was faster above)
 
 
 @cache
 def cuda_wgmma_available() -> bool:
     """True when the CUDA module has the sm_90a wgmma kernel and every local GPU is compute
-    capability 9.0 (H100 / H200): CUDA lowerings then send M up to CUDA_WGMMA_MAX_ROWS to the
-    fused kernels."""
+    capability 9.0 (H100 / H200): CUDA lowerings then send every M to the fused kernels."""
     if _nf4_cuda is None or not _nf4_cuda.has_wgmma():
         return False
     try:
@@ -73,7 +72,7 @@ def fused_max_rows(platform: str, dtype, block_size: int) -> int:
     tensor_cores = np.dtype(dtype) != np.float32 and block_size % 64 == 0 and power_of_two
     if platform != "cuda" or not tensor_cores:
         return 8
-    return CUDA_WGMMA_MAX_ROWS if cuda_wgmma_available() else CUDA_TILED_MAX_ROWS
+    return sys.maxsize if cuda_wgmma_available() else CUDA_TILED_MAX_ROWS
 
 
 def _ffi_rule(target: str, plain_operands: int | None = None):

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import functools
 import pickle
+import sys
 
 import jax
 import jax.numpy as jnp
@@ -323,11 +324,11 @@ def test_matmul_tiled_grid(rng, platform, device, dtype, m, n, k, block_size):
     ("cuda", np.float32, 64, 8), ("cuda", jnp.bfloat16, 48, 8), ("cuda", jnp.bfloat16, 32, 8),
     ("cpu", jnp.bfloat16, 64, 8), ("cpu", np.float32, 64, 8)])
 def test_fused_max_rows(monkeypatch, platform_name, dtype, block_size, rows, wgmma):
-    """The documented routing: tensor-core kernels to M = 256 on CUDA (512 where the wgmma
+    """The documented routing: tensor-core kernels to M = 256 on CUDA (every M where the wgmma
     kernel runs), 8 rows elsewhere."""
     from jax_nf4 import _lowering
     monkeypatch.setattr(_lowering, "cuda_wgmma_available", lambda: wgmma)
-    expected = 512 if wgmma and rows == 256 else rows
+    expected = sys.maxsize if wgmma and rows == 256 else rows
     assert _lowering.fused_max_rows(platform_name, dtype, block_size) == expected
 
 
