@@ -45,7 +45,7 @@ from jax_nf4._weight import NF4Weight
 from jax_nf4.ops import dequantize, matmul, quantize
 
 LLAMA_SHAPES = ((4096, 4096), (14336, 4096), (4096, 14336), (8192, 8192), (28672, 8192))
-DEFAULT_ROWS = (1, 2, 4, 8, 16, 64, 128, 256)  # GPU: each kernel's range and the switches
+DEFAULT_ROWS = (1, 2, 4, 8, 16, 64, 128, 256, 2048)  # GPU: each kernel's range, the switches
 DEQUANT_DOT_MIN_ROWS = 16  # "dequant + dot" is timed from this M up
 
 
