@@ -1337,7 +1337,7 @@ cudaError_t LaunchGemmTile(TileArgs<Scales> a, const TilePlan& plan, cudaStream_
 // tiles of 32 row pairs (mma rows g and g + 8 of a warp are the two rows of one pair, as in the
 // 16-row-tile decode), and per stage decode their A fragments from the slot into registers
 // (PairTable, scaled in the activation dtype as the tiled kernel does) and issue m64nNk16
-// wgmma with B, N = 256 / TL activation rows, read from the slot. A stage is done in two
+// wgmma with B, N activation rows, read from the slot. A stage is done in two
 // halves of two k16 steps, with fragment sets alternating, so a half's decode runs while the
 // half before it multiplies. The decode, not the MMA or L2, sets the pace (ncu at M = 2048,
 // TL = 2: tensor pipe 54% busy, L2 36%), hence TL = 1 wherever M fills 256 rows: each decoded
@@ -1345,16 +1345,21 @@ cudaError_t LaunchGemmTile(TileArgs<Scales> a, const TilePlan& plan, cudaStream_
 // when the tiles alone would leave SMs idle.
 constexpr int kWgThreads = 384;     // producer warpgroup + two consumer warpgroups
 constexpr int64_t kWgMinRows = 64;  // M from which the launch prefers this kernel (sm_90)
-// The CTA shapes: TL m64 tiles per consumer warpgroup, 64 TL row pairs x 256 / TL activation
-// rows per CTA (the wgmma N), so that the accumulators are 128 registers either way. TL = 2 up
-// to 128 activation rows; above, TL = 1 decodes each weight fragment for twice the MMA.
-template <int TL>
+// The CTA shapes: TL m64 tiles per consumer warpgroup, 64 TL row pairs x MT activation rows per
+// CTA (the wgmma N), TL MT <= 256 (accumulators: TL MT / 2 registers). (2, 128) up to 128
+// activation rows, or (1, 128) where (2, 128) would leave most SMs without a CTA (twice the
+// CTAs, less K split: 4096^2 at M = 128 21.4 -> 17.8 µs; at M = 256 the same switch from
+// (1, 256) was slower, 25.1 -> 27.8); (1, 256) above 128 rows (each decoded weight fragment
+// feeds twice the MMA).
+template <int TL, int MT>
 struct WgShape {
-  static constexpr int kTokens = 256 / TL;
+  static_assert(TL * MT <= 256);
+  static constexpr int kTokens = MT;
   static constexpr int kPairs = 64 * TL;
   static constexpr int kActBytes = kTokens * 64 * 2;  // one stage's activations
   static constexpr int kSlotBytes = kActBytes + kPairs * 64;
-  static constexpr int kStages = TL == 2 ? 6 : 5;  // ring slots
+  static constexpr int kRingBytes = 193 * 1024;  // beside the table, within 227 KB
+  static constexpr int kStages = kRingBytes / kSlotBytes < 6 ? kRingBytes / kSlotBytes : 6;
   static constexpr int kSharedBytes = 1024 + kStages * kSlotBytes + kPairTableBytes + 16 * kStages;
 };
 
@@ -1470,12 +1475,12 @@ __device__ __forceinline__ void QuadTranspose(const uint4& w, int t, uint32_t (&
 }
 #endif
 
-template <typename T, typename Scales, int TL>
+template <typename T, typename Scales, int TL, int MT>
 __global__ void __launch_bounds__(kWgThreads, 1)
     GemmWgmmaKernel(const __grid_constant__ CUtensorMap x_map,
                     const __grid_constant__ CUtensorMap w_map, WgArgs<Scales> a) {
 #if defined(__CUDA_ARCH__) && defined(__CUDA_ARCH_FEAT_SM90_ALL)
-  using Shape = WgShape<TL>;
+  using Shape = WgShape<TL, MT>;
   constexpr int kStages = Shape::kStages, kTokens = Shape::kTokens;
   extern __shared__ __align__(16) unsigned char dynamic_shared[];
   const uint32_t raw_base = SharedAddress(dynamic_shared);
@@ -1656,21 +1661,28 @@ bool WgmmaUsable(int device) {
 #endif
 }
 
-// The wgmma kernel's grid: the CTA shape by M (TL = 2 up to 128 activation rows, else 1), and K
-// split so that rounds x (stages per CTA + ~4 of fill and store + the split's partial sums) is
-// least, rounds = ceil(CTAs / SMs), at least 8 stages per CTA.
+// The wgmma kernel's grid: the CTA shape (WgShape), and K split so that rounds x (stages per CTA
+// + ~4 of fill and store + the split's partial sums) is least, rounds = ceil(CTAs / SMs), at
+// least 8 stages per CTA.
 struct WgPlan {
-  int tiles = 0;  // TL
+  int tiles = 0, tokens = 0;  // TL, N
   int row_blocks = 0, m_tiles = 0, k_splits = 1, stages_per_split = 0;
   int64_t partial_bytes = 0;
 };
 
 WgPlan PlanWgmma(int64_t groups, int64_t m_total, int64_t pairs, int64_t cols, int sms) {
   WgPlan plan;
-  plan.tiles = m_total <= WgShape<2>::kTokens ? 2 : 1;
-  const int64_t cta_pairs = 64 * plan.tiles, tokens = 256 / plan.tiles;
-  plan.row_blocks = int((pairs + cta_pairs - 1) / cta_pairs);
-  plan.m_tiles = int((m_total + tokens - 1) / tokens);
+  auto tile = [&](int tiles, int tokens) {
+    plan.tiles = tiles;
+    plan.tokens = tokens;
+    plan.row_blocks = int((pairs + 64 * tiles - 1) / (64 * tiles));
+    plan.m_tiles = int((m_total + tokens - 1) / tokens);
+    return groups * plan.row_blocks * plan.m_tiles;
+  };
+  if (m_total > 128)
+    tile(1, 256);
+  else if (tile(2, 128) < sms / 2)
+    tile(1, 128);
   const int64_t stages = cols / 64, ctas = groups * plan.row_blocks * plan.m_tiles;
   constexpr int64_t kPartialCost = 6;  // a split CTA's 128 KB of float32 partial sums, in stages
                                        // (about 3.5 stages' shared-memory fill, twice over)
@@ -1722,24 +1734,25 @@ cudaError_t EncodeTensorMap3d(CUtensorMap* map, const void* data, int bytes, int
 }
 
 // Sets the wgmma kernel's shared-memory size on `device`, once per device and process.
-template <typename T, typename Scales, int TL>
+template <typename T, typename Scales, int TL, int MT>
 cudaError_t PrepareGemmWgmma(int device) {
   constexpr int kMaxDevices = 64;
   static std::atomic<bool> prepared[kMaxDevices];
   const bool cached = device >= 0 && device < kMaxDevices;
   if (cached && prepared[device].load(std::memory_order_relaxed)) return cudaSuccess;
   const cudaError_t err =
-      cudaFuncSetAttribute(GemmWgmmaKernel<T, Scales, TL>,
-                           cudaFuncAttributeMaxDynamicSharedMemorySize, WgShape<TL>::kSharedBytes);
+      cudaFuncSetAttribute(GemmWgmmaKernel<T, Scales, TL, MT>,
+                           cudaFuncAttributeMaxDynamicSharedMemorySize, WgShape<TL, MT>::kSharedBytes);
   if (err == cudaSuccess && cached) prepared[device].store(true, std::memory_order_relaxed);
   return err;
 }
 
-template <typename T, typename Scales, int TL>
+template <typename T, typename Scales, int TL, int MT>
 cudaError_t LaunchGemmWgmmaShape(const void* x, const uint8_t* packed, WgArgs<Scales> a,
                                  const WgPlan& plan, int device, cudaStream_t stream) {
-  using Shape = WgShape<TL>;
-  if (cudaError_t err = PrepareGemmWgmma<T, Scales, TL>(device); err != cudaSuccess) return err;
+  using Shape = WgShape<TL, MT>;
+  if (cudaError_t err = PrepareGemmWgmma<T, Scales, TL, MT>(device); err != cudaSuccess)
+    return err;
   CUtensorMap x_map, w_map;
   if (cudaError_t err = EncodeTensorMap3d(&x_map, x, 2, a.groups, a.m_total, a.cols,
                                           Shape::kTokens, true);
@@ -1754,7 +1767,7 @@ cudaError_t LaunchGemmWgmmaShape(const void* x, const uint8_t* packed, WgArgs<Sc
   a.k_splits = plan.k_splits;
   a.stages_per_split = plan.stages_per_split;
   const int64_t ctas = a.groups * plan.row_blocks * plan.m_tiles * plan.k_splits;
-  GemmWgmmaKernel<T, Scales, TL>
+  GemmWgmmaKernel<T, Scales, TL, MT>
       <<<dim3(unsigned(ctas)), kWgThreads, Shape::kSharedBytes, stream>>>(x_map, w_map, a);
   cudaError_t err = cudaGetLastError();
   if (err != cudaSuccess || a.k_splits == 1) return err;
@@ -1767,8 +1780,11 @@ cudaError_t LaunchGemmWgmmaShape(const void* x, const uint8_t* packed, WgArgs<Sc
 template <typename T, typename Scales>
 cudaError_t LaunchGemmWgmma(const void* x, const uint8_t* packed, const WgArgs<Scales>& a,
                             const WgPlan& plan, int device, cudaStream_t stream) {
-  return plan.tiles == 2 ? LaunchGemmWgmmaShape<T, Scales, 2>(x, packed, a, plan, device, stream)
-                         : LaunchGemmWgmmaShape<T, Scales, 1>(x, packed, a, plan, device, stream);
+  if (plan.tiles == 2)
+    return LaunchGemmWgmmaShape<T, Scales, 2, 128>(x, packed, a, plan, device, stream);
+  return plan.tokens == 256
+             ? LaunchGemmWgmmaShape<T, Scales, 1, 256>(x, packed, a, plan, device, stream)
+             : LaunchGemmWgmmaShape<T, Scales, 1, 128>(x, packed, a, plan, device, stream);
 }
 
 // ---------------------------------------------------------------- dequantize
