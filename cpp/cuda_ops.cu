@@ -1219,6 +1219,15 @@ __global__ void __launch_bounds__(kThreads) SumKSplitsKernel(const float* partia
   }
 }
 
+// out (count elements of T) = the sum of `splits` float32 partial products.
+template <typename T>
+cudaError_t LaunchSumKSplits(const float* partial, void* out, int64_t count, int splits,
+                             cudaStream_t stream) {
+  SumKSplitsKernel<T><<<GridFor(count, kThreads), kThreads, 0, stream>>>(
+      partial, static_cast<T*>(out), count, splits);
+  return cudaGetLastError();
+}
+
 // The n-tile count for M: the widest tile up to M (decode amortized over more rows) whose
 // shared memory a CTA can have, else narrower ones (sm_80: up to 8; sm_86: 2); 0: none fits.
 int ChooseTileNt(int64_t m_total, int shared_optin) {
@@ -1310,10 +1319,8 @@ cudaError_t LaunchGemmTileNt(const TileArgs<Scales>& a, cudaStream_t stream) {
   kernel<<<dim3(unsigned(ctas)), 32 * kGtWarps, GtSharedBytes(NT), stream>>>(a);
   cudaError_t err = cudaGetLastError();
   if (err != cudaSuccess || a.k_splits == 1) return err;
-  const int64_t count = a.groups * a.m_total * 2 * a.pairs;
-  SumKSplitsKernel<T><<<GridFor(count, kThreads), kThreads, 0, stream>>>(
-      a.partial, static_cast<T*>(a.out), count, a.k_splits);
-  return cudaGetLastError();
+  return LaunchSumKSplits<T>(a.partial, a.out, a.groups * a.m_total * 2 * a.pairs, a.k_splits,
+                             stream);
 }
 
 template <typename T, typename Scales>
@@ -1363,6 +1370,7 @@ struct WgShape {
   static constexpr int kSharedBytes = 1024 + kStages * kSlotBytes + kPairTableBytes + 16 * kStages;
 };
 
+// The wgmma kernel's operands besides its tensor maps (from the handler's TileArgs at launch).
 template <typename Scales>
 struct WgArgs {
   Scales scales;
@@ -1748,43 +1756,38 @@ cudaError_t PrepareGemmWgmma(int device) {
 }
 
 template <typename T, typename Scales, int TL, int MT>
-cudaError_t LaunchGemmWgmmaShape(const void* x, const uint8_t* packed, WgArgs<Scales> a,
-                                 const WgPlan& plan, int device, cudaStream_t stream) {
+cudaError_t LaunchGemmWgmmaShape(const TileArgs<Scales>& args, const WgPlan& plan, int device,
+                                 cudaStream_t stream) {
   using Shape = WgShape<TL, MT>;
   if (cudaError_t err = PrepareGemmWgmma<T, Scales, TL, MT>(device); err != cudaSuccess)
     return err;
   CUtensorMap x_map, w_map;
-  if (cudaError_t err = EncodeTensorMap3d(&x_map, x, 2, a.groups, a.m_total, a.cols,
+  const WgArgs<Scales> a{args.scales, args.out, args.partial, args.groups, args.m_total,
+                         args.pairs, args.cols, plan.row_blocks, plan.m_tiles, plan.k_splits,
+                         plan.stages_per_split, args.block_shift};
+  if (cudaError_t err = EncodeTensorMap3d(&x_map, args.x, 2, a.groups, a.m_total, a.cols,
                                           Shape::kTokens, true);
       err != cudaSuccess)
     return err;
-  if (cudaError_t err = EncodeTensorMap3d(&w_map, packed, 1, a.groups, a.pairs, a.cols,
+  if (cudaError_t err = EncodeTensorMap3d(&w_map, args.packed, 1, a.groups, a.pairs, a.cols,
                                           Shape::kPairs, false);
       err != cudaSuccess)
     return err;
-  a.row_blocks = plan.row_blocks;
-  a.m_tiles = plan.m_tiles;
-  a.k_splits = plan.k_splits;
-  a.stages_per_split = plan.stages_per_split;
   const int64_t ctas = a.groups * plan.row_blocks * plan.m_tiles * plan.k_splits;
   GemmWgmmaKernel<T, Scales, TL, MT>
       <<<dim3(unsigned(ctas)), kWgThreads, Shape::kSharedBytes, stream>>>(x_map, w_map, a);
   cudaError_t err = cudaGetLastError();
   if (err != cudaSuccess || a.k_splits == 1) return err;
-  const int64_t count = a.groups * a.m_total * 2 * a.pairs;
-  SumKSplitsKernel<T><<<GridFor(count, kThreads), kThreads, 0, stream>>>(
-      a.partial, static_cast<T*>(a.out), count, a.k_splits);
-  return cudaGetLastError();
+  return LaunchSumKSplits<T>(a.partial, a.out, a.groups * a.m_total * 2 * a.pairs, a.k_splits,
+                             stream);
 }
 
 template <typename T, typename Scales>
-cudaError_t LaunchGemmWgmma(const void* x, const uint8_t* packed, const WgArgs<Scales>& a,
-                            const WgPlan& plan, int device, cudaStream_t stream) {
-  if (plan.tiles == 2)
-    return LaunchGemmWgmmaShape<T, Scales, 2, 128>(x, packed, a, plan, device, stream);
-  return plan.tokens == 256
-             ? LaunchGemmWgmmaShape<T, Scales, 1, 256>(x, packed, a, plan, device, stream)
-             : LaunchGemmWgmmaShape<T, Scales, 1, 128>(x, packed, a, plan, device, stream);
+cudaError_t LaunchGemmWgmma(const TileArgs<Scales>& a, const WgPlan& plan, int device,
+                            cudaStream_t stream) {
+  if (plan.tiles == 2) return LaunchGemmWgmmaShape<T, Scales, 2, 128>(a, plan, device, stream);
+  return plan.tokens == 256 ? LaunchGemmWgmmaShape<T, Scales, 1, 256>(a, plan, device, stream)
+                            : LaunchGemmWgmmaShape<T, Scales, 1, 128>(a, plan, device, stream);
 }
 
 // ---------------------------------------------------------------- dequantize
@@ -1974,6 +1977,17 @@ ffi::Error Dequantize(cudaStream_t stream, ffi::AnyBuffer packed, const Scales& 
   return err == cudaSuccess ? ffi::Error::Success() : LaunchError("nf4_dequantize", err);
 }
 
+// Scratch for a tiled or wgmma launch's split-K partial sums (none where bytes == 0).
+ffi::Error AllocatePartialSums(ffi::ScratchAllocator& scratch, int64_t bytes, float** partial) {
+  if (bytes == 0) return ffi::Error::Success();
+  auto buffer = scratch.Allocate(bytes, 16);
+  if (!buffer.has_value())
+    return ffi::Error::Internal("nf4_matmul: could not allocate " + std::to_string(bytes) +
+                                " bytes of scratch for the split-K partial sums");
+  *partial = static_cast<float*>(*buffer);
+  return ffi::Error::Success();
+}
+
 template <typename Scales>
 ffi::Error Matmul(cudaStream_t stream, ffi::ScratchAllocator& scratch, ffi::AnyBuffer x,
                   ffi::AnyBuffer packed, const Scales& scales, const Nf4Dims& d,
@@ -1994,30 +2008,25 @@ ffi::Error Matmul(cudaStream_t stream, ffi::ScratchAllocator& scratch, ffi::AnyB
     cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device);
     cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, device);
   }
+  // The tiled and wgmma kernels' operands (their grids are set at launch).
+  TileArgs<Scales> tile{};
+  tile.x = x.untyped_data();
+  tile.packed = static_cast<const uint8_t*>(packed.untyped_data());
+  tile.scales = scales;
+  tile.out = out->untyped_data();
+  tile.groups = d.groups;
+  tile.m_total = m_rows;
+  tile.pairs = d.rows / 2;
+  tile.cols = d.cols;
+  tile.block_shift = block_shift;
   if (tensor_cores && m_rows > kWgMinRows && WgmmaUsable(device)) {
     const WgPlan plan = PlanWgmma(d.groups, m_rows, d.rows / 2, d.cols, sms);
-    WgArgs<Scales> a{};
-    a.scales = scales;
-    a.out = out->untyped_data();
-    a.groups = d.groups;
-    a.m_total = m_rows;
-    a.pairs = d.rows / 2;
-    a.cols = d.cols;
-    a.block_shift = block_shift;
-    if (plan.partial_bytes > 0) {
-      auto buffer = scratch.Allocate(plan.partial_bytes, 16);
-      if (!buffer.has_value())
-        return ffi::Error::Internal("nf4_matmul: could not allocate " +
-                                    std::to_string(plan.partial_bytes) +
-                                    " bytes of scratch for the split-K partial sums");
-      a.partial = static_cast<float*>(*buffer);
-    }
+    if (auto e = AllocatePartialSums(scratch, plan.partial_bytes, &tile.partial); e.failure())
+      return e;
     cudaError_t err = DispatchActivation(x.element_type(), [&](auto tag) {
       using T = decltype(tag);
       if constexpr (std::is_same_v<T, float>) return cudaErrorInvalidValue;  // not reached
-      else return LaunchGemmWgmma<T>(x.untyped_data(),
-                                     static_cast<const uint8_t*>(packed.untyped_data()), a, plan,
-                                     device, stream);
+      else return LaunchGemmWgmma<T>(tile, plan, device, stream);
     });
     return err == cudaSuccess ? ffi::Error::Success() : LaunchError("nf4_matmul", err);
   }
@@ -2034,28 +2043,12 @@ ffi::Error Matmul(cudaStream_t stream, ffi::ScratchAllocator& scratch, ffi::AnyB
     if (err != cudaSuccess) return LaunchError("nf4_matmul", err);
     const TilePlan plan = PlanGemmTile(tile_nt, d.groups, m_rows, d.rows / 2, d.cols,
                                        int64_t(sms) * (ctas_per_sm > 0 ? ctas_per_sm : 1));
-    TileArgs<Scales> a{};
-    a.x = x.untyped_data();
-    a.packed = static_cast<const uint8_t*>(packed.untyped_data());
-    a.scales = scales;
-    a.out = out->untyped_data();
-    a.groups = d.groups;
-    a.m_total = m_rows;
-    a.pairs = d.rows / 2;
-    a.cols = d.cols;
-    a.block_shift = block_shift;
-    if (plan.partial_bytes > 0) {
-      auto buffer = scratch.Allocate(plan.partial_bytes, 16);
-      if (!buffer.has_value())
-        return ffi::Error::Internal("nf4_matmul: could not allocate " +
-                                    std::to_string(plan.partial_bytes) +
-                                    " bytes of scratch for the split-K partial sums");
-      a.partial = static_cast<float*>(*buffer);
-    }
+    if (auto e = AllocatePartialSums(scratch, plan.partial_bytes, &tile.partial); e.failure())
+      return e;
     err = DispatchActivation(x.element_type(), [&](auto tag) {
       using T = decltype(tag);
       if constexpr (std::is_same_v<T, float>) return cudaErrorInvalidValue;  // not reached
-      else return LaunchGemmTile<T>(a, plan, stream);
+      else return LaunchGemmTile<T>(tile, plan, stream);
     });
     return err == cudaSuccess ? ffi::Error::Success() : LaunchError("nf4_matmul", err);
   }
