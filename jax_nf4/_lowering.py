@@ -16,10 +16,11 @@ by an XLA dot (tensor cores on GPU, XLA's threaded dot on CPU):
   smaller tiles where a CTA gets less): there the weight enters scaled, rounded to the
   activation dtype as dequantize + dot rounds it (float16 activations need weights within
   float16 range, as dequantize to float16 does). The wgmma kernel (sm_90a) streams the weights
-  and activations of each 64-element stage into shared memory by TMA (128 row pairs x 128
-  activation rows per CTA up to M = 128, 64 x 256 above), decodes the weights into registers
-  as the tiled kernel does, and multiplies with Hopper's warpgroup MMA. Without it, above
-  M = 256 the weight is dequantized to the activation dtype and multiplied by an XLA dot.
+  and activations of each 64-element stage into shared memory by TMA (128 or, for small grids,
+  64 row pairs x 128 activation rows per CTA up to M = 128, 64 x 256 above), decodes the weights
+  into registers as the tiled kernel does, and multiplies with Hopper's warpgroup MMA. Without
+  it, above M = 256 the weight is dequantized to the activation dtype and multiplied by an XLA
+  dot.
 - CUDA otherwise (float32 activations, other block sizes): fused SIMT GEMV up to M = 8.
 - CPU: fused loop up to M = 8; above it the weight is dequantized to float32 and multiplied
   in float32, so CPU results follow the float32 contract for every M.
