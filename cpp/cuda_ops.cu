@@ -1344,9 +1344,9 @@ cudaError_t LaunchGemmTile(TileArgs<Scales> a, const TilePlan& plan, cudaStream_
 // tiles of 32 row pairs (mma rows g and g + 8 of a warp are the two rows of one pair, as in the
 // 16-row-tile decode), and per stage decode their A fragments from the slot into registers
 // (PairTable, scaled in the activation dtype as the tiled kernel does) and issue m64nNk16
-// wgmma with B, N activation rows, read from the slot. A stage is done in two
-// halves of two k16 steps, with fragment sets alternating, so a half's decode runs while the
-// half before it multiplies. The decode, not the MMA or L2, sets the pace (ncu at M = 2048,
+// wgmma with B, N activation rows, read from the slot. A stage is done in two halves of two
+// k16 steps, with fragment sets alternating, so a half's decode runs while the half before it
+// multiplies. The decode, not the MMA or L2, sets the pace (ncu at M = 2048,
 // TL = 2: tensor pipe 54% busy, L2 36%), hence TL = 1 wherever M fills 256 rows: each decoded
 // fragment feeds twice the MMA. K splits across CTAs (float32 partial sums, SumKSplitsKernel)
 // when the tiles alone would leave SMs idle.
@@ -1367,7 +1367,8 @@ struct WgShape {
   static constexpr int kSlotBytes = kActBytes + kPairs * 64;
   static constexpr int kRingBytes = 193 * 1024;  // beside the table, within 227 KB
   static constexpr int kStages = kRingBytes / kSlotBytes < 6 ? kRingBytes / kSlotBytes : 6;
-  static constexpr int kSharedBytes = 1024 + kStages * kSlotBytes + kPairTableBytes + 16 * kStages;
+  static constexpr int kSharedBytes =
+      1024 + kStages * kSlotBytes + kPairTableBytes + 16 * kStages;  // + alignment, barriers
 };
 
 // The wgmma kernel's operands besides its tensor maps (from the handler's TileArgs at launch).
@@ -1407,22 +1408,22 @@ __device__ __forceinline__ uint64_t WgmmaDescriptorSw128(uint32_t address) {
 }
 // The accumulator operands of a wgmma asm statement: the register list "%0, ..., %N-1" and
 // the "+f" bindings of d[0 .. N-1], for N = 64 and 128.
-#define JAX_NF4_REGS64                                                                        \
+#define JAX_NF4_REGS64                                                                            \
   "%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, "                        \
   "%16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31, "              \
   "%32, %33, %34, %35, %36, %37, %38, %39, %40, %41, %42, %43, %44, %45, %46, %47, "              \
-  "%48, %49, %50, %51, %52, %53, %54, %55, %56, %57, %58, %59, %60, %61, %62, %63"                
-#define JAX_NF4_REGS128                                                                       \
+  "%48, %49, %50, %51, %52, %53, %54, %55, %56, %57, %58, %59, %60, %61, %62, %63"
+#define JAX_NF4_REGS128                                                                           \
   JAX_NF4_REGS64 ", "                                                                             \
   "%64, %65, %66, %67, %68, %69, %70, %71, %72, %73, %74, %75, %76, %77, %78, %79, "              \
   "%80, %81, %82, %83, %84, %85, %86, %87, %88, %89, %90, %91, %92, %93, %94, %95, "              \
   "%96, %97, %98, %99, %100, %101, %102, %103, %104, %105, %106, %107, %108, %109, %110, %111, "  \
   "%112, %113, %114, %115, %116, %117, %118, %119, %120, %121, %122, %123, %124, %125, %126, %127"
-#define JAX_NF4_ACC8(i)                                                                       \
-  "+f"(d[i]), "+f"(d[i + 1]), "+f"(d[i + 2]), "+f"(d[i + 3]), "+f"(d[i + 4]), "+f"(d[i + 5]),   \
+#define JAX_NF4_ACC8(i)                                                                           \
+  "+f"(d[i]), "+f"(d[i + 1]), "+f"(d[i + 2]), "+f"(d[i + 3]), "+f"(d[i + 4]), "+f"(d[i + 5]),     \
       "+f"(d[i + 6]), "+f"(d[i + 7])
-#define JAX_NF4_ACC64(i)                                                                      \
-  JAX_NF4_ACC8(i), JAX_NF4_ACC8(i + 8), JAX_NF4_ACC8(i + 16), JAX_NF4_ACC8(i + 24),            \
+#define JAX_NF4_ACC64(i)                                                                          \
+  JAX_NF4_ACC8(i), JAX_NF4_ACC8(i + 8), JAX_NF4_ACC8(i + 16), JAX_NF4_ACC8(i + 24),               \
       JAX_NF4_ACC8(i + 32), JAX_NF4_ACC8(i + 40), JAX_NF4_ACC8(i + 48), JAX_NF4_ACC8(i + 56)
 // acc += A (64 x 16, registers) B (16 x N, shared memory), float32 accumulation (wgmma
 // m64nNk16, the A fragment from registers), for N = 128 and 256.
@@ -1748,9 +1749,9 @@ cudaError_t PrepareGemmWgmma(int device) {
   static std::atomic<bool> prepared[kMaxDevices];
   const bool cached = device >= 0 && device < kMaxDevices;
   if (cached && prepared[device].load(std::memory_order_relaxed)) return cudaSuccess;
-  const cudaError_t err =
-      cudaFuncSetAttribute(GemmWgmmaKernel<T, Scales, TL, MT>,
-                           cudaFuncAttributeMaxDynamicSharedMemorySize, WgShape<TL, MT>::kSharedBytes);
+  const cudaError_t err = cudaFuncSetAttribute(GemmWgmmaKernel<T, Scales, TL, MT>,
+                                               cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                               WgShape<TL, MT>::kSharedBytes);
   if (err == cudaSuccess && cached) prepared[device].store(true, std::memory_order_relaxed);
   return err;
 }
