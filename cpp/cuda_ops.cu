@@ -1271,10 +1271,33 @@ cudaError_t PrepareGemmTile(int device, int* ctas_per_sm) {
   return err;
 }
 
-// The grid of the tiled kernel for an n-tile count: the K split that minimizes rounds x (spans
-// per CTA + ~4 spans of fill, drain and store + the split's partial sums), rounds =
-// ceil(CTAs / slots), slots = SMs x the CTAs an SM holds, with at least four stages per CTA
-// (shorter ones measured slower: 4096^2 at M = 16 split 16 ways took 14.5 µs, 8 ways 12.4).
+// The K split of the tiled and wgmma kernels: `splits` CTAs share a tile's `steps` 64-element
+// spans, `per` each (rounded up to a multiple of `granule`; at least 8 unless unsplit), and the
+// choice minimizes rounds x (per + ~4 spans of fill, drain and store + partial_cost where split),
+// rounds = ceil(ctas x splits / slots). (A split count whose last split would be empty has the
+// same `per` as a smaller one with fewer CTAs, which the search meets first.)
+struct KSplit {
+  int splits = 1;
+  int64_t per = 0;
+};
+
+KSplit ChooseKSplit(int64_t ctas, int64_t slots, int64_t steps, int64_t granule,
+                    int64_t partial_cost) {
+  KSplit best;
+  int64_t best_cost = -1;
+  for (int splits = 1; splits <= 16; ++splits) {
+    const int64_t per = (steps + splits * granule - 1) / (splits * granule) * granule;
+    if (splits > 1 && per < 8) break;  // per only shrinks with more splits
+    const int64_t cost =
+        (ctas * splits + slots - 1) / slots * (per + 4 + (splits > 1 ? partial_cost : 0));
+    if (best_cost < 0 || cost < best_cost) best_cost = cost, best = {splits, per};
+  }
+  return best;
+}
+
+// The grid of the tiled kernel for an n-tile count: its K split (ChooseKSplit) over slots = SMs
+// x the CTAs an SM holds, in stages of two spans, at least four stages per CTA (shorter ones
+// measured slower: 4096^2 at M = 16 split 16 ways took 14.5 µs, 8 ways 12.4).
 struct TilePlan {
   int nt = 0;
   int64_t row_blocks = 0, m_tiles = 0;
@@ -1288,21 +1311,12 @@ TilePlan PlanGemmTile(int nt, int64_t groups, int64_t m_total, int64_t pairs, in
   plan.nt = nt;
   plan.row_blocks = (pairs + kGtPairs - 1) / kGtPairs;
   plan.m_tiles = (m_total + 8 * nt - 1) / (8 * nt);
-  const int64_t steps = cols / kTcSpan, ctas = groups * plan.row_blocks * plan.m_tiles;
-  auto spans = [&](int64_t splits) {
-    return (steps + splits * kGtStageSpans - 1) / (splits * kGtStageSpans) * kGtStageSpans;
-  };
   // A split CTA's float32 partial sums (8 nt x 2 kGtPairs x 4 bytes, written, then read by the
   // sum, mostly in L2) weigh about as much as nt spans of its weights (kGtPairs x 64 bytes).
-  const int64_t partial_cost = nt;
-  int64_t best_cost = -1;
-  for (int splits = 1; splits <= 16 && (splits == 1 || spans(splits) >= 4 * kGtStageSpans);
-       ++splits) {
-    const int64_t cost = (ctas * splits + slots - 1) / slots *
-                         (spans(splits) + 4 + (splits > 1 ? partial_cost : 0));
-    if (best_cost < 0 || cost < best_cost) best_cost = cost, plan.k_splits = splits;
-  }
-  plan.spans_per_split = int(spans(plan.k_splits));
+  const KSplit split = ChooseKSplit(groups * plan.row_blocks * plan.m_tiles, slots,
+                                    cols / kTcSpan, kGtStageSpans, nt);
+  plan.k_splits = split.splits;
+  plan.spans_per_split = int(split.per);
   if (plan.k_splits > 1)
     plan.partial_bytes = int64_t(plan.k_splits) * groups * m_total * 2 * pairs * 4;
   return plan;
@@ -1670,9 +1684,8 @@ bool WgmmaUsable(int device) {
 #endif
 }
 
-// The wgmma kernel's grid: the CTA shape (WgShape), and K split so that rounds x (stages per CTA
-// + ~4 of fill and store + the split's partial sums) is least, rounds = ceil(CTAs / SMs), at
-// least 8 stages per CTA.
+// The wgmma kernel's grid: the CTA shape (WgShape) and the K split (ChooseKSplit, one stage per
+// 64-element span).
 struct WgPlan {
   int tiles = 0, tokens = 0;  // TL, N
   int row_blocks = 0, m_tiles = 0, k_splits = 1, stages_per_split = 0;
@@ -1688,25 +1701,13 @@ WgPlan PlanWgmma(int64_t groups, int64_t m_total, int64_t pairs, int64_t cols, i
     plan.m_tiles = int((m_total + tokens - 1) / tokens);
     return groups * plan.row_blocks * plan.m_tiles;
   };
-  if (m_total > 128)
-    tile(1, 256);
-  else if (tile(2, 128) < sms / 2)
-    tile(1, 128);
-  const int64_t stages = cols / 64, ctas = groups * plan.row_blocks * plan.m_tiles;
-  constexpr int64_t kPartialCost = 6;  // a split CTA's 128 KB of float32 partial sums, in stages
-                                       // (about 3.5 stages' shared-memory fill, twice over)
-  int64_t best_cost = -1;
-  for (int64_t splits = 1; splits <= 16; ++splits) {
-    const int64_t per = (stages + splits - 1) / splits;
-    if (splits > 1 && (per < 8 || (stages + per - 1) / per != splits)) continue;
-    const int64_t cost =
-        (ctas * splits + sms - 1) / sms * (per + 4 + (splits > 1 ? kPartialCost : 0));
-    if (best_cost < 0 || cost < best_cost) {
-      best_cost = cost;
-      plan.k_splits = int(splits);
-      plan.stages_per_split = int(per);
-    }
-  }
+  int64_t ctas = m_total > 128 ? tile(1, 256) : tile(2, 128);
+  if (m_total <= 128 && ctas < sms / 2) ctas = tile(1, 128);
+  // A split CTA's float32 partial sums (up to 128 KB) cost about 6 stages (~3.5 stages'
+  // shared-memory fill, twice over: written, then read by the sum kernel).
+  const KSplit split = ChooseKSplit(ctas, sms, cols / 64, 1, 6);
+  plan.k_splits = split.splits;
+  plan.stages_per_split = int(split.per);
   if (plan.k_splits > 1)
     plan.partial_bytes = int64_t(plan.k_splits) * groups * m_total * 2 * pairs * 4;
   return plan;

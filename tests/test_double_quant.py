@@ -202,9 +202,8 @@ def test_vmap_over_stacked_double_quant_weights(platform, device, rng, x_dtype, 
     """A vmap over stacked weights is one kernel launch over all of them (on the GPU with bf16
     activations the byte-pair GEMV with one group per weight, its table read per block, at
     M = 24 the tiled kernel, each CTA with its weight's table, at M = 150 on H100 / H200 the
-    wgmma kernel); 32 rows of 10 blocks put a
-    nested-scale boundary inside row 25 of each weight, 32 blocks per row (row-nested reads)
-    put 8 rows in each nested group."""
+    wgmma kernel); 32 rows of 10 blocks put a nested-scale boundary inside row 25 of each
+    weight, 32 blocks per row (row-nested reads) put 8 rows in each nested group."""
     w = jax.device_put(rng.standard_normal((3, 32, k)).astype(np.float32), device)
     x = jax.device_put(rng.standard_normal((m, k)).astype(x_dtype), device)
     q = jax_nf4.quantize(w, 64, double_quant=True)
