@@ -1381,8 +1381,9 @@ struct WgShape {
   static constexpr int kSlotBytes = kActBytes + kPairs * 64;
   static constexpr int kRingBytes = 193 * 1024;  // beside the table, within 227 KB
   static constexpr int kStages = kRingBytes / kSlotBytes < 6 ? kRingBytes / kSlotBytes : 6;
+  // alignment slack, the ring, the pair table, the double-quant scale table (1 KB), mbarriers
   static constexpr int kSharedBytes =
-      1024 + kStages * kSlotBytes + kPairTableBytes + 16 * kStages;  // + alignment, barriers
+      1024 + kStages * kSlotBytes + kPairTableBytes + 1024 + 16 * kStages;
 };
 
 // The wgmma kernel's operands besides its tensor maps (from the handler's TileArgs at launch).
@@ -1510,7 +1511,8 @@ __global__ void __launch_bounds__(kWgThreads, 1)
   const uint32_t base = (raw_base + 1023) & ~1023u;  // slots: 1024-byte aligned (swizzle)
   uint4* table_storage =
       reinterpret_cast<uint4*>(dynamic_shared + (base - raw_base) + kStages * Shape::kSlotBytes);
-  const uint32_t bars = base + kStages * Shape::kSlotBytes + kPairTableBytes;
+  const uint32_t dq_table = base + kStages * Shape::kSlotBytes + kPairTableBytes;
+  const uint32_t bars = dq_table + 1024;
   auto full = [&](int slot) { return bars + 8 * slot; };
   auto empty = [&](int slot) { return bars + 8 * (kStages + slot); };
 
@@ -1534,6 +1536,12 @@ __global__ void __launch_bounds__(kWgThreads, 1)
     asm volatile("prefetch.tensormap [%0];" ::"l"(reinterpret_cast<uint64_t>(&w_map)) : "memory");
   }
   PairTable<T>::Fill(table_storage);
+  constexpr bool kDoubleQuant = kIsDoubleQuant<Scales>;
+  if constexpr (kDoubleQuant) {  // the group's 256-entry scale table, read by LDS below
+    for (int e = threadIdx.x; e < 256; e += kWgThreads)
+      asm volatile("st.shared.f32 [%0], %1;" ::"r"(dq_table + 4 * e),
+                   "f"(__ldg(a.scales.table + int64_t(grp) * 256 + e)));
+  }
   __syncthreads();
 
   if (threadIdx.x < 128) {  // the producer warpgroup: one thread issues every copy
@@ -1572,6 +1580,27 @@ __global__ void __launch_bounds__(kWgThreads, 1)
     row_even[j] = a.scales.RowOf(grp, 2 * p, N, blocks);
     row_odd[j] = a.scales.RowOf(grp, 2 * p + 1, N, blocks);
   }
+  // Double-quant scales: the table entry from shared memory; where a row's blocks lie in one
+  // nested group (K / block_size divides 256) its nested scale is read once, here.
+  const bool row_nested = kDoubleQuant && kNestedBlockSize % blocks == 0;
+  float nested_even[TL] = {}, nested_odd[TL] = {};
+  if constexpr (kDoubleQuant) {
+#pragma unroll
+    for (int j = 0; j < TL; ++j) {
+      nested_even[j] = LoadConstant(row_even[j].nested);
+      nested_odd[j] = LoadConstant(row_odd[j].nested);
+    }
+  }
+  auto decode = [&](const Row& row, typename Row::Raw raw, float nested, int blk) {
+    if constexpr (kDoubleQuant) {
+      float entry;
+      asm("ld.shared.f32 %0, [%1];" : "=f"(entry) : "r"(dq_table + 4 * raw));
+      return row_nested ? DecodeDoubleQuantScale(entry, nested, row.offset)
+                        : row.DecodeWith(entry, blk);
+    } else {
+      return row.Decode(raw, blk);
+    }
+  };
   typename Row::Raw raw_even[TL], raw_odd[TL];
   auto fetch = [&](int stage) {  // raw scales of this CTA's stage `stage`
     const int blk = (first + stage) >> step_shift;
@@ -1596,8 +1625,8 @@ __global__ void __launch_bounds__(kWgThreads, 1)
     uint32_t se[TL], so[TL];  // this stage's scales as value pairs in the activation dtype
 #pragma unroll
     for (int j = 0; j < TL; ++j) {
-      const float even = row_even[j].Decode(raw_even[j], blk);
-      const float odd = row_odd[j].Decode(raw_odd[j], blk);
+      const float even = decode(row_even[j], raw_even[j], nested_even[j], blk);
+      const float odd = decode(row_odd[j], raw_odd[j], nested_odd[j], blk);
       se[j] = MmaType<T>::Pack(even, even);
       so[j] = MmaType<T>::Pack(odd, odd);
     }
