@@ -18,6 +18,8 @@
 #include <string>
 #include <type_traits>
 
+#include <cooperative_groups.h>
+
 #include "cuda_copy.cuh"
 #include "cuda_dtypes.cuh"
 #include "nf4_ffi_shapes.h"
@@ -1274,23 +1276,24 @@ cudaError_t PrepareGemmTile(int device, int* ctas_per_sm) {
 // The K split of the tiled and wgmma kernels: `splits` CTAs share a tile's `steps` 64-element
 // spans, `per` each (rounded up to a multiple of `granule`; at least 8 unless unsplit), and the
 // choice minimizes rounds x (per + ~4 spans of fill, drain and store + partial_cost where split),
-// rounds = ceil(ctas x splits / slots). (A split count whose last split would be empty has the
-// same `per` as a smaller one with fewer CTAs, which the search meets first.)
+// rounds = ceil(ctas x splits / slots), splits <= max_splits. (A split count whose last split
+// would be empty has the same `per` as a smaller one with fewer CTAs, which the search meets
+// first.)
 struct KSplit {
   int splits = 1;
-  int64_t per = 0;
+  int64_t per = 0, cost = 0;
 };
 
 KSplit ChooseKSplit(int64_t ctas, int64_t slots, int64_t steps, int64_t granule,
-                    int64_t partial_cost) {
+                    int64_t partial_cost, int max_splits) {
   KSplit best;
   int64_t best_cost = -1;
-  for (int splits = 1; splits <= 16; ++splits) {
+  for (int splits = 1; splits <= max_splits; ++splits) {
     const int64_t per = (steps + splits * granule - 1) / (splits * granule) * granule;
     if (splits > 1 && per < 8) break;  // per only shrinks with more splits
     const int64_t cost =
         (ctas * splits + slots - 1) / slots * (per + 4 + (splits > 1 ? partial_cost : 0));
-    if (best_cost < 0 || cost < best_cost) best_cost = cost, best = {splits, per};
+    if (best_cost < 0 || cost < best_cost) best_cost = cost, best = {splits, per, cost};
   }
   return best;
 }
@@ -1314,7 +1317,7 @@ TilePlan PlanGemmTile(int nt, int64_t groups, int64_t m_total, int64_t pairs, in
   // A split CTA's float32 partial sums (8 nt x 2 kGtPairs x 4 bytes, written, then read by the
   // sum, mostly in L2) weigh about as much as nt spans of its weights (kGtPairs x 64 bytes).
   const KSplit split = ChooseKSplit(groups * plan.row_blocks * plan.m_tiles, slots,
-                                    cols / kTcSpan, kGtStageSpans, nt);
+                                    cols / kTcSpan, kGtStageSpans, nt, 16);
   plan.k_splits = split.splits;
   plan.spans_per_split = int(split.per);
   if (plan.k_splits > 1)
@@ -1362,8 +1365,10 @@ cudaError_t LaunchGemmTile(TileArgs<Scales> a, const TilePlan& plan, cudaStream_
 // k16 steps, with fragment sets alternating, so a half's decode runs while the half before it
 // multiplies. The decode, not the MMA or L2, sets the pace (ncu at M = 2048,
 // TL = 2: tensor pipe 54% busy, L2 36%), hence TL = 1 wherever M fills 256 rows: each decoded
-// fragment feeds twice the MMA. K splits across CTAs (float32 partial sums, SumKSplitsKernel)
-// when the tiles alone would leave SMs idle.
+// fragment feeds twice the MMA. Where the tiles alone would leave SMs idle, K splits across
+// CTAs: in two, a thread-block cluster of the two CTAs adds up their accumulators over
+// distributed shared memory; in more, float32 partial sums and SumKSplitsKernel (both in split
+// order: deterministic).
 constexpr int kWgThreads = 384;     // producer warpgroup + two consumer warpgroups
 constexpr int64_t kWgMinRows = 64;  // M from which the launch prefers this kernel (sm_90)
 // The CTA shapes: TL m64 tiles per consumer warpgroup, 64 TL row pairs x MT activation rows per
@@ -1391,9 +1396,10 @@ template <typename Scales>
 struct WgArgs {
   Scales scales;
   void* out;       // [G, m_total, N]
-  float* partial;  // [k_splits, G, m_total, N] when k_splits > 1
+  float* partial;  // [k_splits, G, m_total, N] when K is split and the splits are no cluster
   int64_t groups, m_total, pairs, cols;
   int row_blocks, m_tiles, k_splits, stages_per_split, block_shift;
+  bool cluster;  // the k_splits CTAs of a tile are a cluster, adding up over shared memory
 };
 
 #if defined(__CUDA_ARCH__) && defined(__CUDA_ARCH_FEAT_SM90_ALL)
@@ -1516,11 +1522,12 @@ __global__ void __launch_bounds__(kWgThreads, 1)
   auto full = [&](int slot) { return bars + 8 * slot; };
   auto empty = [&](int slot) { return bars + 8 * (kStages + slot); };
 
+  // The k_splits CTAs of one tile are one cluster (consecutive blocks; rank = K split).
   int64_t b = blockIdx.x;
-  const int mt = int(b % a.m_tiles);
-  b /= a.m_tiles;
   const int ks = int(b % a.k_splits);
   b /= a.k_splits;
+  const int mt = int(b % a.m_tiles);
+  b /= a.m_tiles;
   const int rb = int(b % a.row_blocks), grp = int(b / a.row_blocks);
   const int first = ks * a.stages_per_split;
   const int total = int(a.cols / 64);
@@ -1558,6 +1565,10 @@ __global__ void __launch_bounds__(kWgThreads, 1)
         TmaLoad3d(dst, &x_map, k0, mt * kTokens, grp, full(slot));
         TmaLoad3d(dst + Shape::kActBytes, &w_map, k0, rb * Shape::kPairs, grp, full(slot));
       }
+    }
+    if (a.cluster) {  // the consumers' two barriers around their exchange
+      cooperative_groups::this_cluster().sync();
+      cooperative_groups::this_cluster().sync();
     }
     return;
   }
@@ -1674,25 +1685,63 @@ __global__ void __launch_bounds__(kWgThreads, 1)
   asm volatile("wgmma.wait_group.sync.aligned 0;" ::: "memory");
 
   // acc[j][4 c + e] is (row 2 pair[j], token 8 c + 2 t + e), acc[j][4 c + 2 + e] its odd row.
-  const bool direct = a.k_splits == 1;
   const int64_t m_base = int64_t(mt) * kTokens;
+  auto store = [&](int j, int c, int e, float even, float odd) {
+    const int64_t m = m_base + 8 * c + 2 * t + e;
+    if (pair[j] >= a.pairs || m >= a.m_total) return;
+    const int64_t at = (grp * a.m_total + m) * N + 2 * pair[j];
+    if (a.k_splits == 1 || a.cluster)
+      *reinterpret_cast<uint32_t*>(static_cast<T*>(a.out) + at) = MmaType<T>::Pack(even, odd);
+    else
+      *reinterpret_cast<float2*>(a.partial + ks * a.groups * a.m_total * N + at) =
+          make_float2(even, odd);
+  };
+  if (TL == 2 || !a.cluster) {  // (TL = 2 CTAs are never a cluster: PlanWgmma)
 #pragma unroll
-  for (int j = 0; j < TL; ++j) {
-    if (pair[j] >= a.pairs) continue;
+    for (int j = 0; j < TL; ++j)
 #pragma unroll
-    for (int c = 0; c < kTokens / 8; ++c)
+      for (int c = 0; c < kTokens / 8; ++c)
 #pragma unroll
-      for (int e = 0; e < 2; ++e) {
-        const int64_t m = m_base + 8 * c + 2 * t + e;
-        if (m >= a.m_total) continue;
-        const int64_t at = (grp * a.m_total + m) * N + 2 * pair[j];
-        if (direct)
-          *reinterpret_cast<uint32_t*>(static_cast<T*>(a.out) + at) =
-              MmaType<T>::Pack(acc[j][4 * c + e], acc[j][4 * c + 2 + e]);
-        else
-          *reinterpret_cast<float2*>(a.partial + ks * a.groups * a.m_total * N + at) =
-              make_float2(acc[j][4 * c + e], acc[j][4 * c + 2 + e]);
+        for (int e = 0; e < 2; ++e) store(j, c, e, acc[j][4 * c + e], acc[j][4 * c + 2 + e]);
+    return;
+  }
+  // K split over a cluster (TL = 1): the CTA of cluster rank r adds up and stores the token
+  // groups c (tokens 8 c .. 8 c + 7) with c % k_splits == r. Once every CTA of the cluster is
+  // past its ring (first barrier), each writes acc[0][4 c .. 4 c + 3] of every group into the
+  // ring of the group's owner, 16 bytes per consumer thread at slot (rank, c / k_splits); after
+  // the second barrier an owner reads only its own shared memory and adds in rank order
+  // (deterministic). Remote stores, not loads: no thread waits on distributed shared memory's
+  // latency. (Correct for clusters up to 8, GPU-tested so; PlanWgmma forms clusters of 2 only.)
+  if constexpr (TL == 1) {
+    const int splits = a.k_splits, groups_per_owner = (kTokens / 8 + splits - 1) / splits;
+    static_assert((kTokens / 8 + 7) * 256 * 16 <= kStages * Shape::kSlotBytes,
+                  "the ring holds k_splits x groups_per_owner slots of 256 x 16 bytes");
+    auto slot = [&](int rank, int u) { return (rank * groups_per_owner + u) * 256 + ct; };
+    cooperative_groups::this_cluster().sync();
+    int owner = 0, u = 0;
+#pragma unroll
+    for (int c = 0; c < kTokens / 8; ++c) {
+      uint32_t address;
+      asm("mapa.shared::cluster.u32 %0, %1, %2;"
+          : "=r"(address)
+          : "r"(base + 16 * slot(ks, u)), "r"(owner));
+      asm volatile("st.shared::cluster.v4.f32 [%0], {%1, %2, %3, %4};" ::"r"(address),
+                   "f"(acc[0][4 * c]), "f"(acc[0][4 * c + 1]), "f"(acc[0][4 * c + 2]),
+                   "f"(acc[0][4 * c + 3])
+                   : "memory");
+      if (++owner == splits) owner = 0, ++u;
+    }
+    cooperative_groups::this_cluster().sync();
+    const float4* ring = reinterpret_cast<const float4*>(dynamic_shared + (base - raw_base));
+    for (int c = ks, u = 0; c < kTokens / 8; c += splits, ++u) {
+      float4 sum = ring[slot(0, u)];
+      for (int r = 1; r < splits; ++r) {
+        const float4 v = ring[slot(r, u)];
+        sum.x += v.x, sum.y += v.y, sum.z += v.z, sum.w += v.w;
       }
+      store(0, c, 0, sum.x, sum.z);
+      store(0, c, 1, sum.y, sum.w);
+    }
   }
 #elif defined(__CUDA_ARCH__)
   __trap();  // launched only on sm_90 from an sm_90a build (WgmmaUsable)
@@ -1718,7 +1767,8 @@ bool WgmmaUsable(int device) {
 struct WgPlan {
   int tiles = 0, tokens = 0;  // TL, N
   int row_blocks = 0, m_tiles = 0, k_splits = 1, stages_per_split = 0;
-  int64_t partial_bytes = 0;
+  bool cluster = false;       // the K splits of a tile are one cluster (else float32 partials)
+  int64_t partial_bytes = 0;  // scratch for the partials
 };
 
 WgPlan PlanWgmma(int64_t groups, int64_t m_total, int64_t pairs, int64_t cols, int sms) {
@@ -1732,12 +1782,20 @@ WgPlan PlanWgmma(int64_t groups, int64_t m_total, int64_t pairs, int64_t cols, i
   };
   int64_t ctas = m_total > 128 ? tile(1, 256) : tile(2, 128);
   if (m_total <= 128 && ctas < sms / 2) ctas = tile(1, 128);
-  // A split CTA's float32 partial sums (up to 128 KB) cost about 6 stages (~3.5 stages'
-  // shared-memory fill, twice over: written, then read by the sum kernel).
-  const KSplit split = ChooseKSplit(ctas, sms, cols / 64, 1, 6);
+  // K split in two over a cluster (the exchange of up to 128 KB of accumulators through shared
+  // memory costs about 3 stages), or in more parts whose float32 partial sums (up to 128 KB
+  // per CTA) cost about 6 stages (~3.5 stages' shared-memory fill, twice over: written, then
+  // read by the sum kernel). Clusters of 4 measured slower than partials (4096^2 at M = 128:
+  // 30.7 against 17.6 µs), clusters of 2 faster (M = 512: 31.9 against 39.5). (2, 128) CTAs
+  // are never a cluster: with the exchange in their epilogue the kernel spills.
+  const int64_t steps = cols / 64;
+  const KSplit pair = ChooseKSplit(ctas, sms, steps, 1, 3, plan.tiles == 1 ? 2 : 1);
+  const KSplit many = ChooseKSplit(ctas, sms, steps, 1, 6, 16);
+  const KSplit split = many.splits > 2 && many.cost < pair.cost ? many : pair;
   plan.k_splits = split.splits;
   plan.stages_per_split = int(split.per);
-  if (plan.k_splits > 1)
+  plan.cluster = split.splits == 2 && plan.tiles == 1;
+  if (plan.k_splits > 1 && !plan.cluster)
     plan.partial_bytes = int64_t(plan.k_splits) * groups * m_total * 2 * pairs * 4;
   return plan;
 }
@@ -1795,7 +1853,7 @@ cudaError_t LaunchGemmWgmmaShape(const TileArgs<Scales>& args, const WgPlan& pla
   CUtensorMap x_map, w_map;
   const WgArgs<Scales> a{args.scales, args.out, args.partial, args.groups, args.m_total,
                          args.pairs, args.cols, plan.row_blocks, plan.m_tiles, plan.k_splits,
-                         plan.stages_per_split, args.block_shift};
+                         plan.stages_per_split, args.block_shift, plan.cluster};
   if (cudaError_t err = EncodeTensorMap3d(&x_map, args.x, 2, a.groups, a.m_total, a.cols,
                                           Shape::kTokens, true);
       err != cudaSuccess)
@@ -1804,11 +1862,22 @@ cudaError_t LaunchGemmWgmmaShape(const TileArgs<Scales>& args, const WgPlan& pla
                                           Shape::kPairs, false);
       err != cudaSuccess)
     return err;
-  const int64_t ctas = a.groups * plan.row_blocks * plan.m_tiles * plan.k_splits;
-  GemmWgmmaKernel<T, Scales, TL, MT>
-      <<<dim3(unsigned(ctas)), kWgThreads, Shape::kSharedBytes, stream>>>(x_map, w_map, a);
-  cudaError_t err = cudaGetLastError();
-  if (err != cudaSuccess || a.k_splits == 1) return err;
+  // A tile's K splits: one cluster, or CTAs of their own and the sum kernel after them.
+  cudaLaunchConfig_t config = {};
+  config.gridDim = dim3(unsigned(a.groups * plan.row_blocks * plan.m_tiles * plan.k_splits));
+  config.blockDim = dim3(kWgThreads);
+  config.dynamicSmemBytes = Shape::kSharedBytes;
+  config.stream = stream;
+  cudaLaunchAttribute attribute;
+  attribute.id = cudaLaunchAttributeClusterDimension;
+  attribute.val.clusterDim.x = unsigned(plan.k_splits);
+  attribute.val.clusterDim.y = attribute.val.clusterDim.z = 1;
+  config.attrs = &attribute;
+  config.numAttrs = plan.cluster ? 1 : 0;
+  cudaError_t err =
+      cudaLaunchKernelEx(&config, GemmWgmmaKernel<T, Scales, TL, MT>, x_map, w_map, a);
+  if (err == cudaSuccess) err = cudaGetLastError();
+  if (err != cudaSuccess || a.k_splits == 1 || a.cluster) return err;
   return LaunchSumKSplits<T>(a.partial, a.out, a.groups * a.m_total * 2 * a.pairs, a.k_splits,
                              stream);
 }

@@ -318,6 +318,21 @@ def test_matmul_tiled_grid(rng, platform, device, dtype, m, n, k, block_size):
     assert_matmul_close(y, x, packed, absmax, block_size, platform)
 
 
+@pytest.mark.parametrize("dtype", DTYPES[1:])
+@pytest.mark.parametrize("n, k, m", [(256, 1024, 100), (2304, 2048, 300), (1536, 3072, 300),
+                                     (256, 3072, 100)],
+                         ids=["2-splits", "3-splits", "5-splits", "6-splits"])
+def test_matmul_wgmma_k_split(rng, platform, device, dtype, n, k, m):
+    """On an H100 / H200 (132 SMs) the wgmma kernel splits K of these shapes in 2 (a cluster of
+    two CTAs adding up over distributed shared memory), 3, 5 and 6 (float32 partial sums): the
+    ids; token groups shared by the cluster's CTAs, a last split shorter than the others."""
+    w = random_weight(rng, (n, k), np.float32)
+    x = random_activations(rng, (m, k), dtype)
+    y = jax.jit(jax_nf4.matmul)(jax.device_put(x, device), quantize_on(device, w, 64))
+    packed, absmax = reference.quantize(w, 64)
+    assert_matmul_close(y, x, packed, absmax, 64, platform)
+
+
 @pytest.mark.parametrize("wgmma", [False, True])
 @pytest.mark.parametrize("platform_name, dtype, block_size, rows", [
     ("cuda", jnp.bfloat16, 64, 256), ("cuda", np.float16, 256, 256),
