@@ -28,6 +28,7 @@
 #include "attention_math.h"
 #include "cuda_copy.cuh"
 #include "cuda_dtypes.cuh"
+#include "cuda_launch.cuh"
 #include "xla/ffi/api/ffi.h"
 
 namespace jax_nf4 {
@@ -692,19 +693,8 @@ cudaError_t LaunchDecodeAttentionMma(cudaStream_t stream, const AttentionArgs& a
                         : DecodeAttentionMmaKernel<T, D, W, false>;
   cudaError_t err = SetSharedMemory(kernel, smem);
   if (err != cudaSuccess) return err;
-  cudaLaunchConfig_t config = {};
-  config.gridDim = dim3(unsigned(a.chunks), unsigned(a.heads), unsigned(a.batch));
-  config.blockDim = dim3(32 * W);
-  config.dynamicSmemBytes = smem;
-  config.stream = stream;
-  cudaLaunchAttribute attribute;
-  attribute.id = cudaLaunchAttributeClusterDimension;
-  attribute.val.clusterDim.x = unsigned(a.chunks);
-  attribute.val.clusterDim.y = attribute.val.clusterDim.z = 1;
-  config.attrs = &attribute;
-  config.numAttrs = cluster ? 1 : 0;
-  err = cudaLaunchKernelEx(&config, kernel, a);
-  if (err == cudaSuccess) err = cudaGetLastError();
+  err = LaunchKernel(kernel, dim3(unsigned(a.chunks), unsigned(a.heads), unsigned(a.batch)),
+                     dim3(32 * W), smem, stream, cluster ? unsigned(a.chunks) : 0u, a);
   if (err == cudaSuccess && a.chunks > 1 && !cluster) err = LaunchCombineChunks<T>(stream, a);
   return err;
 }

@@ -22,6 +22,7 @@
 
 #include "cuda_copy.cuh"
 #include "cuda_dtypes.cuh"
+#include "cuda_launch.cuh"
 #include "nf4_ffi_shapes.h"
 #include "nf4_math.h"
 #include "nf4_scales.h"
@@ -1863,20 +1864,10 @@ cudaError_t LaunchGemmWgmmaShape(const TileArgs<Scales>& args, const WgPlan& pla
       err != cudaSuccess)
     return err;
   // A tile's K splits: one cluster, or CTAs of their own and the sum kernel after them.
-  cudaLaunchConfig_t config = {};
-  config.gridDim = dim3(unsigned(a.groups * plan.row_blocks * plan.m_tiles * plan.k_splits));
-  config.blockDim = dim3(kWgThreads);
-  config.dynamicSmemBytes = Shape::kSharedBytes;
-  config.stream = stream;
-  cudaLaunchAttribute attribute;
-  attribute.id = cudaLaunchAttributeClusterDimension;
-  attribute.val.clusterDim.x = unsigned(plan.k_splits);
-  attribute.val.clusterDim.y = attribute.val.clusterDim.z = 1;
-  config.attrs = &attribute;
-  config.numAttrs = plan.cluster ? 1 : 0;
-  cudaError_t err =
-      cudaLaunchKernelEx(&config, GemmWgmmaKernel<T, Scales, TL, MT>, x_map, w_map, a);
-  if (err == cudaSuccess) err = cudaGetLastError();
+  const cudaError_t err = LaunchKernel(
+      GemmWgmmaKernel<T, Scales, TL, MT>,
+      dim3(unsigned(a.groups * plan.row_blocks * plan.m_tiles * plan.k_splits)), dim3(kWgThreads),
+      Shape::kSharedBytes, stream, plan.cluster ? unsigned(plan.k_splits) : 0u, x_map, w_map, a);
   if (err != cudaSuccess || a.k_splits == 1 || a.cluster) return err;
   return LaunchSumKSplits<T>(a.partial, a.out, a.groups * a.m_total * 2 * a.pairs, a.k_splits,
                              stream);
