@@ -1,5 +1,5 @@
 """A few calls of the fused matmul on one shape, for Nsight Compute:
-ncu --clock-control none -k regex:'Gemv|GemmTile' --launch-skip 2 --launch-count 1 \
+ncu --clock-control none -k regex:'Gemv|GemmTile|GemmWgmma' --launch-skip 2 --launch-count 1 \
     python3 bench/profile_gemv.py --shape 28672x8192 --rows 64 [--double-quant]
 """
 
