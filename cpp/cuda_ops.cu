@@ -1788,9 +1788,10 @@ WgPlan PlanWgmma(int64_t groups, int64_t m_total, int64_t pairs, int64_t cols, i
   // per CTA) cost about 6 stages (~3.5 stages' shared-memory fill, twice over: written, then
   // read by the sum kernel). Clusters of 4 measured slower than partials (4096^2 at M = 128:
   // 30.7 against 17.6 µs), clusters of 2 faster (M = 512: 31.9 against 39.5). (2, 128) CTAs
-  // are never a cluster: with the exchange in their epilogue the kernel spills.
+  // are never a cluster (with the exchange in their epilogue the kernel spills): split in
+  // two, they write partials too.
   const int64_t steps = cols / 64;
-  const KSplit pair = ChooseKSplit(ctas, sms, steps, 1, 3, plan.tiles == 1 ? 2 : 1);
+  const KSplit pair = ChooseKSplit(ctas, sms, steps, 1, plan.tiles == 1 ? 3 : 6, 2);
   const KSplit many = ChooseKSplit(ctas, sms, steps, 1, 6, 16);
   const KSplit split = many.splits > 2 && many.cost < pair.cost ? many : pair;
   plan.k_splits = split.splits;
