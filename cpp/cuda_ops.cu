@@ -540,6 +540,24 @@ constexpr int kBpWarps = 16;                  // warps per CTA
 template <int NT>
 constexpr int kBpSharedBytes = 65536 + 65536 + 1024 + 2 * kBpWarps * 32 * 4 * NT * 4;
 
+// The float32 scale of block `blk` of a row from its raw read: plain scales as read; double-quant
+// ones from their code's entry in the 256-entry table staged at shared address `table` (a
+// 32-bit LDS), times the row's nested scale `nested` where all its blocks lie in one nested
+// group (row_nested), else the block's nested scale read here.
+template <typename Row>
+__device__ __forceinline__ float DecodeStagedScale(const Row& row, typename Row::Raw raw, int blk,
+                                                   uint32_t table, bool row_nested,
+                                                   float nested) {
+  if constexpr (std::is_same_v<Row, DoubleQuantScales::Row>) {
+    float entry;
+    asm("ld.shared.f32 %0, [%1];" : "=f"(entry) : "r"(table + 4 * raw));
+    return row_nested ? DecodeDoubleQuantScale(entry, nested, row.offset)
+                      : row.DecodeWith(entry, blk);
+  } else {
+    return row.Decode(raw, blk);
+  }
+}
+
 // How the byte-pair kernel reads the scales: one read per span (any scales); plain scales of
 // 64-element blocks with an even count per row in aligned pairs (see `load`); double-quant
 // scales with one group (no vmap batch) through a copy of their 256-entry table in shared
@@ -702,18 +720,10 @@ __global__ void __launch_bounds__(32 * kBpWarps, 1) GemvBytePairKernel(GemvArgs<
           MmaType<T>::Mma(part[j], frag, __byte_perm(xw, 0, sel_lo), __byte_perm(xw, 0, sel_hi));
         }
       }
-      float scale;
-      if constexpr (kSharedTable) {
-        float entry;
-        asm("ld.shared.f32 %0, [%1];" : "=f"(entry) : "r"(scale_table_base + 4 * gr.scale[u]));
-        if constexpr (kRowNested) {
-          scale = DecodeDoubleQuantScale(entry, un.nested, un.scale.offset);
-        } else {
-          scale = un.scale.DecodeWith(entry, (s + u) >> step_shift);
-        }
-      } else {
-        scale = un.scale.Decode(gr.scale[u], (s + u) >> step_shift);
-      }
+      const int blk = (s + u) >> step_shift;
+      const float scale = kSharedTable ? DecodeStagedScale(un.scale, gr.scale[u], blk,
+                                                           scale_table_base, kRowNested, un.nested)
+                                       : un.scale.Decode(gr.scale[u], blk);
 #pragma unroll
       for (int c = 0; c < 4; ++c) {
         const float sc = __shfl_sync(0xffffffffu, scale, (lane & ~3) | c);
@@ -1076,14 +1086,7 @@ __global__ void __launch_bounds__(32 * kGtWarps, kGtMinCtasPerSm<NT>)
   // Double-quant scales take their table entry from the CTA's shared copy (a 32-bit LDS; the
   // global read was one more dependent load in the span loop).
   auto decode_one = [&](const Row& row, typename Row::Raw raw, float nested, int blk) {
-    if constexpr (kDoubleQuant) {
-      float entry;
-      asm("ld.shared.f32 %0, [%1];" : "=f"(entry) : "r"(dq_table_base + 4 * raw));
-      if constexpr (kRowNested) return DecodeDoubleQuantScale(entry, nested, row.offset);
-      else return row.DecodeWith(entry, blk);
-    } else {
-      return row.Decode(raw, blk);
-    }
+    return DecodeStagedScale(row, raw, blk, dq_table_base, kRowNested, nested);
   };
   auto decode_from = [&](const Raws& even, const Raws& odd, int span) {
     if (span >= end) return;
@@ -1604,14 +1607,7 @@ __global__ void __launch_bounds__(kWgThreads, 1)
     }
   }
   auto decode = [&](const Row& row, typename Row::Raw raw, float nested, int blk) {
-    if constexpr (kDoubleQuant) {
-      float entry;
-      asm("ld.shared.f32 %0, [%1];" : "=f"(entry) : "r"(dq_table + 4 * raw));
-      return row_nested ? DecodeDoubleQuantScale(entry, nested, row.offset)
-                        : row.DecodeWith(entry, blk);
-    } else {
-      return row.Decode(raw, blk);
-    }
+    return DecodeStagedScale(row, raw, blk, dq_table, row_nested, nested);
   };
   typename Row::Raw raw_even[TL], raw_odd[TL];
   auto fetch = [&](int stage) {  // raw scales of this CTA's stage `stage`

@@ -285,6 +285,17 @@ def test_matmul_shapes(rng, platform, device, mode, dtype, x_shape, n, block_siz
     assert_matmul_close(y, x, packed, absmax, block_size, platform)
 
 
+def assert_jit_matmul_close(rng, platform: str, device, dtype, m: int, n: int, k: int,
+                            block_size: int) -> None:
+    """A jitted matmul of fresh random (m, k) activations and an (n, k) weight quantized on
+    `device` against the float64 reference (assert_matmul_close)."""
+    w = random_weight(rng, (n, k), np.float32)
+    x = random_activations(rng, (m, k), dtype)
+    y = jax.jit(jax_nf4.matmul)(jax.device_put(x, device), quantize_on(device, w, block_size))
+    packed, absmax = reference.quantize(w, block_size)
+    assert_matmul_close(y, x, packed, absmax, block_size, platform)
+
+
 @pytest.mark.parametrize("dtype", DTYPES[1:])
 @pytest.mark.parametrize("m", [1, 4, 5, 8, 11, 16])
 @pytest.mark.parametrize("n, k, block_size", [
@@ -295,11 +306,7 @@ def test_matmul_gemv_grid(rng, platform, device, dtype, m, n, k, block_size):
     """GEMV grids: a last tile of 16 row pairs only partly filled, an odd number of 64-element
     spans (a load group past the end of a row), and many tiles (on the GPU the byte-pair
     kernel's persistent CTAs take more than one round of work units)."""
-    w = random_weight(rng, (n, k), np.float32)
-    x = random_activations(rng, (m, k), dtype)
-    y = jax.jit(jax_nf4.matmul)(jax.device_put(x, device), quantize_on(device, w, block_size))
-    packed, absmax = reference.quantize(w, block_size)
-    assert_matmul_close(y, x, packed, absmax, block_size, platform)
+    assert_jit_matmul_close(rng, platform, device, dtype, m, n, k, block_size)
 
 
 @pytest.mark.parametrize("dtype", DTYPES[1:])
@@ -311,11 +318,7 @@ def test_matmul_tiled_grid(rng, platform, device, dtype, m, n, k, block_size):
     each n-tile count (M <= 16, 32, 64, above) full and partial, several M tiles (partial ones
     too), partial row blocks, stages cut short by the end of K, and K split across CTAs (few
     row blocks, long K)."""
-    w = random_weight(rng, (n, k), np.float32)
-    x = random_activations(rng, (m, k), dtype)
-    y = jax.jit(jax_nf4.matmul)(jax.device_put(x, device), quantize_on(device, w, block_size))
-    packed, absmax = reference.quantize(w, block_size)
-    assert_matmul_close(y, x, packed, absmax, block_size, platform)
+    assert_jit_matmul_close(rng, platform, device, dtype, m, n, k, block_size)
 
 
 @pytest.mark.parametrize("dtype", DTYPES[1:])
@@ -326,11 +329,7 @@ def test_matmul_wgmma_k_split(rng, platform, device, dtype, n, k, m):
     """On an H100 / H200 (132 SMs) the wgmma kernel splits K of these shapes in 2 (a cluster of
     two CTAs adding up over distributed shared memory), 3, 5 and 6 (float32 partial sums): the
     ids; token groups shared by the cluster's CTAs, a last split shorter than the others."""
-    w = random_weight(rng, (n, k), np.float32)
-    x = random_activations(rng, (m, k), dtype)
-    y = jax.jit(jax_nf4.matmul)(jax.device_put(x, device), quantize_on(device, w, 64))
-    packed, absmax = reference.quantize(w, 64)
-    assert_matmul_close(y, x, packed, absmax, 64, platform)
+    assert_jit_matmul_close(rng, platform, device, dtype, m, n, k, 64)
 
 
 @pytest.mark.parametrize("wgmma", [False, True])
