@@ -1390,9 +1390,10 @@ struct WgShape {
   static constexpr int kSlotBytes = kActBytes + kPairs * 64;
   static constexpr int kRingBytes = 193 * 1024;  // beside the table, within 227 KB
   static constexpr int kStages = kRingBytes / kSlotBytes < 6 ? kRingBytes / kSlotBytes : 6;
-  // alignment slack, the ring, the pair table, the double-quant scale table (1 KB), mbarriers
+  // alignment slack, the ring, the pair table, the double-quant scale table (1 KB), mbarriers,
+  // and each stage's row scales (a pair of dtype values per row, 8 bytes per row pair)
   static constexpr int kSharedBytes =
-      1024 + kStages * kSlotBytes + kPairTableBytes + 1024 + 16 * kStages;
+      1024 + kStages * kSlotBytes + kPairTableBytes + 1024 + 16 * kStages + kStages * kPairs * 8;
 };
 
 // The wgmma kernel's operands besides its tensor maps (from the handler's TileArgs at launch).
@@ -1525,6 +1526,9 @@ __global__ void __launch_bounds__(kWgThreads, 1)
   const uint32_t bars = dq_table + 1024;
   auto full = [&](int slot) { return bars + 8 * slot; };
   auto empty = [&](int slot) { return bars + 8 * (kStages + slot); };
+  // Row pair p's scales of the stage in `slot`: {even, even}, {odd, odd} in the dtype.
+  const uint32_t scale_ring = bars + 16 * kStages;
+  auto scales_of = [&](int slot, int p) { return scale_ring + 8 * (slot * Shape::kPairs + p); };
 
   // The k_splits CTAs of one tile are one cluster (consecutive blocks; rank = K split).
   int64_t b = blockIdx.x;
@@ -1539,7 +1543,7 @@ __global__ void __launch_bounds__(kWgThreads, 1)
 
   if (threadIdx.x == 0) {
     for (int s = 0; s < kStages; ++s) {
-      asm volatile("mbarrier.init.shared::cta.b64 [%0], 1;" ::"r"(full(s)) : "memory");
+      asm volatile("mbarrier.init.shared::cta.b64 [%0], 128;" ::"r"(full(s)) : "memory");
       asm volatile("mbarrier.init.shared::cta.b64 [%0], 256;" ::"r"(empty(s)) : "memory");
     }
     asm volatile("fence.mbarrier_init.release.cluster;" ::: "memory");
@@ -1555,13 +1559,43 @@ __global__ void __launch_bounds__(kWgThreads, 1)
   }
   __syncthreads();
 
-  if (threadIdx.x < 128) {  // the producer warpgroup: one thread issues every copy
+  const int64_t N = 2 * a.pairs, blocks = a.cols >> a.block_shift;
+  const int step_shift = a.block_shift - 6;
+  if (threadIdx.x < 128) {
+    // The producer warpgroup: thread 0 issues every stage's two copies; thread p < kPairs
+    // decodes row pair p's two scales of every stage into the scale ring (the double-quant
+    // table read from shared memory; where a row's blocks lie in one nested group, K /
+    // block_size dividing 256, its nested scale read once), one stage ahead of its raw reads.
+    // Each of the 128 threads arrives on the stage's full barrier after its writes.
     asm volatile("setmaxnreg.dec.sync.aligned.u32 40;");
-    if (threadIdx.x == 0) {
-      for (int i = 0; i < count; ++i) {
-        const int slot = i % kStages;
-        if (i >= kStages) MbarrierWait(empty(slot), ((i / kStages) + 1) & 1);
-        asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;" ::"r"(full(slot)),
+    const int p = threadIdx.x;
+    const bool decodes = p < Shape::kPairs;
+    const int64_t pair = int64_t(rb) * Shape::kPairs + p;
+    const int64_t row = 2 * (decodes && pair < a.pairs ? pair : 0);  // past N: pair 0, unused
+    using Row = decltype(a.scales.RowOf(0, 0, 1, 1));
+    const Row even_row = a.scales.RowOf(grp, row, N, blocks);
+    const Row odd_row = a.scales.RowOf(grp, row + 1, N, blocks);
+    const bool row_nested = kDoubleQuant && kNestedBlockSize % blocks == 0;
+    float nested_even = 0.0f, nested_odd = 0.0f;
+    if constexpr (kDoubleQuant) {
+      nested_even = LoadConstant(even_row.nested);
+      nested_odd = LoadConstant(odd_row.nested);
+    }
+    auto decode = [&](const Row& r, typename Row::Raw raw, float nested, int blk) {
+      return DecodeStagedScale(r, raw, blk, dq_table, row_nested, nested);
+    };
+    typename Row::Raw raw_even{}, raw_odd{};
+    auto fetch = [&](int stage) {
+      const int blk = (first + stage) >> step_shift;
+      raw_even = even_row.Fetch(blk);
+      raw_odd = odd_row.Fetch(blk);
+    };
+    if (decodes) fetch(0);
+    for (int i = 0; i < count; ++i) {
+      const int slot = i % kStages;
+      if (i >= kStages) MbarrierWait(empty(slot), ((i / kStages) + 1) & 1);
+      if (threadIdx.x == 0) {
+        asm volatile("mbarrier.expect_tx.shared::cta.b64 [%0], %1;" ::"r"(full(slot)),
                      "r"(Shape::kSlotBytes)
                      : "memory");
         const int k0 = (first + i) * 64;
@@ -1569,6 +1603,16 @@ __global__ void __launch_bounds__(kWgThreads, 1)
         TmaLoad3d(dst, &x_map, k0, mt * kTokens, grp, full(slot));
         TmaLoad3d(dst + Shape::kActBytes, &w_map, k0, rb * Shape::kPairs, grp, full(slot));
       }
+      if (decodes) {
+        const int blk = (first + i) >> step_shift;
+        const float even = decode(even_row, raw_even, nested_even, blk);
+        const float odd = decode(odd_row, raw_odd, nested_odd, blk);
+        if (i + 1 < count) fetch(i + 1);
+        asm volatile("st.shared.v2.u32 [%0], {%1, %2};" ::"r"(scales_of(slot, p)),
+                     "r"(MmaType<T>::Pack(even, even)), "r"(MmaType<T>::Pack(odd, odd))
+                     : "memory");
+      }
+      asm volatile("mbarrier.arrive.shared::cta.b64 _, [%0];" ::"r"(full(slot)) : "memory");
     }
     if (a.cluster) {  // the consumers' two barriers around their exchange
       cooperative_groups::this_cluster().sync();
@@ -1581,44 +1625,13 @@ __global__ void __launch_bounds__(kWgThreads, 1)
   const int ct = threadIdx.x - 128, cwg = ct / 128, warp = (ct % 128) / 32;
   const int lane = ct % 32, g = lane / 4, t = lane % 4;
   const PairTable<T> pair_table(table_storage);
-  const int64_t N = 2 * a.pairs, blocks = a.cols >> a.block_shift;
-  const int step_shift = a.block_shift - 6;
   int pair_in_cta[TL];
   int64_t pair[TL];
-  using Row = decltype(a.scales.RowOf(0, 0, 1, 1));
-  Row row_even[TL], row_odd[TL];
 #pragma unroll
   for (int j = 0; j < TL; ++j) {
     pair_in_cta[j] = 32 * (TL * cwg + j) + 8 * warp + g;
     pair[j] = int64_t(rb) * Shape::kPairs + pair_in_cta[j];
-    const int64_t p = pair[j] < a.pairs ? pair[j] : 0;  // rows past N read pair 0, never stored
-    row_even[j] = a.scales.RowOf(grp, 2 * p, N, blocks);
-    row_odd[j] = a.scales.RowOf(grp, 2 * p + 1, N, blocks);
   }
-  // Double-quant scales: the table entry from shared memory; where a row's blocks lie in one
-  // nested group (K / block_size divides 256) its nested scale is read once, here.
-  const bool row_nested = kDoubleQuant && kNestedBlockSize % blocks == 0;
-  float nested_even[TL] = {}, nested_odd[TL] = {};
-  if constexpr (kDoubleQuant) {
-#pragma unroll
-    for (int j = 0; j < TL; ++j) {
-      nested_even[j] = LoadConstant(row_even[j].nested);
-      nested_odd[j] = LoadConstant(row_odd[j].nested);
-    }
-  }
-  auto decode = [&](const Row& row, typename Row::Raw raw, float nested, int blk) {
-    return DecodeStagedScale(row, raw, blk, dq_table, row_nested, nested);
-  };
-  typename Row::Raw raw_even[TL], raw_odd[TL];
-  auto fetch = [&](int stage) {  // raw scales of this CTA's stage `stage`
-    const int blk = (first + stage) >> step_shift;
-#pragma unroll
-    for (int j = 0; j < TL; ++j) {
-      raw_even[j] = row_even[j].Fetch(blk);
-      raw_odd[j] = row_odd[j].Fetch(blk);
-    }
-  };
-  fetch(0);
 
   float acc[TL][kTokens / 2];
 #pragma unroll
@@ -1629,18 +1642,14 @@ __global__ void __launch_bounds__(kWgThreads, 1)
 
   for (int i = 0; i < count; ++i) {
     const int slot = i % kStages;
-    const int blk = (first + i) >> step_shift;
-    uint32_t se[TL], so[TL];  // this stage's scales as value pairs in the activation dtype
-#pragma unroll
-    for (int j = 0; j < TL; ++j) {
-      const float even = decode(row_even[j], raw_even[j], nested_even[j], blk);
-      const float odd = decode(row_odd[j], raw_odd[j], nested_odd[j], blk);
-      se[j] = MmaType<T>::Pack(even, even);
-      so[j] = MmaType<T>::Pack(odd, odd);
-    }
-    if (i + 1 < count) fetch(i + 1);
     MbarrierWait(full(slot), (i / kStages) & 1);
     const uint32_t slot_base = base + slot * Shape::kSlotBytes;
+    uint32_t se[TL], so[TL];  // this stage's scales as value pairs in the activation dtype
+#pragma unroll
+    for (int j = 0; j < TL; ++j)
+      asm volatile("ld.shared.v2.u32 {%0, %1}, [%2];"
+                   : "=r"(se[j]), "=r"(so[j])
+                   : "r"(scales_of(slot, pair_in_cta[j])));
     uint32_t v[TL][4];
 #pragma unroll
     for (int j = 0; j < TL; ++j) {
