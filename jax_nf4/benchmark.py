@@ -13,9 +13,11 @@ so that more than ``min_bytes`` of weights are touched per pass (the L2 cache ca
 them); one jit dispatch makes at least MIN_CALLS_PER_DISPATCH calls, so that the host's
 per-dispatch work is hidden (one pass per dispatch for ops with work on the weight alone, which
 XLA would merge across passes). Times are wall clock over many chained calls after a warm-up,
-divided by the number of calls (the launch gap between dependent kernels included). With
---kernel-times every timed op is also traced once with jax.profiler: "kernel us" is the time the
-GPU streams were busy per call (no gaps); dequantize and quantize are traced as one jit call
+divided by the number of calls (the launch gap between dependent kernels included), the best
+of several rounds over the ops of one shape and M in alternating order (a GPU's clock drops
+under sustained load: no op gains by going first). With --kernel-times every timed op is also
+traced twice with jax.profiler: "kernel us" is the time the GPU streams were busy per call
+(no gaps), the smaller of the two; dequantize and quantize are traced as one jit call
 over all the weight copies, since their wall times (one dispatch per call) are host-bound on
 small shapes.
 """
@@ -240,30 +242,58 @@ def _weight_only_work(op_name: str, m: int, block_size: int) -> bool:
     return False
 
 
-def _time_chain(op: Callable, weights: Sequence, x, iters: int, reps: int,
-                kernel_time: bool = False, one_pass: bool = False) -> tuple[float, float | None]:
-    """Microseconds per op call over `iters` passes through the weights: one jit call runs the
-    chain over all of them (:func:`_chained`), repeated to at least MIN_CALLS_PER_DISPATCH
-    calls unless `one_pass`, and such calls are dispatched back to back, each taking the
-    previous output. With `kernel_time`, also the GPU busy time per call of one traced dispatch
-    (else None)."""
-    passes = 1 if one_pass else math.ceil(MIN_CALLS_PER_DISPATCH / len(weights))
-    calls = passes * len(weights)
-    dispatches = math.ceil(iters / passes)
-    chain = _chained(op, passes)
-    chain(x, weights).block_until_ready()  # compile + warm up
-    best = math.inf
-    for _ in range(reps):
+class _ChainTimer:
+    """`op` chained over `weights` from `x` (:func:`_chained`), compiled and warmed up: one jit
+    call runs the chain over all of them, repeated to at least MIN_CALLS_PER_DISPATCH calls
+    unless `one_pass`, and such calls are dispatched back to back, each taking the previous
+    output."""
+
+    def __init__(self, op: Callable, weights: Sequence, x, iters: int, one_pass: bool = False):
+        passes = 1 if one_pass else math.ceil(MIN_CALLS_PER_DISPATCH / len(weights))
+        self.calls = passes * len(weights)
+        self.dispatches = math.ceil(iters / passes)
+        self.chain = _chained(op, passes)
+        self.weights, self.x = weights, x
+        self.chain(x, weights).block_until_ready()  # compile + warm up
+
+    def wall_us(self) -> float:
+        """Microseconds per op call of one timed repetition (`iters` passes)."""
         t0 = time.perf_counter()
-        out = x
-        for _ in range(dispatches):
-            out = chain(out, weights)
+        out = self.x
+        for _ in range(self.dispatches):
+            out = self.chain(out, self.weights)
         out.block_until_ready()
-        best = min(best, time.perf_counter() - t0)
-    if not bool(jnp.all(jnp.isfinite(out.astype(jnp.float32)))):
-        raise RuntimeError("benchmark chain produced non-finite values")
-    busy = _traced_busy_us(chain, x, weights) if kernel_time else None
-    return best / (dispatches * calls) * 1e6, None if busy is None else busy / calls
+        seconds = time.perf_counter() - t0
+        if not bool(jnp.all(jnp.isfinite(out.astype(jnp.float32)))):
+            raise RuntimeError("benchmark chain produced non-finite values")
+        return seconds / (self.dispatches * self.calls) * 1e6
+
+    def kernel_us(self) -> float | None:
+        """GPU busy microseconds per op call of one traced dispatch (None without a trace)."""
+        busy = _traced_busy_us(self.chain, self.x, self.weights)
+        return None if busy is None else busy / self.calls
+
+
+def _best_in_rounds(timers: Sequence[_ChainTimer], reps: int, kernel_times: bool
+                    ) -> list[tuple[float, float | None]]:
+    """(wall µs, kernel µs) per call of each timer, the best of `reps` rounds over all of them
+    (kernel times: of two traced rounds), the order reversed every round: under sustained load
+    the GPU's clock drops (H100: a compute-bound op ran up to 5% slower right after another),
+    which would favour whichever op is timed first."""
+    wall = [math.inf] * len(timers)
+    kernel: list[float | None] = [None] * len(timers)
+    order = list(range(len(timers)))
+    for _ in range(reps):
+        for i in order:
+            wall[i] = min(wall[i], timers[i].wall_us())
+        order.reverse()
+    for _ in range(2 if kernel_times else 0):
+        for i in order:
+            us = timers[i].kernel_us()
+            if us is not None:
+                kernel[i] = us if kernel[i] is None else min(kernel[i], us)
+        order.reverse()
+    return list(zip(wall, kernel))
 
 
 def _time_calls(fn: Callable, args: Sequence, reps: int, kernel_time: bool = False
@@ -322,17 +352,19 @@ def run_benchmark(shapes=LLAMA_SHAPES, rows=DEFAULT_ROWS, block_size: int = 64,
         for m in rows:
             x = (jax.random.normal(jax.random.fold_in(key, 3), (m, k), jnp.float32)
                  ).astype(jnp.bfloat16)
-            for op_name, op, chain, nbytes in (
-                    ("nf4 matmul", matmul, chain_q, avg_nf4),
-                    ("nf4 dq matmul", matmul, chain_dq, avg_dq),
-                    ("jnp nf4", _jnp_nf4_matmul, chain_q, avg_nf4),
-                    ("dense bf16", _dense_matmul, chain_d, avg_dense),
-                    ("dequant + dot", _dequant_dot, chain_q, avg_nf4)):
-                if op_name == "dequant + dot" and m < DEQUANT_DOT_MIN_ROWS:
-                    continue
-                us, kernel_us = _time_chain(op, chain, x, iters, reps, kernel_times,
-                                            _weight_only_work(op_name, m, block_size))
+            ops = [(op_name, op, chain, nbytes) for op_name, op, chain, nbytes in (
+                ("nf4 matmul", matmul, chain_q, avg_nf4),
+                ("nf4 dq matmul", matmul, chain_dq, avg_dq),
+                ("jnp nf4", _jnp_nf4_matmul, chain_q, avg_nf4),
+                ("dense bf16", _dense_matmul, chain_d, avg_dense),
+                ("dequant + dot", _dequant_dot, chain_q, avg_nf4))
+                if op_name != "dequant + dot" or m >= DEQUANT_DOT_MIN_ROWS]
+            timers = [_ChainTimer(op, chain, x, iters, _weight_only_work(op_name, m, block_size))
+                      for op_name, op, chain, _ in ops]
+            for (op_name, _, _, nbytes), (us, kernel_us) in zip(
+                    ops, _best_in_rounds(timers, reps, kernel_times)):
                 results.append(Row((n, k), m, op_name, us, int(nbytes), kernel_us))
+            del timers
         for op_name, fn, args in (
                 ("nf4 dequantize", lambda q: dequantize(q, jnp.bfloat16), q1),
                 ("nf4 quantize", lambda w: quantize(w, block_size), d1)):
