@@ -1581,9 +1581,6 @@ __global__ void __launch_bounds__(kWgThreads, 1)
       nested_even = LoadConstant(even_row.nested);
       nested_odd = LoadConstant(odd_row.nested);
     }
-    auto decode = [&](const Row& r, typename Row::Raw raw, float nested, int blk) {
-      return DecodeStagedScale(r, raw, blk, dq_table, row_nested, nested);
-    };
     typename Row::Raw raw_even{}, raw_odd{};
     auto fetch = [&](int stage) {
       const int blk = (first + stage) >> step_shift;
@@ -1605,8 +1602,9 @@ __global__ void __launch_bounds__(kWgThreads, 1)
       }
       if (decodes) {
         const int blk = (first + i) >> step_shift;
-        const float even = decode(even_row, raw_even, nested_even, blk);
-        const float odd = decode(odd_row, raw_odd, nested_odd, blk);
+        const float even =
+            DecodeStagedScale(even_row, raw_even, blk, dq_table, row_nested, nested_even);
+        const float odd = DecodeStagedScale(odd_row, raw_odd, blk, dq_table, row_nested, nested_odd);
         if (i + 1 < count) fetch(i + 1);
         asm volatile("st.shared.v2.u32 [%0], {%1, %2};" ::"r"(scales_of(slot, p)),
                      "r"(MmaType<T>::Pack(even, even)), "r"(MmaType<T>::Pack(odd, odd))
