@@ -158,6 +158,36 @@ def test_kernel_kinds():
     assert kind("ncclDevKernel_AllGather_RING_LL") == "collective"
 
 
+class _FakeTimer:
+    """A timer whose n-th call (over all fake timers) takes `base + n`: later is slower."""
+    calls: list[str] = []
+
+    def __init__(self, name: str, base: float, kernel: float | None = 1.0):
+        self.name, self.base, self.kernel = name, base, kernel
+
+    def wall_us(self) -> float:
+        _FakeTimer.calls.append(self.name)
+        return self.base + len(_FakeTimer.calls)
+
+    def kernel_us(self) -> float | None:
+        _FakeTimer.calls.append(self.name + "*")
+        return None if self.kernel is None else self.kernel + len(_FakeTimer.calls)
+
+
+def test_ops_are_timed_in_rounds_of_alternating_order():
+    _FakeTimer.calls = []
+    timers = [_FakeTimer("a", 100.0), _FakeTimer("b", 200.0), _FakeTimer("c", 300.0, None)]
+    best = benchmark._best_in_rounds(timers, reps=3, kernel_times=True)
+    assert _FakeTimer.calls == ["a", "b", "c", "c", "b", "a", "a", "b", "c",
+                                "c*", "b*", "a*", "a*", "b*", "c*"]
+    # each op's best wall time is its earliest call; kernel times the smaller of two traces
+    assert best == [(101.0, 13.0), (202.0, 12.0), (303.0, None)]
+    _FakeTimer.calls = []
+    assert benchmark._best_in_rounds(timers[:2], reps=2, kernel_times=False) == [
+        (101.0, None), (202.0, None)]
+    assert _FakeTimer.calls == ["a", "b", "b", "a"]
+
+
 def test_kernel_times_on_cpu_are_absent():
     with jax.default_device(jax.devices("cpu")[0]):  # GPU runs: the CPU backend, no streams
         rows = benchmark.run_benchmark(shapes=((64, 128),), rows=(1,), min_bytes=1e4, iters=1,
