@@ -449,8 +449,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--iters", type=int, default=None, help="chain passes per timing")
     parser.add_argument("--json", default=None, help="also write the rows to this JSON file")
     parser.add_argument("--kernel-times", action="store_true",
-                        help="also trace each op once with jax.profiler and report the GPU "
-                             "busy time per call (kernel durations, no launch gaps)")
+                        help="also trace each op twice with jax.profiler and report the GPU "
+                             "busy time per call (kernel durations, no launch gaps; the "
+                             "smaller of the two)")
     parser.add_argument("--no-check", action="store_true",
                         help="skip the check of the fused matmul against the reference before "
                              "timing (for timing-only kernel builds, wrong by design)")
