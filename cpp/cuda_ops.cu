@@ -1291,13 +1291,12 @@ struct KSplit {
 KSplit ChooseKSplit(int64_t ctas, int64_t slots, int64_t steps, int64_t granule,
                     int64_t partial_cost, int max_splits) {
   KSplit best;
-  int64_t best_cost = -1;
   for (int splits = 1; splits <= max_splits; ++splits) {
     const int64_t per = (steps + splits * granule - 1) / (splits * granule) * granule;
     if (splits > 1 && per < 8) break;  // per only shrinks with more splits
     const int64_t cost =
         (ctas * splits + slots - 1) / slots * (per + 4 + (splits > 1 ? partial_cost : 0));
-    if (best_cost < 0 || cost < best_cost) best_cost = cost, best = {splits, per, cost};
+    if (splits == 1 || cost < best.cost) best = {splits, per, cost};
   }
   return best;
 }
@@ -1390,10 +1389,14 @@ struct WgShape {
   static constexpr int kSlotBytes = kActBytes + kPairs * 64;
   static constexpr int kRingBytes = 193 * 1024;  // beside the table, within 227 KB
   static constexpr int kStages = kRingBytes / kSlotBytes < 6 ? kRingBytes / kSlotBytes : 6;
-  // alignment slack, the ring, the pair table, the double-quant scale table (1 KB), mbarriers,
-  // and each stage's row scales (a pair of dtype values per row, 8 bytes per row pair)
-  static constexpr int kSharedBytes =
-      1024 + kStages * kSlotBytes + kPairTableBytes + 1024 + 16 * kStages + kStages * kPairs * 8;
+  // Shared memory from the 1024-byte aligned base: the ring, the pair table, the double-quant
+  // scale table (1 KB), the mbarriers (full and empty per slot) and each stage's row scales (a
+  // pair of dtype values per row, 8 bytes per row pair); 1 KB of alignment slack before it.
+  static constexpr int kPairTableOffset = kStages * kSlotBytes;
+  static constexpr int kDqTableOffset = kPairTableOffset + kPairTableBytes;
+  static constexpr int kBarsOffset = kDqTableOffset + 1024;
+  static constexpr int kScaleRingOffset = kBarsOffset + 16 * kStages;
+  static constexpr int kSharedBytes = 1024 + kScaleRingOffset + kStages * kPairs * 8;
 };
 
 // The wgmma kernel's operands besides its tensor maps (from the handler's TileArgs at launch).
@@ -1521,13 +1524,13 @@ __global__ void __launch_bounds__(kWgThreads, 1)
   const uint32_t raw_base = SharedAddress(dynamic_shared);
   const uint32_t base = (raw_base + 1023) & ~1023u;  // slots: 1024-byte aligned (swizzle)
   uint4* table_storage =
-      reinterpret_cast<uint4*>(dynamic_shared + (base - raw_base) + kStages * Shape::kSlotBytes);
-  const uint32_t dq_table = base + kStages * Shape::kSlotBytes + kPairTableBytes;
-  const uint32_t bars = dq_table + 1024;
+      reinterpret_cast<uint4*>(dynamic_shared + (base - raw_base) + Shape::kPairTableOffset);
+  const uint32_t dq_table = base + Shape::kDqTableOffset;
+  const uint32_t bars = base + Shape::kBarsOffset;
   auto full = [&](int slot) { return bars + 8 * slot; };
   auto empty = [&](int slot) { return bars + 8 * (kStages + slot); };
   // Row pair p's scales of the stage in `slot`: {even, even}, {odd, odd} in the dtype.
-  const uint32_t scale_ring = bars + 16 * kStages;
+  const uint32_t scale_ring = base + Shape::kScaleRingOffset;
   auto scales_of = [&](int slot, int p) { return scale_ring + 8 * (slot * Shape::kPairs + p); };
 
   // The k_splits CTAs of one tile are one cluster (consecutive blocks; rank = K split).
