@@ -762,7 +762,16 @@ __global__ void __launch_bounds__(32 * kBpWarps, 1) GemvBytePairKernel(GemvArgs<
 
   int parity = 0;  // the partial-sum buffer of this unit
   int64_t unit = blockIdx.x;
-  Unit cur = setup(blockIdx.x);
+  // The values the setup reads from memory (double-quant offset and nested scale) come from
+  // the load cursor's setup of the same unit (R - 1 < G groups ahead, the cursor is still in
+  // it), read with the unit's first weight loads: the compute does not wait on its own reads.
+  auto setup_compute = [&](int64_t next) {
+    Unit u = setup(next < units ? next : int64_t(blockIdx.x));
+    u.scale = lu.scale;
+    if constexpr (kRowNested) u.nested = lu.nested;
+    return u;
+  };
+  Unit cur = setup_compute(blockIdx.x);
 #pragma unroll
   for (int j = 0; j < NT; ++j) acc[j][0] = acc[j][1] = acc[j][2] = acc[j][3] = 0.0f;
   // Output pair (v0, v1) of mma lane l, n-tile j, half h: rows 2p, 2p + 1 (p = tile + l / 4 +
@@ -805,7 +814,7 @@ __global__ void __launch_bounds__(32 * kBpWarps, 1) GemvBytePairKernel(GemvArgs<
 #pragma unroll
     for (int j = 0; j < NT; ++j) acc[j][0] = acc[j][1] = acc[j][2] = acc[j][3] = 0.0f;
     unit += gridDim.x;
-    cur = setup(unit < units ? unit : int64_t(blockIdx.x));
+    cur = setup_compute(unit);  // the cursor has issued R - 1 < G groups of this next unit
   };
   // G is a multiple of R (the launch rounds the slices), so every unit starts at ring slot 0.
   while (unit < units) {
