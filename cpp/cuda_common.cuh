@@ -17,7 +17,6 @@
 #include <type_traits>
 
 #include "cuda_dtypes.cuh"
-#include "cuda_matmul.h"
 #include "nf4_math.h"
 #include "nf4_scales.h"
 
