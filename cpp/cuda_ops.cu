@@ -250,4 +250,3 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxNf4MatmulCuda, jax_nf4::MatmulCuda,
                                   .Ret<ffi::AnyBuffer>()  // out
                                   .Attr<int64_t>("block_size"),
                               {ffi::Traits::kCmdBufferCompatible});
-
