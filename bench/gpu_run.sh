@@ -22,9 +22,9 @@
 #   floor      bench/read_floor.cu: the read-only floor for the benchmark's weight byte counts, and
 #              the byte-pair GEMV's access pattern (layout A, tile-major) read without arithmetic
 #   ab         this checkout (A, installed by `build`: run `build,ab` on a fresh machine) against
-#              other trees given as the first bench arg, comma-separated (e.g. `git archive
-#              BRANCH | tar -x -C ab_x`, untracked folders in the checkout; distinct folder
-#              names): each built into /tmp/ab_NAME in parallel, their GPU kernel tests side by
+#              other trees given as the first bench arg, comma-separated (untracked folders in
+#              the checkout with distinct names: `bash bench/ab_tree.sh x PATCH...` makes ab_x,
+#              HEAD plus patches; or `git archive BRANCH | tar -x -C ab_x`): each built into /tmp/ab_NAME in parallel, their GPU kernel tests side by
 #              side (AB_TESTS=0 skips them), the bench (the other args) for A and each in turn,
 #              then bench/ab_compare.py's table
 #   check      = build,tests,sanitize,examples
