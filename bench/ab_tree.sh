@@ -12,14 +12,15 @@ name=$1; shift
 repo=$(git rev-parse --show-toplevel)
 tree="$repo/ab_$name"
 [[ ! -e $tree ]] || { echo "ab_tree: $tree exists; remove it first" >&2; exit 1; }
+head=$(mktemp -d)
+trap 'rm -rf "$head"' EXIT
+git -C "$repo" archive HEAD | tar -x -C "$head"
 mkdir "$tree"
 git -C "$repo" archive HEAD | tar -x -C "$tree"
 for p in "$@"; do
   patch -p1 --forward --no-backup-if-mismatch -s -d "$tree" < "$(realpath "$p")" \
     || { echo "ab_tree: $p does not apply to HEAD" >&2; rm -rf "$tree"; exit 1; }
 done
-mkdir -p /tmp/ab_tree_head && rm -rf /tmp/ab_tree_head/* && git -C "$repo" archive HEAD | tar -x -C /tmp/ab_tree_head
-if diff -rq /tmp/ab_tree_head "$tree" > /dev/null; then
-  echo "ab_tree: the patches changed nothing" >&2; rm -rf "$tree"; exit 1
-fi
-echo "ab_$name: HEAD $(git -C "$repo" rev-parse --short HEAD) + $*; changed: $(diff -rq /tmp/ab_tree_head "$tree" | sed "s#.*/ab_tree_head/##; s# and .*##; s#Only in .*: ##" | tr '\n' ' ')"
+changed=$(diff -rq "$head" "$tree" | sed "s#^Files $head/\([^ ]*\) and .*#\1#" || true)
+[[ -n $changed ]] || { echo "ab_tree: the patches changed nothing" >&2; rm -rf "$tree"; exit 1; }
+echo "ab_$name: HEAD $(git -C "$repo" rev-parse --short HEAD) + $*; changed: $(echo $changed)"
