@@ -17,7 +17,8 @@
 #              kernel at M = 64 (speed of light, memory workload, warp stalls, and per source
 #              line with a JAX_NF4_LINEINFO=1 build; the kernel's own duration, without launch
 #              gaps); the full reports go to $OUT/ncu_*.ncu-rep. PROFILE_CASES="SHAPE:M[:dq] ..."
-#              picks other cases (:dq for double-quantized scales)
+#              picks other cases (:dq for double-quantized scales); to profile an A/B tree's
+#              build, PYTHONPATH=/tmp/ab_NAME PROFILE_TAG=NAME_ (prefixes the report names)
 #   probe      bench/wgmma_probe.cu: the wgmma register-A / descriptor conventions (sm_90a)
 #   floor      bench/read_floor.cu: the read-only floor for the benchmark's weight byte counts, and
 #              the byte-pair GEMV's access pattern (layout A, tile-major) read without arithmetic
@@ -94,7 +95,7 @@ profile() {
   for case in ${PROFILE_CASES:-28672x8192:1 4096x4096:1 28672x8192:64}; do
     local shape rows dq name
     IFS=: read -r shape rows dq <<< "$case"
-    name=ncu_${shape}_m$rows${dq:+_dq}
+    name=ncu_${PROFILE_TAG:-}${shape}_m$rows${dq:+_dq}
     ncu --clock-control none -k regex:'Gemv|GemmTile|GemmWgmma' --launch-skip 2 --launch-count 1 \
       --section SpeedOfLight --section MemoryWorkloadAnalysis --section WarpStateStats \
       --section LaunchStats --section Occupancy --section SourceCounters \
