@@ -109,7 +109,6 @@ struct SharedCodebook {
   }
 };
 
-
 // Grid of a grid-stride kernel over work_items.
 inline unsigned GridFor(int64_t work_items, int64_t items_per_cta) {
   const int64_t ctas = (work_items + items_per_cta - 1) / items_per_cta;

@@ -224,7 +224,6 @@ __device__ __forceinline__ void SumSplits(float (&acc)[NT][4], float (*partial)[
 
 constexpr int kTcUnroll = 4;   // steps whose loads are issued together
 
-
 template <typename T, typename Scales>
 __global__ void __launch_bounds__(kThreads, 2) GemvTensorCoreKernel(GemvArgs<Scales> a) {
   __shared__ uint4 pair_table_storage[kPairTableBytes / 16];
@@ -368,7 +367,6 @@ constexpr int kBpWarps = 16;                  // warps per CTA
 // scale table (1 KB) and two buffers of split-K partial sums (units alternate between them).
 template <int NT>
 constexpr int kBpSharedBytes = 65536 + 65536 + 1024 + 2 * kBpWarps * 32 * 4 * NT * 4;
-
 
 // How the byte-pair kernel reads the scales: one read per span (any scales); plain scales of
 // 64-element blocks with an even count per row in aligned pairs (see `load`); double-quant

@@ -65,7 +65,6 @@ cudaError_t DispatchTileNt(int nt, Fn&& fn) {
 template <int NT>
 constexpr int kGtMinCtasPerSm = NT == 2 ? 2 : 1;
 
-
 // kRowNested (double-quant scales where K / block_size divides 256): every row's blocks lie in
 // one nested group, so each row's nested scale is read once per CTA instead of once per span.
 template <typename T, int NT, typename Scales, bool kRowNested>
@@ -321,7 +320,6 @@ __global__ void __launch_bounds__(32 * kGtWarps, kGtMinCtasPerSm<NT>)
       }
   }
 }
-
 
 // Whether a launch takes the row-nested kernel: double-quant scales, K / block_size divides 256.
 template <typename Scales>
