@@ -25,9 +25,10 @@
 #   ab         this checkout (A, installed by `build`: run `build,ab` on a fresh machine) against
 #              other trees given as the first bench arg, comma-separated (untracked folders in
 #              the checkout with distinct names: `bash bench/ab_tree.sh x PATCH...` makes ab_x,
-#              HEAD plus patches; or `git archive BRANCH | tar -x -C ab_x`): each built into /tmp/ab_NAME in parallel, their GPU kernel tests side by
-#              side (AB_TESTS=0 skips them), the bench (the other args) for A and each in turn,
-#              then bench/ab_compare.py's table
+#              HEAD plus patches; or `git archive BRANCH | tar -x -C ab_x`): each built into
+#              /tmp/ab_NAME in parallel, their GPU kernel tests side by side (AB_TESTS=0 skips
+#              them), the bench (the other args) for A and each in turn, then
+#              bench/ab_compare.py's table
 #   check      = build,tests,sanitize,examples
 # Logs go to $OUT (the device tool's output folder) or /tmp/jax_nf4_out.
 set -uo pipefail
