@@ -449,7 +449,9 @@ __global__ void __launch_bounds__(32 * kBpWarps, 1) GemvBytePairKernel(GemvArgs<
     const int m = 4 * j + g / 2;
     x_offset[j] = int((m < rows ? m : 0) * (K / 8));
   }
-  auto setup = [&](int64_t unit) {
+  // Unit `unit`'s operands for this lane; with read_scales, also its scale row and, with
+  // kRowNested, the rows' nested scale (a read from memory), else the caller fills them.
+  auto setup = [&](int64_t unit, bool read_scales = true) {
     Unit u;
     // No division without a vmap batch; else 32-bit (units, 16 row pairs each, are < 2^32).
     const uint32_t per_group = uint32_t(a.ctas_per_group);
@@ -463,9 +465,11 @@ __global__ void __launch_bounds__(32 * kBpWarps, 1) GemvBytePairKernel(GemvArgs<
     u.wb = reinterpret_cast<const uint4*>(w0 + rb * K) + 4 * begin;
     u.x = reinterpret_cast<const uint4*>(static_cast<const T*>(a.x) +
                                          (u.grp * a.m_total + a.m0) * K + 16 * t) + 8 * begin;
-    u.scale = a.scales.RowOf(u.grp, t < 2 ? 2 * ra + t : 2 * rb + t - 2, N, blocks);
-    // The row's blocks are all in the nested group of its block 0 (K / block_size divides 256).
-    if constexpr (kRowNested) u.nested = __ldg(u.scale.nested);
+    if (read_scales) {
+      u.scale = a.scales.RowOf(u.grp, t < 2 ? 2 * ra + t : 2 * rb + t - 2, N, blocks);
+      // The row's blocks all lie in the nested group of its block 0 (K / block_size divides 256).
+      if constexpr (kRowNested) u.nested = __ldg(u.scale.nested);
+    }
     return u;
   };
 
@@ -576,7 +580,7 @@ __global__ void __launch_bounds__(32 * kBpWarps, 1) GemvBytePairKernel(GemvArgs<
   // the load cursor's setup of the same unit (R - 1 < G groups ahead, the cursor is still in
   // it), read with the unit's first weight loads: the compute does not wait on its own reads.
   auto setup_compute = [&](int64_t next) {
-    Unit u = setup(next < units ? next : int64_t(blockIdx.x));
+    Unit u = setup(next < units ? next : int64_t(blockIdx.x), false);
     u.scale = lu.scale;
     if constexpr (kRowNested) u.nested = lu.nested;
     return u;
