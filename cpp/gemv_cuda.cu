@@ -373,8 +373,12 @@ constexpr int kBpSharedBytes = 65536 + 65536 + 1024 + 2 * kBpWarps * 32 * 4 * NT
 // scales with one group (no vmap batch) through a copy of their 256-entry table in shared
 // memory, made once per CTA (read by LDS with a 32-bit address, see `compute`); the same where
 // a row's blocks lie in one 256-block nested group (K / block_size divides 256), its nested
-// scale read once per unit.
-enum class BpScaleRead { kPerSpan, kPairs, kSharedTable, kSharedTableRowNested };
+// scale read once per unit; and both of those through a lane-replicated copy of the table in
+// the pair table's unused upper half (kLaneTable*: the codes of two spans in one read, one PRMT
+// makes the LDS address, see `lookup_scale`), for launches where a CTA runs many spans.
+enum class BpScaleRead {
+  kPerSpan, kPairs, kSharedTable, kSharedTableRowNested, kLaneTable, kLaneTableRowNested
+};
 
 // The weights' streaming load (evict-first) with L2's 128-byte prefetch-size hint: L2 fetches the
 // aligned 128 bytes holding the 64 a quad reads of a byte row, so an even span brings the next
@@ -398,22 +402,47 @@ __global__ void __launch_bounds__(32 * kBpWarps, 1) GemvBytePairKernel(GemvArgs<
   float* scale_table = reinterpret_cast<float*>(table + 65536);
   // partial[buffer][warp][2 j + h][lane]: accumulators (4h, 4h + 1) of n-tile j.
   float2(*partial)[W][2 * NT][32] = reinterpret_cast<float2(*)[W][2 * NT][32]>(scale_table + 256);
-  constexpr bool kPairedScales = kScaleRead == BpScaleRead::kPairs;
-  constexpr bool kRowNested = kScaleRead == BpScaleRead::kSharedTableRowNested;
-  constexpr bool kSharedTable = kScaleRead == BpScaleRead::kSharedTable || kRowNested;
-  static_assert(!kPairedScales || std::is_same_v<Scales, PlainScales>);
-  static_assert(!kSharedTable || std::is_same_v<Scales, DoubleQuantScales>);
-  float scale_table_entry = 0.0f;  // thread i's entry of the double-quant table
+  constexpr bool kLaneTable = kScaleRead == BpScaleRead::kLaneTable ||
+                              kScaleRead == BpScaleRead::kLaneTableRowNested;
+  constexpr bool kRowNested = kScaleRead == BpScaleRead::kSharedTableRowNested ||
+                              kScaleRead == BpScaleRead::kLaneTableRowNested;
+  constexpr bool kSharedTable =
+      kScaleRead == BpScaleRead::kSharedTable || kScaleRead == BpScaleRead::kSharedTableRowNested;
+  constexpr bool kPairedScales = kScaleRead == BpScaleRead::kPairs || kLaneTable;
+  static_assert(kScaleRead != BpScaleRead::kPairs || std::is_same_v<Scales, PlainScales>);
+  static_assert(!(kSharedTable || kLaneTable) || std::is_same_v<Scales, DoubleQuantScales>);
+  float scale_table_entry = 0.0f;  // kSharedTable: thread i's entry of the double-quant table
   if constexpr (kSharedTable) {
     if (threadIdx.x < 256) scale_table_entry = __ldg(a.scales.table + threadIdx.x);
   }
   const uint32_t scale_table_base = table_base + 65536;
+  // kLaneTable: the tables are filled in kFillRounds rounds of one 16-byte store per thread; in
+  // round c thread i writes chunk i % 8 of entry i / 8 + c * 32 W / 8 (8 threads per 128-byte
+  // row: no bank conflicts); lane_entry[c]: that entry of the double-quant table.
+  constexpr int kFillRounds = 256 * 8 / (32 * W);
+  static_assert(kFillRounds * 32 * W == 256 * 8, "every thread fills the same chunk count");
+  float lane_entry[kFillRounds] = {};
+  if constexpr (kLaneTable) {
+#pragma unroll
+    for (int c = 0; c < kFillRounds; ++c)
+      lane_entry[c] = __ldg(a.scales.table + (threadIdx.x + c * 32 * W) / 8);
+  }
   const uint32_t lane_address = table_base | (4 * (threadIdx.x % 32));
   auto lookup = [lane_address](uint32_t word, int byte) {  // table entry of one code byte
     uint32_t v;
     asm volatile("ld.shared.u32 %0, [%1];"
                  : "=r"(v)
                  : "r"(__byte_perm(word, lane_address, 0x7604 | (byte << 4))));
+    return v;
+  };
+  // kLaneTable: the double-quant table sits in the pair table's unused upper half, entry e at
+  // 256 e + 128 + 4 l for every lane l, so one PRMT of a code word gives a lane its entry's
+  // conflict-free address (as `lookup` does for the pair table).
+  auto lookup_scale = [lane_address](uint32_t word, int byte) {
+    float v;
+    asm volatile("ld.shared.f32 %0, [%1];"
+                 : "=f"(v)
+                 : "r"(__byte_perm(word, lane_address | 128u, 0x7604 | (byte << 4))));
     return v;
   };
 
@@ -498,9 +527,18 @@ __global__ void __launch_bounds__(32 * kBpWarps, 1) GemvBytePairKernel(GemvArgs<
 #pragma unroll
       for (int u = 0; u < U; u += 2) {
         const int b = s + u < last_pair ? s + u : last_pair;
-        const float2 v = __ldg(reinterpret_cast<const float2*>(un.scale.absmax + b));
-        gr.scale[u] = v.x;
-        gr.scale[u + 1] = v.y;
+        if constexpr (kLaneTable) {
+          // The two spans' codes as bytes 0 and 1 of one word: one 2-byte read (64-element
+          // blocks, an even count per row), or the one block's code twice (larger blocks).
+          gr.scale[u] = step_shift == 0
+                            ? uint32_t(__ldg(reinterpret_cast<const unsigned short*>(
+                                  un.scale.codes + b)))
+                            : uint32_t(__ldg(un.scale.codes + (b >> step_shift))) * 0x101u;
+        } else {
+          const float2 v = __ldg(reinterpret_cast<const float2*>(un.scale.absmax + b));
+          gr.scale[u] = v.x;
+          gr.scale[u + 1] = v.y;
+        }
       }
     }
   };
@@ -535,9 +573,16 @@ __global__ void __launch_bounds__(32 * kBpWarps, 1) GemvBytePairKernel(GemvArgs<
         }
       }
       const int blk = (s + u) >> step_shift;
-      const float scale = kSharedTable ? DecodeStagedScale(un.scale, gr.scale[u], blk,
-                                                           scale_table_base, kRowNested, un.nested)
-                                       : un.scale.Decode(gr.scale[u], blk);
+      float scale;
+      if constexpr (kLaneTable) {
+        const float entry = lookup_scale(uint32_t(gr.scale[u & ~1]), u & 1);
+        scale = kRowNested ? DecodeDoubleQuantScale(entry, un.nested, un.scale.offset)
+                           : un.scale.DecodeWith(entry, blk);
+      } else {
+        scale = kSharedTable ? DecodeStagedScale(un.scale, gr.scale[u], blk, scale_table_base,
+                                                 kRowNested, un.nested)
+                             : un.scale.Decode(gr.scale[u], blk);
+      }
 #pragma unroll
       for (int c = 0; c < 4; ++c) {
         const float sc = __shfl_sync(0xffffffffu, scale, (lane & ~3) | c);
@@ -566,12 +611,23 @@ __global__ void __launch_bounds__(32 * kBpWarps, 1) GemvBytePairKernel(GemvArgs<
   // The first loads go out before the CTA fills and waits for its tables.
 #pragma unroll
   for (int r = 0; r < R - 1; ++r) issue(ring[r]);
-  for (int i = threadIdx.x; i < 256 * 8; i += 32 * W) {
-    const int e = i / 8;
-    const uint32_t v = MmaType<T>::Pack(kDeviceCodebook[e & 15], kDeviceCodebook[e >> 4]);
-    reinterpret_cast<uint4*>(table)[e * 16 + i % 8] = make_uint4(v, v, v, v);
+  if constexpr (kLaneTable) {
+#pragma unroll
+    for (int c = 0; c < kFillRounds; ++c) {
+      const int i = threadIdx.x + c * 32 * W, e = i / 8;
+      const uint32_t v = MmaType<T>::Pack(kDeviceCodebook[e & 15], kDeviceCodebook[e >> 4]);
+      reinterpret_cast<uint4*>(table)[e * 16 + i % 8] = make_uint4(v, v, v, v);
+      const uint32_t bits = __float_as_uint(lane_entry[c]);  // the row's upper half
+      reinterpret_cast<uint4*>(table)[e * 16 + 8 + i % 8] = make_uint4(bits, bits, bits, bits);
+    }
+  } else {
+    for (int i = threadIdx.x; i < 256 * 8; i += 32 * W) {
+      const int e = i / 8;
+      const uint32_t v = MmaType<T>::Pack(kDeviceCodebook[e & 15], kDeviceCodebook[e >> 4]);
+      reinterpret_cast<uint4*>(table)[e * 16 + i % 8] = make_uint4(v, v, v, v);
+    }
+    if (kSharedTable && threadIdx.x < 256) scale_table[threadIdx.x] = scale_table_entry;
   }
-  if (kSharedTable && threadIdx.x < 256) scale_table[threadIdx.x] = scale_table_entry;
   __syncthreads();
 
   int parity = 0;  // the partial-sum buffer of this unit
@@ -649,6 +705,7 @@ __global__ void __launch_bounds__(32 * kBpWarps, 1) GemvBytePairKernel(GemvArgs<
 // splits, 7 rounds of 8 spans, instead of 8 splits, 4 rounds of 16 spans with the last round
 // 39% full). Each warp keeps >= 2 load groups per unit.
 constexpr int64_t kBpUnitOverheadSpans = 1;
+constexpr int64_t kBpLaneTableMinSpans = 16;  // see LaunchGemvBytePair
 template <typename T, int NT, int U, int R, typename Scales>
 cudaError_t LaunchGemvBytePair(GemvArgs<Scales> a, int64_t groups, int sms, cudaStream_t stream) {
   const int64_t tiles = (a.pairs + 15) / 16;
@@ -676,10 +733,23 @@ cudaError_t LaunchGemvBytePair(GemvArgs<Scales> a, int64_t groups, int sms, cuda
     if (a.block_size == kBpSpan && (a.cols / kBpSpan) % 2 == 0)
       kernel = GemvBytePairKernel<T, NT, U, R, Scales, BpScaleRead::kPairs>;
   } else if (groups == 1) {
-    const int64_t blocks = a.cols / a.block_size;
-    kernel = kNestedBlockSize % blocks == 0
-                 ? GemvBytePairKernel<T, NT, U, R, Scales, BpScaleRead::kSharedTableRowNested>
-                 : GemvBytePairKernel<T, NT, U, R, Scales, BpScaleRead::kSharedTable>;
+    const bool row_nested = kNestedBlockSize % (a.cols / a.block_size) == 0;
+    // The lane-replicated table costs 32 KB more of stores before the CTA's barrier and saves
+    // work per span: it pays where a CTA runs at least kBpLaneTableMinSpans spans (H100, M = 1 /
+    // 8: 28672x8192, 7 rounds of 8 spans, 4 / 5% faster; 8192^2, one round of 16, 2 / 4%;
+    // 14336x4096, one round of 16, level; 4096^2, one round of 4, 4% slower, so not there). Its
+    // paired code reads need an even block count per row at 64-element blocks.
+    const int64_t spans_per_cta = (units + sms - 1) / sms * a.steps_per_split;
+    const bool lane_table = spans_per_cta >= kBpLaneTableMinSpans &&
+                            (a.block_size > kBpSpan || (a.cols / kBpSpan) % 2 == 0);
+    if (lane_table)
+      kernel = row_nested
+                   ? GemvBytePairKernel<T, NT, U, R, Scales, BpScaleRead::kLaneTableRowNested>
+                   : GemvBytePairKernel<T, NT, U, R, Scales, BpScaleRead::kLaneTable>;
+    else
+      kernel = row_nested
+                   ? GemvBytePairKernel<T, NT, U, R, Scales, BpScaleRead::kSharedTableRowNested>
+                   : GemvBytePairKernel<T, NT, U, R, Scales, BpScaleRead::kSharedTable>;
   }
   cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
                                          kBpSharedBytes<NT>);
