@@ -2,7 +2,8 @@
 
 Exits non-zero if any result disagrees with the NumPy reference. Covers the byte-pair, SIMT and
 byte-wise GEMV paths (the byte-pair one also over more units than CTAs, from one stacked weight
-into the next), the tiled kernel (M > 8: M tails, several M tiles, split-K across CTAs with its
+into the next, and with CTAs of 16 spans, where double-quantized scales take its lane-replicated
+table), the tiled kernel (M > 8: M tails, several M tiles, split-K across CTAs with its
 sum kernel), on H100 / H200 the wgmma kernel (M > 64: both CTA shapes, M tails, partial row
 blocks, split-K), one and two stacked groups (the byte-pair kernel stages the double-quant table
 only for one), dequantize and quantize, each dtype, plain and double-quantized scales; and the
@@ -27,7 +28,7 @@ CASES = [  # (G, N, K, block_size, M): G stacked weights under vmap
     (2, 64, 96, 24, 2), (2, 512, 8192, 128, 1), (1, 1030, 4160, 64, 5), (1, 96, 8192, 64, 1),
     (2, 258, 4160, 64, 70), (1, 34, 448, 64, 9), (1, 66, 1024, 64, 24), (1, 200, 2048, 64, 40),
     (1, 520, 2048, 64, 150), (2, 40000, 192, 64, 1), (2, 258, 1024, 64, 300),
-    (1, 2304, 2048, 64, 300)]
+    (1, 2304, 2048, 64, 300), (1, 96, 16384, 64, 1), (1, 96, 12800, 64, 6)]
 
 
 ATTENTION_CASES = [  # (B, H_kv, G, D, T, pos)

@@ -44,6 +44,7 @@ from jax import lax
 from jax_nf4 import reference
 from jax_nf4._lowering import fused_max_rows
 from jax_nf4._weight import NF4Weight
+from jax_nf4.double_quant import DoubleQuantScales
 from jax_nf4.ops import dequantize, matmul, quantize
 
 LLAMA_SHAPES = ((4096, 4096), (14336, 4096), (4096, 14336), (8192, 8192), (28672, 8192))
@@ -349,6 +350,7 @@ def run_benchmark(shapes=LLAMA_SHAPES, rows=DEFAULT_ROWS, block_size: int = 64,
         avg_dense = sum(2 * w.shape[0] * w.shape[1] for w in chain_d) / len(chain_d)
         if check:
             _check_against_reference(q1[0])
+            _check_against_reference(dq1[0])
         for m in rows:
             x = (jax.random.normal(jax.random.fold_in(key, 3), (m, k), jnp.float32)
                  ).astype(jnp.bfloat16)
@@ -375,15 +377,19 @@ def run_benchmark(shapes=LLAMA_SHAPES, rows=DEFAULT_ROWS, block_size: int = 64,
 
 
 def _check_against_reference(q: NF4Weight) -> None:
-    """The fused matmul agrees with a dot on the dequantized weight (bf16 rounding level)."""
+    """The fused matmul agrees with a dot on the dequantized weight (bf16 rounding level), for
+    plain or double-quantized scales (decoded first for the reference)."""
     k = q.shape[1]
     x = jax.random.normal(jax.random.PRNGKey(7), (3, k), jnp.float32).astype(jnp.bfloat16)
     got = np.asarray(matmul(x, q), np.float64)
+    absmax = q.absmax.decode() if isinstance(q.absmax, DoubleQuantScales) else q.absmax
     want = reference.matmul(np.asarray(x.astype(jnp.float32)), np.asarray(q.packed),
-                            np.asarray(q.absmax), q.block_size)
+                            np.asarray(absmax), q.block_size)
     err = np.linalg.norm(got - want) / np.linalg.norm(want)
     if not err < 1e-2:
-        raise RuntimeError(f"nf4 matmul disagrees with the reference: relative error {err:.3g}")
+        kind = "double-quant " if isinstance(q.absmax, DoubleQuantScales) else ""
+        raise RuntimeError(f"nf4 {kind}matmul disagrees with the reference: relative error "
+                           f"{err:.3g}")
 
 
 def _cell(value: float | None, spec: str = ".1f") -> str:

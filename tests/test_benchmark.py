@@ -11,6 +11,7 @@ import pytest
 
 import jax_nf4
 from jax_nf4 import benchmark, cli
+from jax_nf4.double_quant import DoubleQuantScales
 
 
 def test_benchmark_rows_and_table():
@@ -77,10 +78,23 @@ def test_bench_command_writes_json(tmp_path, capsys):
 @pytest.mark.parametrize("flags, checked", [((), True), (("--no-check",), False)])
 def test_bench_command_checks_unless_told_not_to(monkeypatch, flags, checked):
     seen = []
-    monkeypatch.setattr(benchmark, "_check_against_reference", lambda q: seen.append(q.shape))
+    monkeypatch.setattr(benchmark, "_check_against_reference",
+                        lambda q: seen.append((q.shape, isinstance(q.absmax, DoubleQuantScales))))
     assert cli.main(["bench", "--shapes", "64x128", "--rows", "1", "--min-mb", "0.01",
                      "--iters", "1", *flags]) == 0
-    assert seen == ([(64, 128)] if checked else [])
+    # both scale kinds: the plain and the double-quantized weight
+    assert seen == ([((64, 128), False), ((64, 128), True)] if checked else [])
+
+
+@pytest.mark.parametrize("double_quant", [False, True], ids=["plain", "double-quant"])
+def test_reference_check_passes_and_catches_a_wrong_product(monkeypatch, double_quant):
+    w = jax.random.normal(jax.random.PRNGKey(0), (64, 128))
+    q = jax_nf4.quantize(w, 64, double_quant=double_quant)
+    benchmark._check_against_reference(q)
+    monkeypatch.setattr(benchmark, "matmul", lambda x, q: 2 * jax_nf4.matmul(x, q))
+    kind = "double-quant " if double_quant else ""
+    with pytest.raises(RuntimeError, match=f"nf4 {kind}matmul disagrees with the reference"):
+        benchmark._check_against_reference(q)
 
 
 def _meta(pid, name, tid=None):
