@@ -168,7 +168,7 @@ def test_dequantize_matmul_linear_on_double_quant_weights(platform, device, rng,
     (np.float16, 128, 200, 25), (jnp.bfloat16, 64, 40, 32), (np.float16, 128, 130, 16),
     (jnp.bfloat16, 64, 300, 24), (jnp.bfloat16, 64, 12, 32), (jnp.bfloat16, 64, 1, 256),
     (np.float16, 64, 8, 200), (jnp.bfloat16, 128, 5, 100), (jnp.bfloat16, 256, 6, 64),
-    (jnp.bfloat16, 64, 2, 201)],
+    (jnp.bfloat16, 64, 3, 200), (jnp.bfloat16, 64, 2, 201)],
     ids=["tensor-core-M1", "tensor-core-M13", "tensor-core-f16-M32", "tiled-M40",
          "simt-f32", "simt-f32-tiled", "bytewise-block48", "byte-pair-block128-M5",
          "byte-pair-block256-M3", "byte-pair-odd-blocks-M2", "byte-pair-row-nested-M1",
@@ -177,7 +177,7 @@ def test_dequantize_matmul_linear_on_double_quant_weights(platform, device, rng,
          "tiled-row-nested-block128-M130", "dense-path-M300", "tiled-row-nested-M12",
          "byte-pair-lane-table-row-nested-M1", "byte-pair-lane-table-f16-M8",
          "byte-pair-lane-table-block128-M5", "byte-pair-lane-table-row-nested-block256-M6",
-         "byte-pair-many-spans-odd-blocks-M2"])
+         "byte-pair-lane-table-M3", "byte-pair-many-spans-odd-blocks-M2"])
 def test_kernels_decode_double_quant_scales(platform, device, rng, x_dtype, block_size, rows,
                                             row_blocks):
     """Every kernel path (fused tensor-core / SIMT / byte-wise GEMV, dequantize + dot) decodes
