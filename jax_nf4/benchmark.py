@@ -382,12 +382,13 @@ def _check_against_reference(q: NF4Weight) -> None:
     k = q.shape[1]
     x = jax.random.normal(jax.random.PRNGKey(7), (3, k), jnp.float32).astype(jnp.bfloat16)
     got = np.asarray(matmul(x, q), np.float64)
-    absmax = q.absmax.decode() if isinstance(q.absmax, DoubleQuantScales) else q.absmax
+    double_quant = isinstance(q.absmax, DoubleQuantScales)
+    absmax = q.absmax.decode() if double_quant else q.absmax
     want = reference.matmul(np.asarray(x.astype(jnp.float32)), np.asarray(q.packed),
                             np.asarray(absmax), q.block_size)
     err = np.linalg.norm(got - want) / np.linalg.norm(want)
     if not err < 1e-2:
-        kind = "double-quant " if isinstance(q.absmax, DoubleQuantScales) else ""
+        kind = "double-quant " if double_quant else ""
         raise RuntimeError(f"nf4 {kind}matmul disagrees with the reference: relative error "
                            f"{err:.3g}")
 
