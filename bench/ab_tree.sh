@@ -21,6 +21,9 @@ for p in "$@"; do
   patch -p1 --forward --no-backup-if-mismatch -s -d "$tree" < "$(realpath "$p")" \
     || { echo "ab_tree: $p does not apply to HEAD" >&2; rm -rf "$tree"; exit 1; }
 done
-changed=$(diff -rq "$head" "$tree" | sed "s#^Files $head/\([^ ]*\) and .*#\1#" || true)
+# Changed files as paths in the tree: "Files A and B differ", and "Only in DIR: NAME" for a
+# file a patch adds.
+changed=$(diff -rq "$head" "$tree" | sed -e "s#^Files $head/\([^ ]*\) and .*#\1#" \
+            -e "s#^Only in $tree/\{0,1\}\([^:]*\): \(.*\)#\1/\2#" -e "s#^/##" || true)
 [[ -n $changed ]] || { echo "ab_tree: the patches changed nothing" >&2; rm -rf "$tree"; exit 1; }
 echo "ab_$name: HEAD $(git -C "$repo" rev-parse --short HEAD) + $*; changed: $(echo $changed)"
