@@ -411,22 +411,17 @@ __global__ void __launch_bounds__(32 * kBpWarps, 1) GemvBytePairKernel(GemvArgs<
   constexpr bool kPairedScales = kScaleRead == BpScaleRead::kPairs || kLaneTable;
   static_assert(kScaleRead != BpScaleRead::kPairs || std::is_same_v<Scales, PlainScales>);
   static_assert(!(kSharedTable || kLaneTable) || std::is_same_v<Scales, DoubleQuantScales>);
-  float scale_table_entry = 0.0f;  // kSharedTable: thread i's entry of the double-quant table
-  if constexpr (kSharedTable) {
+  // Thread i's entry of the double-quant table (kSharedTable, kLaneTable), read first.
+  float scale_table_entry = 0.0f;
+  if constexpr (kSharedTable || kLaneTable) {
     if (threadIdx.x < 256) scale_table_entry = __ldg(a.scales.table + threadIdx.x);
   }
   const uint32_t scale_table_base = table_base + 65536;
   // kLaneTable: the tables are filled in kFillRounds rounds of one 16-byte store per thread; in
   // round c thread i writes chunk i % 8 of entry i / 8 + c * 32 W / 8 (8 threads per 128-byte
-  // row: no bank conflicts); lane_entry[c]: that entry of the double-quant table.
+  // row: no bank conflicts).
   constexpr int kFillRounds = 256 * 8 / (32 * W);
   static_assert(kFillRounds * 32 * W == 256 * 8, "every thread fills the same chunk count");
-  float lane_entry[kFillRounds] = {};
-  if constexpr (kLaneTable) {
-#pragma unroll
-    for (int c = 0; c < kFillRounds; ++c)
-      lane_entry[c] = __ldg(a.scales.table + (threadIdx.x + c * 32 * W) / 8);
-  }
   const uint32_t lane_address = table_base | (4 * (threadIdx.x % 32));
   auto lookup = [lane_address](uint32_t word, int byte) {  // table entry of one code byte
     uint32_t v;
@@ -448,8 +443,11 @@ __global__ void __launch_bounds__(32 * kBpWarps, 1) GemvBytePairKernel(GemvArgs<
 
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, g = lane / 4, t = lane % 4;
   const int splits = a.splits;
-  const int split = warp % splits;
-  const int64_t K = a.cols, N = 2 * a.pairs, blocks = K / a.block_size;
+  // splits is a power of two (LaunchGemvBytePair) and block_size a power of two >= 64: shifts
+  // and masks instead of integer divisions in every thread's prologue.
+  const int split_shift = __ffs(splits) - 1;
+  const int split = warp & (splits - 1);
+  const int64_t K = a.cols, N = 2 * a.pairs, blocks = K >> a.block_shift;
   const int rows = int(a.m_total - a.m0 < 4 * NT ? a.m_total - a.m0 : 4 * NT);
   const int64_t units = a.ctas_per_group * a.groups;
   // This warp's contiguous slice of 64-element spans (the same in every unit), in groups of U
@@ -486,7 +484,7 @@ __global__ void __launch_bounds__(32 * kBpWarps, 1) GemvBytePairKernel(GemvArgs<
     const uint32_t per_group = uint32_t(a.ctas_per_group);
     u.grp = a.groups == 1 ? 0 : uint32_t(unit) / per_group;
     const int64_t cta = uint32_t(unit) - uint32_t(u.grp) * per_group;
-    u.tile = (cta * (W / splits) + warp / splits) * 16;
+    u.tile = (cta * (W >> split_shift) + (warp >> split_shift)) * 16;
     const int64_t pa = u.tile + g, pb = pa + 8;
     const int64_t ra = pa < a.pairs ? pa : 0, rb = pb < a.pairs ? pb : 0;
     const uint8_t* w0 = a.packed + u.grp * a.pairs * K + 16 * t;
@@ -608,7 +606,7 @@ __global__ void __launch_bounds__(32 * kBpWarps, 1) GemvBytePairKernel(GemvArgs<
       lu = setup(load_unit < units ? load_unit : int64_t(blockIdx.x));
     }
   };
-  // The first loads go out before the CTA fills and waits for its tables.
+  // The first loads go out before the CTA fills and waits for its pair table.
 #pragma unroll
   for (int r = 0; r < R - 1; ++r) issue(ring[r]);
   if constexpr (kLaneTable) {
@@ -617,8 +615,6 @@ __global__ void __launch_bounds__(32 * kBpWarps, 1) GemvBytePairKernel(GemvArgs<
       const int i = threadIdx.x + c * 32 * W, e = i / 8;
       const uint32_t v = MmaType<T>::Pack(kDeviceCodebook[e & 15], kDeviceCodebook[e >> 4]);
       reinterpret_cast<uint4*>(table)[e * 16 + i % 8] = make_uint4(v, v, v, v);
-      const uint32_t bits = __float_as_uint(lane_entry[c]);  // the row's upper half
-      reinterpret_cast<uint4*>(table)[e * 16 + 8 + i % 8] = make_uint4(bits, bits, bits, bits);
     }
   } else {
     for (int i = threadIdx.x; i < 256 * 8; i += 32 * W) {
@@ -626,9 +622,30 @@ __global__ void __launch_bounds__(32 * kBpWarps, 1) GemvBytePairKernel(GemvArgs<
       const uint32_t v = MmaType<T>::Pack(kDeviceCodebook[e & 15], kDeviceCodebook[e >> 4]);
       reinterpret_cast<uint4*>(table)[e * 16 + i % 8] = make_uint4(v, v, v, v);
     }
-    if (kSharedTable && threadIdx.x < 256) scale_table[threadIdx.x] = scale_table_entry;
   }
   __syncthreads();
+  // The double-quant table's shared copy is written after the loop's first issue, behind its
+  // own barrier. Its global read (the same 1 KB for every CTA of the launch) lands well after
+  // the first weights (session 25: 0.7 µs of 8.0 at 4096^2, M = 1), and with one barrier for
+  // both tables the ring's next group went out only after it. kLaneTable: each thread's entry
+  // goes to the 1 KB table first, then each row's lane-replicated upper half is copied from
+  // there (a third barrier; holding four entries per thread into the loop spilled at NT = 2).
+  constexpr bool kStagedScaleTable = kSharedTable || kLaneTable;
+  bool scale_table_pending = kStagedScaleTable;
+  auto stage_scale_table = [&]() {
+    if (threadIdx.x < 256) scale_table[threadIdx.x] = scale_table_entry;
+    __syncthreads();
+    if constexpr (kLaneTable) {
+#pragma unroll
+      for (int c = 0; c < kFillRounds; ++c) {
+        const int i = threadIdx.x + c * 32 * W, e = i / 8;
+        const uint32_t bits = __float_as_uint(scale_table[e]);
+        reinterpret_cast<uint4*>(table)[e * 16 + 8 + i % 8] = make_uint4(bits, bits, bits, bits);
+      }
+      __syncthreads();
+    }
+    scale_table_pending = false;
+  };
 
   int parity = 0;  // the partial-sum buffer of this unit
   int64_t unit = blockIdx.x;
@@ -692,6 +709,7 @@ __global__ void __launch_bounds__(32 * kBpWarps, 1) GemvBytePairKernel(GemvArgs<
 #pragma unroll
       for (int r = 0; r < R; ++r) {  // ring slot r holds the unit's group `group + r`
         issue(ring[(r + R - 1) % R]);
+        if (kStagedScaleTable && scale_table_pending) stage_scale_table();  // once, CTA-uniform
         compute(ring[r], cur, begin + (group + r) * U, (group + r) * U);
       }
     }
