@@ -583,7 +583,7 @@ __global__ void __launch_bounds__(32 * kBpWarps, 1) GemvBytePairKernel(GemvArgs<
       }
 #pragma unroll
       for (int c = 0; c < 4; ++c) {
-        const float sc = __shfl_sync(0xffffffffu, scale, (lane & ~3) | c);
+        const float sc = __shfl_sync(0xffffffffu, scale, c, 4);  // lane c of the quad
 #pragma unroll
         for (int j = 0; j < NT; ++j) acc[j][c] = fmaf(sc, part[j][c], acc[j][c]);
       }

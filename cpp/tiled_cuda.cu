@@ -203,8 +203,8 @@ __global__ void __launch_bounds__(32 * kGtWarps, kGtMinCtasPerSm<NT>)
       const float own = decode_one(own_row, even[0], own_nested, blk);
 #pragma unroll
       for (int wi = 0; wi < WN; ++wi) {
-        next_even[wi] = __shfl_sync(0xffffffffu, own, (lane & ~3) | (2 * wi));
-        next_odd[wi] = __shfl_sync(0xffffffffu, own, (lane & ~3) | (2 * wi + 1));
+        next_even[wi] = __shfl_sync(0xffffffffu, own, 2 * wi, 4);  // lanes of the quad
+        next_odd[wi] = __shfl_sync(0xffffffffu, own, 2 * wi + 1, 4);
       }
     } else {
 #pragma unroll
