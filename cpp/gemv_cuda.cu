@@ -383,11 +383,20 @@ enum class BpScaleRead {
 // The weights' streaming load (evict-first) with L2's 128-byte prefetch-size hint: L2 fetches the
 // aligned 128 bytes holding the 64 a quad reads of a byte row, so an even span brings the next
 // (0.2 - 1.4% faster on every benchmark shape, H100; the 256-byte hint is 2 - 10% slower).
+// kOrdered: volatile, so that the compiler keeps the load after the table lookups before it in
+// program order (the byte-pair kernel's late issue, below).
+template <bool kOrdered>
 __device__ __forceinline__ uint4 LoadWeights(const uint4* p) {
   uint4 v;
-  asm("ld.global.cs.L2::128B.v4.u32 {%0, %1, %2, %3}, [%4];"
-      : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w)
-      : "l"(p));
+  if constexpr (kOrdered) {
+    asm volatile("ld.global.cs.L2::128B.v4.u32 {%0, %1, %2, %3}, [%4];"
+                 : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w)
+                 : "l"(p));
+  } else {
+    asm("ld.global.cs.L2::128B.v4.u32 {%0, %1, %2, %3}, [%4];"
+        : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w)
+        : "l"(p));
+  }
   return v;
 }
 
@@ -408,6 +417,16 @@ __global__ void __launch_bounds__(32 * kBpWarps, 1) GemvBytePairKernel(GemvArgs<
                               kScaleRead == BpScaleRead::kLaneTableRowNested;
   constexpr bool kSharedTable =
       kScaleRead == BpScaleRead::kSharedTable || kScaleRead == BpScaleRead::kSharedTableRowNested;
+  // Where the ring's next group is issued. ptxas puts every weight load of the ring on one
+  // scoreboard, so the compute's first use of a group waits for all weight loads in flight: issued
+  // before that wait (kIssueLate false), the next group's full latency is exposed each time;
+  // issued right after the group's first table lookup (true), the wait covers only the group
+  // issued one compute earlier (session 26, H100, kernel µs at M = 1: plain 28672x8192 53.1 ->
+  // 50.9, 8192^2 17.7 -> 17.0; at M = 5 - 8 it lost 2 - 3%). Plain scales only: the dq kernels
+  // stage their table in shared memory after the first issue, whose barrier would then sit
+  // inside the compute, reached at one of two places per warp (measured anyway: 8192^2 dq -3%,
+  // 4096^2 +3%; not taken).
+  constexpr bool kIssueLate = NT == 1 && std::is_same_v<Scales, PlainScales>;
   constexpr bool kPairedScales = kScaleRead == BpScaleRead::kPairs || kLaneTable;
   static_assert(kScaleRead != BpScaleRead::kPairs || std::is_same_v<Scales, PlainScales>);
   static_assert(!(kSharedTable || kLaneTable) || std::is_same_v<Scales, DoubleQuantScales>);
@@ -516,8 +535,8 @@ __global__ void __launch_bounds__(32 * kBpWarps, 1) GemvBytePairKernel(GemvArgs<
 #pragma unroll
     for (int u = 0; u < U; ++u) {
       if (s + u >= end) break;
-      gr.w[u][0] = LoadWeights(un.wa + 4 * (o + u));
-      gr.w[u][1] = LoadWeights(un.wb + 4 * (o + u));
+      gr.w[u][0] = LoadWeights<kIssueLate>(un.wa + 4 * (o + u));
+      gr.w[u][1] = LoadWeights<kIssueLate>(un.wb + 4 * (o + u));
       if constexpr (!kPairedScales) gr.scale[u] = un.scale.Fetch((s + u) >> step_shift);
     }
     if constexpr (kPairedScales) {
@@ -541,10 +560,17 @@ __global__ void __launch_bounds__(32 * kBpWarps, 1) GemvBytePairKernel(GemvArgs<
     }
   };
   float acc[NT][4];
-  auto compute = [&](const Group& gr, const Unit& un, int s, int o) {
+  // after_first_use: with kIssueLate, the next group's issue, called once per group (after the
+  // first table lookup of span 0, or at once where the group has no span in the slice).
+  auto compute = [&](const Group& gr, const Unit& un, int s, int o, auto&& after_first_use) {
 #pragma unroll
     for (int u = 0; u < U; ++u) {
-      if (s + u >= end) break;
+      if (s + u >= end) {
+        if constexpr (kIssueLate) {
+          if (u == 0) after_first_use();
+        }
+        break;
+      }
       // Activations load per span (L1 hits: every unit of the SM reads the same slices); the
       // registers go to weight bytes in flight.
       uint4 xs[NT][2];
@@ -564,6 +590,9 @@ __global__ void __launch_bounds__(32 * kBpWarps, 1) GemvBytePairKernel(GemvArgs<
         const uint32_t frag[4] = {lookup(wa_words[st / 2], byte), lookup(wb_words[st / 2], byte),
                                   lookup(wa_words[st / 2], byte + 1),
                                   lookup(wb_words[st / 2], byte + 1)};
+        if constexpr (kIssueLate) {
+          if (u == 0 && st == 0) after_first_use();
+        }
 #pragma unroll
         for (int j = 0; j < NT; ++j) {
           const uint32_t xw = reinterpret_cast<const uint32_t*>(&xs[j][0])[st];
@@ -708,9 +737,15 @@ __global__ void __launch_bounds__(32 * kBpWarps, 1) GemvBytePairKernel(GemvArgs<
     for (int group = 0; group < G; group += R) {
 #pragma unroll
       for (int r = 0; r < R; ++r) {  // ring slot r holds the unit's group `group + r`
-        issue(ring[(r + R - 1) % R]);
-        if (kStagedScaleTable && scale_table_pending) stage_scale_table();  // once, CTA-uniform
-        compute(ring[r], cur, begin + (group + r) * U, (group + r) * U);
+        if constexpr (kIssueLate) {
+          static_assert(!kStagedScaleTable, "no barrier inside the compute");
+          compute(ring[r], cur, begin + (group + r) * U, (group + r) * U,
+                  [&]() { issue(ring[(r + R - 1) % R]); });
+        } else {
+          issue(ring[(r + R - 1) % R]);
+          if (kStagedScaleTable && scale_table_pending) stage_scale_table();  // once, CTA-uniform
+          compute(ring[r], cur, begin + (group + r) * U, (group + r) * U, [] {});
+        }
       }
     }
     finish_unit();
