@@ -620,8 +620,9 @@ __global__ void __launch_bounds__(32 * kBpWarps, 1) GemvBytePairKernel(GemvArgs<
   };
 
   // A ring of R load groups in registers: the loads of the group R - 1 ahead go out before a
-  // group is computed, and the stream of groups runs on across work units (G groups each), so
-  // the next unit's first loads are in flight during this unit's split-K sum.
+  // group is computed (with kIssueLate: right after its first table lookup), and the stream of
+  // groups runs on across work units (G groups each), so the next unit's first loads are in
+  // flight during this unit's split-K sum.
   const int G = a.steps_per_split / U;
   Group ring[R];
   int64_t load_unit = blockIdx.x;
