@@ -383,20 +383,13 @@ enum class BpScaleRead {
 // The weights' streaming load (evict-first) with L2's 128-byte prefetch-size hint: L2 fetches the
 // aligned 128 bytes holding the 64 a quad reads of a byte row, so an even span brings the next
 // (0.2 - 1.4% faster on every benchmark shape, H100; the 256-byte hint is 2 - 10% slower).
-// kOrdered: volatile, so that the compiler keeps the load after the table lookups before it in
-// program order (the byte-pair kernel's late issue, below).
-template <bool kOrdered>
+// Volatile, so that the compiler keeps the loads after the table lookups before them in program
+// order (the byte-pair kernel's late issue, below; the other kernels' code is the same either way).
 __device__ __forceinline__ uint4 LoadWeights(const uint4* p) {
   uint4 v;
-  if constexpr (kOrdered) {
-    asm volatile("ld.global.cs.L2::128B.v4.u32 {%0, %1, %2, %3}, [%4];"
-                 : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w)
-                 : "l"(p));
-  } else {
-    asm("ld.global.cs.L2::128B.v4.u32 {%0, %1, %2, %3}, [%4];"
-        : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w)
-        : "l"(p));
-  }
+  asm volatile("ld.global.cs.L2::128B.v4.u32 {%0, %1, %2, %3}, [%4];"
+               : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w)
+               : "l"(p));
   return v;
 }
 
@@ -535,8 +528,8 @@ __global__ void __launch_bounds__(32 * kBpWarps, 1) GemvBytePairKernel(GemvArgs<
 #pragma unroll
     for (int u = 0; u < U; ++u) {
       if (s + u >= end) break;
-      gr.w[u][0] = LoadWeights<kIssueLate>(un.wa + 4 * (o + u));
-      gr.w[u][1] = LoadWeights<kIssueLate>(un.wb + 4 * (o + u));
+      gr.w[u][0] = LoadWeights(un.wa + 4 * (o + u));
+      gr.w[u][1] = LoadWeights(un.wb + 4 * (o + u));
       if constexpr (!kPairedScales) gr.scale[u] = un.scale.Fetch((s + u) >> step_shift);
     }
     if constexpr (kPairedScales) {
@@ -788,10 +781,11 @@ cudaError_t LaunchGemvBytePair(GemvArgs<Scales> a, int64_t groups, int sms, cuda
       kernel = GemvBytePairKernel<T, NT, U, R, Scales, BpScaleRead::kPairs>;
   } else if (groups == 1) {
     const bool row_nested = kNestedBlockSize % (a.cols / a.block_size) == 0;
-    // The lane-replicated table costs 32 KB more of stores before the CTA's barrier and saves
-    // work per span: it pays where a CTA runs at least kBpLaneTableMinSpans spans (H100, M = 1 /
-    // 8: 28672x8192, 7 rounds of 8 spans, 4 / 5% faster; 8192^2, one round of 16, 2 / 4%;
-    // 14336x4096, one round of 16, level; 4096^2, one round of 4, 4% slower, so not there). Its
+    // The lane-replicated table costs 32 KB more of shared stores per CTA and saves work per
+    // span: it paid where a CTA runs at least kBpLaneTableMinSpans spans (H100, M = 1 / 8:
+    // 28672x8192, 7 rounds of 8 spans, 4 / 5% faster; 8192^2, one round of 16, 2 / 4%;
+    // 14336x4096, one round of 16, level; 4096^2, one round of 4, 4% slower while its stores came
+    // before the CTA's barrier; level since they come after the first issue, session 26). Its
     // paired code reads need an even block count per row at 64-element blocks.
     const int64_t spans_per_cta = (units + sms - 1) / sms * a.steps_per_split;
     const bool lane_table = spans_per_cta >= kBpLaneTableMinSpans &&
