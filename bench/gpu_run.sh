@@ -2,7 +2,8 @@
 # The GPU run, in stages that fit the device tool's 10-minute calls:
 #   bash bench/gpu_run.sh STAGE[,STAGE...] [bench args]
 # Stages:
-#   build      pip install of this checkout (default CUDA architectures; JAX_NF4_LINEINFO=1 adds
+#   build      pip install of this checkout (default CUDA architectures, or JAX_NF4_ARCHS, e.g.
+#              90a-real: one architecture builds in about half the time; JAX_NF4_LINEINFO=1 adds
 #              -lineinfo, so that the profile stage can attribute stalls to source lines)
 #   tests      the whole test suite with GPU skips turned into failures
 #   quick      the GPU cases of the kernel tests only
@@ -26,9 +27,12 @@
 #              other trees given as the first bench arg, comma-separated (untracked folders in
 #              the checkout with distinct names: `bash bench/ab_tree.sh x PATCH...` makes ab_x,
 #              HEAD plus patches; or `git archive BRANCH | tar -x -C ab_x`): each built into
-#              /tmp/ab_NAME in parallel, their GPU kernel tests side by side (AB_TESTS=0 skips
-#              them), the bench (the other args) for A and each in turn, then
-#              bench/ab_compare.py's table
+#              /tmp/ab_NAME in parallel (JAX_NF4_ARCHS as for build), their GPU kernel tests
+#              side by side with A's (AB_TESTS=0 skips them; AB_TEST_K="EXPR" narrows them to
+#              pytest -k "gpu and (EXPR)"; AB_MEMCHECK=1 adds compute-sanitizer memcheck of the
+#              matmul cases for A and each tree), then the bench (the other args) for A and each
+#              in turn, AB_ROUNDS times (default 1; alternating A, trees, A, trees, ... so that
+#              drift shows), and bench/ab_compare.py's table per round (AB_BENCH=0: no bench)
 #   check      = build,tests,sanitize,examples
 # Logs go to $OUT (the device tool's output folder) or /tmp/jax_nf4_out.
 set -uo pipefail
@@ -39,12 +43,16 @@ mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1
 REPO=$PWD
 
+cmake_flags() {  # the pip -C options of JAX_NF4_ARCHS and JAX_NF4_LINEINFO
+  [[ -n ${JAX_NF4_ARCHS:-} ]] && echo "-C cmake.define.CMAKE_CUDA_ARCHITECTURES=$JAX_NF4_ARCHS"
+  [[ ${JAX_NF4_LINEINFO:-0} == 1 ]] && echo "-C cmake.define.CMAKE_CUDA_FLAGS=-lineinfo"
+  return 0
+}
+
 build() {
   nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
   local start=$(date +%s)
-  local flags=()
-  [[ ${JAX_NF4_LINEINFO:-0} == 1 ]] && flags=(-C cmake.define.CMAKE_CUDA_FLAGS=-lineinfo)
-  python3 -m pip install --no-build-isolation --no-deps "${flags[@]}" . 2>&1 | tail -1
+  python3 -m pip install --no-build-isolation --no-deps $(cmake_flags) . 2>&1 | tail -1
   echo "build: $(( $(date +%s) - start )) s"
   # From outside the checkout, so that the installed package (with its compiled modules) is used.
   (cd /tmp && python3 -c "import jax, jax_nf4; print(jax.__version__, jax.devices(), 'cuda:', jax_nf4.cuda_available())")
@@ -56,8 +64,16 @@ pytest_gpu() {  # pytest_gpu ROOT LOG ARGS...: tree ROOT's tests from outside it
     -c "$root/pyproject.toml" "$@" 2>&1) | tee "$OUT/$log" | tail -8
 }
 
-kernel_tests() {  # kernel_tests ROOT LOG: the GPU cases of tree ROOT's kernel tests
-  pytest_gpu "$1" "$2" -x "$1/tests/test_ops.py" "$1/tests/test_double_quant.py" -k gpu
+kernel_tests() {  # kernel_tests ROOT LOG [K]: the GPU cases of tree ROOT's kernel tests (-k "gpu and (K)")
+  pytest_gpu "$1" "$2" -x "$1/tests/test_ops.py" "$1/tests/test_double_quant.py" \
+    -k "gpu${3:+ and ($3)}"
+}
+
+memcheck_matmul() {  # memcheck_matmul ROOT LOG: memcheck of tree ROOT's matmul cases (PYTHONPATH picks the build)
+  XLA_PYTHON_CLIENT_PREALLOCATE=false XLA_FLAGS=--xla_gpu_autotune_level=0 \
+    compute-sanitizer --tool memcheck --error-exitcode 9 \
+    python3 "$1/bench/sanitize_kernels.py" matmul > "$OUT/$2" 2>&1
+  echo "exit $?: $(grep -c ': ok' "$OUT/$2") ok cases, $(grep 'ERROR SUMMARY' "$OUT/$2" | tail -1)"
 }
 
 tests() {
@@ -148,12 +164,12 @@ tp() {  # the 70B NF4 model (44 GB) and a shard of it on GPU 0 at once: let XLA 
 
 ab() {  # ab DIR[,DIR...] [bench args]
   local dirs=(${1//,/ }); shift
-  local i names=() pids=() jsons=("$OUT/ab_A.json")
+  local i names=() pids=() jsons=()
   for i in "${!dirs[@]}"; do  # the builds in parallel, each into its own folder
     names+=("$(basename "${dirs[$i]}")"); names[$i]=${names[$i]#ab_}
     rm -rf "/tmp/ab_${names[$i]}"
-    python3 -m pip install --no-build-isolation --no-deps --target "/tmp/ab_${names[$i]}" \
-      "$REPO/${dirs[$i]}" > "$OUT/ab_build_${names[$i]}.log" 2>&1 &
+    python3 -m pip install --no-build-isolation --no-deps $(cmake_flags) \
+      --target "/tmp/ab_${names[$i]}" "$REPO/${dirs[$i]}" > "$OUT/ab_build_${names[$i]}.log" 2>&1 &
     pids+=($!)
   done
   for i in "${!dirs[@]}"; do
@@ -164,35 +180,50 @@ ab() {  # ab DIR[,DIR...] [bench args]
     (cd /tmp && PYTHONPATH="/tmp/ab_${names[$i]}" python3 -c \
       "import jax_nf4; print('${names[$i]} is', jax_nf4.__file__)")
   done
-  if [[ ${AB_TESTS:-1} == 1 ]]; then  # AB_TESTS=0: the trees are tested (e.g. commits)
-    # The trees' kernel tests side by side, this checkout's too (no XLA preallocation, so that
-    # they share the GPU), before any timing.
-    XLA_PYTHON_CLIENT_PREALLOCATE=false kernel_tests "$REPO" ab_tests_A.log > /dev/null &
-    local pid_a=$!
-    pids=()
+  if [[ ${AB_TESTS:-1} == 1 || ${AB_MEMCHECK:-0} == 1 ]]; then
+    # The checks of A and the trees side by side (no XLA preallocation, so that they share the
+    # GPU), before any timing: kernel tests unless AB_TESTS=0 (e.g. trees of tested commits),
+    # memcheck with AB_MEMCHECK=1; their summaries are printed when all are done.
+    local roots=("$REPO") tags=(A) paths=("") checks=()
     for i in "${!dirs[@]}"; do
-      XLA_PYTHON_CLIENT_PREALLOCATE=false PYTHONPATH="/tmp/ab_${names[$i]}" \
-        kernel_tests "$REPO/${dirs[$i]}" "ab_tests_${names[$i]}.log" > /dev/null &
-      pids+=($!)
+      roots+=("$REPO/${dirs[$i]}"); tags+=("${names[$i]}"); paths+=("/tmp/ab_${names[$i]}")
     done
-    for i in "${!dirs[@]}"; do
-      wait "${pids[$i]}"
-      echo "${names[$i]}'s GPU kernel tests: $(tail -1 "$OUT/ab_tests_${names[$i]}.log")"
+    [[ ${AB_TESTS:-1} == 1 ]] && checks+=(tests)
+    [[ ${AB_MEMCHECK:-0} == 1 ]] && checks+=(memcheck)
+    for i in "${!roots[@]}"; do
+      for check in "${checks[@]}"; do
+        if [[ $check == tests ]]; then
+          XLA_PYTHON_CLIENT_PREALLOCATE=false PYTHONPATH="${paths[$i]}" kernel_tests \
+            "${roots[$i]}" "ab_tests_${tags[$i]}.log" "${AB_TEST_K:-}" > /dev/null
+          echo "${tags[$i]}'s GPU kernel tests: $(tail -1 "$OUT/ab_tests_${tags[$i]}.log")"
+        else
+          echo "${tags[$i]}'s memcheck: $(PYTHONPATH="${paths[$i]}" memcheck_matmul \
+            "${roots[$i]}" "ab_memcheck_${tags[$i]}.log")"
+        fi > "$OUT/ab_check_${tags[$i]}_$check.txt" &
+      done
     done
-    wait $pid_a
-    echo "A's GPU kernel tests: $(tail -1 "$OUT/ab_tests_A.log")"
+    wait
+    cat "$OUT"/ab_check_*.txt && rm -f "$OUT"/ab_check_*.txt
   fi
-  python3 bench/bench_matmul.py --json "$OUT/ab_A.json" "$@" > "$OUT/ab_bench_A.txt" 2>&1
-  for i in "${!dirs[@]}"; do
-    local name=${names[$i]}
-    PYTHONPATH="/tmp/ab_$name" python3 bench/bench_matmul.py --json "$OUT/ab_$name.json" "$@" \
-      > "$OUT/ab_bench_$name.txt" 2>&1 || tail -3 "$OUT/ab_bench_$name.txt"
-    jsons+=("$OUT/ab_$name.json")
-  done
-  python3 bench/ab_compare.py "${jsons[@]}" | tee "$OUT/ab.md"
+  if [[ ${AB_BENCH:-1} == 1 ]]; then
+    local round
+    for (( round = 1; round <= ${AB_ROUNDS:-1}; round++ )); do
+      local tag=""
+      (( ${AB_ROUNDS:-1} > 1 )) && tag=_r$round
+      jsons=("$OUT/ab_A$tag.json")
+      python3 bench/bench_matmul.py --json "$OUT/ab_A$tag.json" "$@" > "$OUT/ab_bench_A$tag.txt" 2>&1
+      for i in "${!dirs[@]}"; do
+        local name=${names[$i]}
+        PYTHONPATH="/tmp/ab_$name" python3 bench/bench_matmul.py --json "$OUT/ab_$name$tag.json" \
+          "$@" > "$OUT/ab_bench_$name$tag.txt" 2>&1 || tail -3 "$OUT/ab_bench_$name$tag.txt"
+        jsons+=("$OUT/ab_$name$tag.json")
+      done
+      python3 bench/ab_compare.py "${jsons[@]}" | tee "$OUT/ab$tag.md"
+    done
+  fi
   # The device tool brings back a handful of files: the logs travel as one archive.
-  (cd "$OUT" && shopt -s nullglob && logs=(ab_build_*.log ab_tests_*.log ab_bench_*.txt) \
-    && (( ${#logs[@]} )) && tar -czf ab_logs.tar.gz "${logs[@]}" && rm -f "${logs[@]}")
+  (cd "$OUT" && shopt -s nullglob && logs=(ab_build_*.log ab_tests_*.log ab_memcheck_*.log \
+    ab_bench_*.txt) && (( ${#logs[@]} )) && tar -czf ab_logs.tar.gz "${logs[@]}" && rm -f "${logs[@]}")
 }
 
 [[ $stages == check ]] && stages=build,tests,sanitize,examples
