@@ -413,13 +413,17 @@ __global__ void __launch_bounds__(32 * kBpWarps, 1) GemvBytePairKernel(GemvArgs<
   // Where the ring's next group is issued. ptxas puts every weight load of the ring on one
   // scoreboard, so the compute's first use of a group waits for all weight loads in flight: issued
   // before that wait (kIssueLate false), the next group's full latency is exposed each time;
-  // issued right after the group's first table lookup (true), the wait covers only the group
-  // issued one compute earlier (session 26, H100, kernel µs at M = 1: plain 28672x8192 53.1 ->
-  // 50.9, 8192^2 17.7 -> 17.0; at M = 5 - 8 it lost 2 - 3%). Plain scales only: the dq kernels
-  // stage their table in shared memory after the first issue, whose barrier would then sit
-  // inside the compute, reached at one of two places per warp (measured anyway: 8192^2 dq -3%,
-  // 4096^2 +3%; not taken).
-  constexpr bool kIssueLate = NT == 1 && std::is_same_v<Scales, PlainScales>;
+  // issued after the group's first table lookups (true), the wait covers only the group issued
+  // one compute earlier (session 26, H100, kernel µs at M = 1: plain 28672x8192 53.1 ->
+  // 50.9, 8192^2 17.7 -> 17.0; at M = 5 - 8 it lost 2 - 3%). The double-quant kernels take it
+  // with the lane-replicated table, their table staged before the loop, after step 4: in their
+  // SASS the activation wait comes after the group's, so at step 0 it would cover the next
+  // group's loads (session 27: 28672x8192 53.5 -> 52.0, 14336x4096 17.7 -> 17.4, 8192^2 18.5 ->
+  // 18.3). With the shared table (CTAs of fewer than kBpLaneTableMinSpans spans) the table's
+  // staging before the loop delays the first groups: 4096^2 7.1 -> 7.7, not taken.
+  // kIssuePoint: the issue comes after mma step st's lookups (2 st) or after its mma (2 st + 1).
+  constexpr bool kIssueLate = NT == 1 && (std::is_same_v<Scales, PlainScales> || kLaneTable);
+  constexpr int kIssuePoint = std::is_same_v<Scales, PlainScales> ? 0 : 2 * 4 + 1;
   constexpr bool kPairedScales = kScaleRead == BpScaleRead::kPairs || kLaneTable;
   static_assert(kScaleRead != BpScaleRead::kPairs || std::is_same_v<Scales, PlainScales>);
   static_assert(!(kSharedTable || kLaneTable) || std::is_same_v<Scales, DoubleQuantScales>);
@@ -553,8 +557,8 @@ __global__ void __launch_bounds__(32 * kBpWarps, 1) GemvBytePairKernel(GemvArgs<
     }
   };
   float acc[NT][4];
-  // after_first_use: with kIssueLate, the next group's issue, called once per group (after the
-  // first table lookup of span 0, or at once where the group has no span in the slice).
+  // after_first_use: with kIssueLate, the next group's issue, called once per group (at span 0's
+  // kIssuePoint, or at once where the group has no span in the slice).
   auto compute = [&](const Group& gr, const Unit& un, int s, int o, auto&& after_first_use) {
 #pragma unroll
     for (int u = 0; u < U; ++u) {
@@ -584,12 +588,15 @@ __global__ void __launch_bounds__(32 * kBpWarps, 1) GemvBytePairKernel(GemvArgs<
                                   lookup(wa_words[st / 2], byte + 1),
                                   lookup(wb_words[st / 2], byte + 1)};
         if constexpr (kIssueLate) {
-          if (u == 0 && st == 0) after_first_use();
+          if (u == 0 && 2 * st == kIssuePoint) after_first_use();
         }
 #pragma unroll
         for (int j = 0; j < NT; ++j) {
           const uint32_t xw = reinterpret_cast<const uint32_t*>(&xs[j][0])[st];
           MmaType<T>::Mma(part[j], frag, __byte_perm(xw, 0, sel_lo), __byte_perm(xw, 0, sel_hi));
+        }
+        if constexpr (kIssueLate) {
+          if (u == 0 && 2 * st + 1 == kIssuePoint) after_first_use();
         }
       }
       const int blk = (s + u) >> step_shift;
@@ -613,7 +620,7 @@ __global__ void __launch_bounds__(32 * kBpWarps, 1) GemvBytePairKernel(GemvArgs<
   };
 
   // A ring of R load groups in registers: the loads of the group R - 1 ahead go out before a
-  // group is computed (with kIssueLate: right after its first table lookup), and the stream of
+  // group is computed (with kIssueLate: after its first use, kIssuePoint), and the stream of
   // groups runs on across work units (G groups each), so the next unit's first loads are in
   // flight during this unit's split-K sum.
   const int G = a.steps_per_split / U;
@@ -647,10 +654,11 @@ __global__ void __launch_bounds__(32 * kBpWarps, 1) GemvBytePairKernel(GemvArgs<
     }
   }
   __syncthreads();
-  // The double-quant table's shared copy is written after the loop's first issue, behind its
-  // own barrier. Its global read (the same 1 KB for every CTA of the launch) lands well after
-  // the first weights (session 25: 0.7 µs of 8.0 at 4096^2, M = 1), and with one barrier for
-  // both tables the ring's next group went out only after it. kLaneTable: each thread's entry
+  // The double-quant table's shared copy is written after the loop's first issue (with
+  // kIssueLate: before the loop, see there), behind its own barrier. Its global read (the same
+  // 1 KB for every CTA of the launch) lands well after the first weights (session 25: 0.7 µs of
+  // 8.0 at 4096^2, M = 1), and with one barrier for both tables the ring's next group went out
+  // only after it. kLaneTable: each thread's entry
   // goes to the 1 KB table first, then each row's lane-replicated upper half is copied from
   // there (a third barrier; holding four entries per thread into the loop spilled at NT = 2).
   constexpr bool kStagedScaleTable = kSharedTable || kLaneTable;
@@ -670,6 +678,9 @@ __global__ void __launch_bounds__(32 * kBpWarps, 1) GemvBytePairKernel(GemvArgs<
     scale_table_pending = false;
   };
 
+  // With the late issue the first group's wait comes first anyway: the table is staged before
+  // the loop (its barriers at a CTA-uniform place, not inside the compute).
+  if constexpr (kIssueLate && kStagedScaleTable) stage_scale_table();
   int parity = 0;  // the partial-sum buffer of this unit
   int64_t unit = blockIdx.x;
   // The values the setup reads from memory (double-quant offset and nested scale) come from
@@ -732,7 +743,6 @@ __global__ void __launch_bounds__(32 * kBpWarps, 1) GemvBytePairKernel(GemvArgs<
 #pragma unroll
       for (int r = 0; r < R; ++r) {  // ring slot r holds the unit's group `group + r`
         if constexpr (kIssueLate) {
-          static_assert(!kStagedScaleTable, "no barrier inside the compute");
           compute(ring[r], cur, begin + (group + r) * U, (group + r) * U,
                   [&]() { issue(ring[(r + R - 1) % R]); });
         } else {
