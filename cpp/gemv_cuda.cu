@@ -658,9 +658,9 @@ __global__ void __launch_bounds__(32 * kBpWarps, 1) GemvBytePairKernel(GemvArgs<
   // kIssueLate: before the loop, see there), behind its own barrier. Its global read (the same
   // 1 KB for every CTA of the launch) lands well after the first weights (session 25: 0.7 µs of
   // 8.0 at 4096^2, M = 1), and with one barrier for both tables the ring's next group went out
-  // only after it. kLaneTable: each thread's entry
-  // goes to the 1 KB table first, then each row's lane-replicated upper half is copied from
-  // there (a third barrier; holding four entries per thread into the loop spilled at NT = 2).
+  // only after it. kLaneTable: each thread's entry goes to the 1 KB table first, then each
+  // row's lane-replicated upper half is copied from there (a third barrier; holding four
+  // entries per thread into the loop spilled at NT = 2).
   constexpr bool kStagedScaleTable = kSharedTable || kLaneTable;
   bool scale_table_pending = kStagedScaleTable;
   auto stage_scale_table = [&]() {
