@@ -433,9 +433,9 @@ __global__ void __launch_bounds__(32 * kBpWarps, 1) GemvBytePairKernel(GemvArgs<
     if (threadIdx.x < 256) scale_table_entry = __ldg(a.scales.table + threadIdx.x);
   }
   const uint32_t scale_table_base = table_base + 65536;
-  // kLaneTable: the tables are filled in kFillRounds rounds of one 16-byte store per thread; in
-  // round c thread i writes chunk i % 8 of entry i / 8 + c * 32 W / 8 (8 threads per 128-byte
-  // row: no bank conflicts).
+  // The tables are filled in kFillRounds rounds of one 16-byte store per thread; in round c
+  // thread i writes chunk i % 8 of entry i / 8 + c * 32 W / 8 (8 threads per 128-byte row: no
+  // bank conflicts).
   constexpr int kFillRounds = 256 * 8 / (32 * W);
   static_assert(kFillRounds * 32 * W == 256 * 8, "every thread fills the same chunk count");
   const uint32_t lane_address = table_base | (4 * (threadIdx.x % 32));
@@ -639,19 +639,11 @@ __global__ void __launch_bounds__(32 * kBpWarps, 1) GemvBytePairKernel(GemvArgs<
   // The first loads go out before the CTA fills and waits for its pair table.
 #pragma unroll
   for (int r = 0; r < R - 1; ++r) issue(ring[r]);
-  if constexpr (kLaneTable) {
 #pragma unroll
-    for (int c = 0; c < kFillRounds; ++c) {
-      const int i = threadIdx.x + c * 32 * W, e = i / 8;
-      const uint32_t v = MmaType<T>::Pack(kDeviceCodebook[e & 15], kDeviceCodebook[e >> 4]);
-      reinterpret_cast<uint4*>(table)[e * 16 + i % 8] = make_uint4(v, v, v, v);
-    }
-  } else {
-    for (int i = threadIdx.x; i < 256 * 8; i += 32 * W) {
-      const int e = i / 8;
-      const uint32_t v = MmaType<T>::Pack(kDeviceCodebook[e & 15], kDeviceCodebook[e >> 4]);
-      reinterpret_cast<uint4*>(table)[e * 16 + i % 8] = make_uint4(v, v, v, v);
-    }
+  for (int c = 0; c < kFillRounds; ++c) {
+    const int i = threadIdx.x + c * 32 * W, e = i / 8;
+    const uint32_t v = MmaType<T>::Pack(kDeviceCodebook[e & 15], kDeviceCodebook[e >> 4]);
+    reinterpret_cast<uint4*>(table)[e * 16 + i % 8] = make_uint4(v, v, v, v);
   }
   __syncthreads();
   // The double-quant table's shared copy is written after the loop's first issue (with
