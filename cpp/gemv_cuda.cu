@@ -374,7 +374,7 @@ constexpr int kBpSharedBytes = 65536 + 65536 + 1024 + 2 * kBpWarps * 32 * 4 * NT
 // memory, made once per CTA (read by LDS with a 32-bit address, see `compute`); the same where
 // a row's blocks lie in one 256-block nested group (K / block_size divides 256), its nested
 // scale read once per unit; and both of those through a lane-replicated copy of the table in
-// the pair table's unused upper half (kLaneTable*: the codes of two spans in one read, one PRMT
+// the pair table's unused upper half (kLaneTable*: the codes of four spans in one read, one PRMT
 // makes the LDS address, see `lookup_scale`), for launches where a CTA runs many spans.
 enum class BpScaleRead {
   kPerSpan, kPairs, kSharedTable, kSharedTableRowNested, kLaneTable, kLaneTableRowNested
@@ -520,15 +520,23 @@ __global__ void __launch_bounds__(32 * kBpWarps, 1) GemvBytePairKernel(GemvArgs<
     uint4 w[U][2];
     typename ScaleRow::Raw scale[U];  // decoded in compute, once the reads have landed
   };
-  // Loads the group at span s (offset o spans from the unit's pointers). With kPairedScales
-  // (plain scales, 64-element blocks, an even block count per row: every pair aligned) the
-  // scales of spans (s + u, s + u + 1), s + u even, come in one 8-byte read, which takes one of
-  // the 32 scale lines a warp's read touches (its lanes read 32 rows) off the L1 per span:
-  // 3 - 6% of the kernel time (bench/NOTES.md, session 8). The read has no branch (a guarded
-  // one measured no faster than v17): pairs past the slice's end, and the empty slices of the
-  // last splits, read the pair ending at `end` (even there: slices start even, K / 64 is even).
-  const int last_pair = end - 2;
-  auto load = [&](Group& gr, const Unit& un, int s, int o) {
+  // kLaneTable: the codes of a ring pass's U R spans are read by its first group (slot 0) and
+  // handed to the others after slot 0's compute (hand_over, below).
+  constexpr int kPassSpans = U * R;
+  static_assert(!kLaneTable || kPassSpans == 4, "double-quant codes are read in 4-span passes");
+  // Loads the group at span s (offset o spans from the unit's pointers) into ring slot `slot`.
+  // Plain scales with kPairs (64-element blocks, an even block count per row: every pair
+  // aligned): the scales of spans (s + u, s + u + 1), s + u even, come in one 8-byte read, which
+  // takes one of the 32 scale lines a warp's read touches (its lanes read 32 rows) off the L1
+  // per span: 3 - 6% of the kernel time (bench/NOTES.md, session 8). kLaneTable (a block count
+  // per row divisible by 4): the codes of a ring pass's 4 spans in one 4-byte read by slot 0
+  // (session 27, H100: 28672x8192 dq 1.2 - 2% faster than pairs at M = 1 and 8; the same pass
+  // read of plain scales, 16 bytes, was 3 - 11% slower than pairs). The reads have no branch (a
+  // guarded one measured no faster than v17): pairs or passes past the slice's end, and the
+  // empty slices of the last splits, read the one ending at `end` (a multiple of 4 there:
+  // slices start at multiples of 4, and K / 64 is even or, with kLaneTable, divisible by 4).
+  const int last_pair = end - 2, last_pass = end - kPassSpans;
+  auto load = [&](Group& gr, const Unit& un, int s, int o, int slot) {
 #pragma unroll
     for (int u = 0; u < U; ++u) {
       if (s + u >= end) break;
@@ -536,23 +544,25 @@ __global__ void __launch_bounds__(32 * kBpWarps, 1) GemvBytePairKernel(GemvArgs<
       gr.w[u][1] = LoadWeights(un.wb + 4 * (o + u));
       if constexpr (!kPairedScales) gr.scale[u] = un.scale.Fetch((s + u) >> step_shift);
     }
-    if constexpr (kPairedScales) {
+    if constexpr (kLaneTable) {
+      if (slot == 0) {
+        // The four spans' codes as bytes 0 - 3 of one word: one 4-byte read (64-element
+        // blocks), or the codes of spans b and b + 2 twice each (larger blocks).
+        const int b = s < last_pass ? s : last_pass;
+        gr.scale[0] = step_shift == 0
+                          ? __ldg(reinterpret_cast<const unsigned*>(un.scale.codes + b))
+                          : uint32_t(__ldg(un.scale.codes + (b >> step_shift))) * 0x101u |
+                                uint32_t(__ldg(un.scale.codes + ((b + 2) >> step_shift))) *
+                                    0x1010000u;
+      }
+    } else if constexpr (kPairedScales) {
       static_assert(U % 2 == 0, "scales are read in span pairs");
 #pragma unroll
       for (int u = 0; u < U; u += 2) {
         const int b = s + u < last_pair ? s + u : last_pair;
-        if constexpr (kLaneTable) {
-          // The two spans' codes as bytes 0 and 1 of one word: one 2-byte read (64-element
-          // blocks, an even count per row), or the one block's code twice (larger blocks).
-          gr.scale[u] = step_shift == 0
-                            ? uint32_t(__ldg(reinterpret_cast<const unsigned short*>(
-                                  un.scale.codes + b)))
-                            : uint32_t(__ldg(un.scale.codes + (b >> step_shift))) * 0x101u;
-        } else {
-          const float2 v = __ldg(reinterpret_cast<const float2*>(un.scale.absmax + b));
-          gr.scale[u] = v.x;
-          gr.scale[u + 1] = v.y;
-        }
+        const float2 v = __ldg(reinterpret_cast<const float2*>(un.scale.absmax + b));
+        gr.scale[u] = v.x;
+        gr.scale[u + 1] = v.y;
       }
     }
   };
@@ -628,8 +638,8 @@ __global__ void __launch_bounds__(32 * kBpWarps, 1) GemvBytePairKernel(GemvArgs<
   int64_t load_unit = blockIdx.x;
   int load_group = 0;
   Unit lu = setup(blockIdx.x);
-  auto issue = [&](Group& gr) {  // loads the load cursor's group and advances the cursor
-    if (load_unit < units) load(gr, lu, begin + load_group * U, load_group * U);
+  auto issue = [&](int slot) {  // loads the load cursor's group and advances the cursor
+    if (load_unit < units) load(ring[slot], lu, begin + load_group * U, load_group * U, slot);
     if (++load_group == G) {
       load_group = 0;
       load_unit += gridDim.x;
@@ -638,7 +648,7 @@ __global__ void __launch_bounds__(32 * kBpWarps, 1) GemvBytePairKernel(GemvArgs<
   };
   // The first loads go out before the CTA fills and waits for its pair table.
 #pragma unroll
-  for (int r = 0; r < R - 1; ++r) issue(ring[r]);
+  for (int r = 0; r < R - 1; ++r) issue(r);
 #pragma unroll
   for (int c = 0; c < kFillRounds; ++c) {
     const int i = threadIdx.x + c * 32 * W, e = i / 8;
@@ -673,6 +683,14 @@ __global__ void __launch_bounds__(32 * kBpWarps, 1) GemvBytePairKernel(GemvArgs<
   // With the late issue the first group's wait comes first anyway: the table is staged before
   // the loop (its barriers at a CTA-uniform place, not inside the compute).
   if constexpr (kIssueLate && kStagedScaleTable) stage_scale_table();
+  // kLaneTable: the codes of ring slots 1 .. R - 1, read by slot 0's group, handed over once
+  // slot 0 is computed (its reads have landed; the other slots' previous groups are done).
+  auto hand_over = [&]() {
+    if constexpr (kLaneTable) {
+#pragma unroll
+      for (int k = 1; k < R; ++k) ring[k].scale[0] = int(uint32_t(ring[0].scale[0]) >> (8 * U * k));
+    }
+  };
   int parity = 0;  // the partial-sum buffer of this unit
   int64_t unit = blockIdx.x;
   // The values the setup reads from memory (double-quant offset and nested scale) come from
@@ -736,12 +754,13 @@ __global__ void __launch_bounds__(32 * kBpWarps, 1) GemvBytePairKernel(GemvArgs<
       for (int r = 0; r < R; ++r) {  // ring slot r holds the unit's group `group + r`
         if constexpr (kIssueLate) {
           compute(ring[r], cur, begin + (group + r) * U, (group + r) * U,
-                  [&]() { issue(ring[(r + R - 1) % R]); });
+                  [&]() { issue((r + R - 1) % R); });
         } else {
-          issue(ring[(r + R - 1) % R]);
+          issue((r + R - 1) % R);
           if (kStagedScaleTable && scale_table_pending) stage_scale_table();  // once, CTA-uniform
           compute(ring[r], cur, begin + (group + r) * U, (group + r) * U, [] {});
         }
+        if (r == 0) hand_over();
       }
     }
     finish_unit();
@@ -788,10 +807,10 @@ cudaError_t LaunchGemvBytePair(GemvArgs<Scales> a, int64_t groups, int sms, cuda
     // 28672x8192, 7 rounds of 8 spans, 4 / 5% faster; 8192^2, one round of 16, 2 / 4%;
     // 14336x4096, one round of 16, level; 4096^2, one round of 4, 4% slower while its stores came
     // before the CTA's barrier; level since they come after the first issue, session 26). Its
-    // paired code reads need an even block count per row at 64-element blocks.
+    // code reads, 4 spans at once, need a span count per row (K / 64) divisible by 4.
     const int64_t spans_per_cta = (units + sms - 1) / sms * a.steps_per_split;
     const bool lane_table = spans_per_cta >= kBpLaneTableMinSpans &&
-                            (a.block_size > kBpSpan || (a.cols / kBpSpan) % 2 == 0);
+                            (a.cols / kBpSpan) % 4 == 0;
     if (lane_table)
       kernel = row_nested
                    ? GemvBytePairKernel<T, NT, U, R, Scales, BpScaleRead::kLaneTableRowNested>
