@@ -168,7 +168,8 @@ def test_dequantize_matmul_linear_on_double_quant_weights(platform, device, rng,
     (np.float16, 128, 200, 25), (jnp.bfloat16, 64, 40, 32), (np.float16, 128, 130, 16),
     (jnp.bfloat16, 64, 300, 24), (jnp.bfloat16, 64, 12, 32), (jnp.bfloat16, 64, 1, 256),
     (np.float16, 64, 8, 200), (jnp.bfloat16, 128, 5, 100), (jnp.bfloat16, 256, 6, 64),
-    (jnp.bfloat16, 64, 3, 200), (jnp.bfloat16, 64, 2, 201)],
+    (jnp.bfloat16, 64, 3, 200), (jnp.bfloat16, 64, 2, 201), (jnp.bfloat16, 64, 1, 202),
+    (np.float16, 128, 2, 101)],
     ids=["tensor-core-M1", "tensor-core-M13", "tensor-core-f16-M32", "tiled-M40",
          "simt-f32", "simt-f32-tiled", "bytewise-block48", "byte-pair-block128-M5",
          "byte-pair-block256-M3", "byte-pair-odd-blocks-M2", "byte-pair-row-nested-M1",
@@ -177,7 +178,8 @@ def test_dequantize_matmul_linear_on_double_quant_weights(platform, device, rng,
          "tiled-row-nested-block128-M130", "dense-path-M300", "tiled-row-nested-M12",
          "byte-pair-lane-table-row-nested-M1", "byte-pair-lane-table-f16-M8",
          "byte-pair-lane-table-block128-M5", "byte-pair-lane-table-row-nested-block256-M6",
-         "byte-pair-lane-table-M3", "byte-pair-many-spans-odd-blocks-M2"])
+         "byte-pair-lane-table-M3", "byte-pair-many-spans-odd-blocks-M2",
+         "byte-pair-many-spans-2-mod-4-M1", "byte-pair-many-spans-2-mod-4-block128-M2"])
 def test_kernels_decode_double_quant_scales(platform, device, rng, x_dtype, block_size, rows,
                                             row_blocks):
     """Every kernel path (fused tensor-core / SIMT / byte-wise GEMV, dequantize + dot) decodes
@@ -188,8 +190,8 @@ def test_kernels_decode_double_quant_scales(platform, device, rng, x_dtype, bloc
     GEMV reads its nested scale once per work unit, the tiled kernel once per CTA (up to M = 64
     each lane of a quad decodes one of its four rows' scales: M = 12, 13, 32 and 40 here).
     With 100 - 256 blocks per row the byte-pair GEMV's CTAs run 16 spans each, where it takes
-    its lane-replicated table (paired code reads: an even block count at block size 64, so the
-    odd 201 keeps the shared table)."""
+    its lane-replicated table (code reads of 4 spans at once: K / 64 divisible by 4, so 201
+    blocks of 64, 202 of 64 and 101 of 128 keep the shared table)."""
     n, k = 96, row_blocks * block_size
     w = jax.device_put(rng.standard_normal((n, k)).astype(np.float32), device)
     x = jax.device_put(rng.standard_normal((rows, k)).astype(x_dtype), device)
