@@ -69,11 +69,15 @@ kernel_tests() {  # kernel_tests ROOT LOG [K]: the GPU cases of tree ROOT's kern
     -k "gpu${3:+ and ($3)}"
 }
 
-memcheck_matmul() {  # memcheck_matmul ROOT LOG: memcheck of tree ROOT's matmul cases (PYTHONPATH picks the build)
+sanitized() {  # sanitized ROOT TOOL LOG [CASES]: compute-sanitizer TOOL over tree ROOT's
+  # bench/sanitize_kernels.py (PYTHONPATH picks the build; CASES: matmul or attention, else all),
+  # then one line: its exit status, the cases that passed, the sanitizer's summary. XLA's GEMM
+  # autotuning is slow and has crashed under memcheck: our kernels are the target.
   XLA_PYTHON_CLIENT_PREALLOCATE=false XLA_FLAGS=--xla_gpu_autotune_level=0 \
-    compute-sanitizer --tool memcheck --error-exitcode 9 \
-    python3 "$1/bench/sanitize_kernels.py" matmul > "$OUT/$2" 2>&1
-  echo "exit $?: $(grep -c ': ok' "$OUT/$2") ok cases, $(grep 'ERROR SUMMARY' "$OUT/$2" | tail -1)"
+    compute-sanitizer --tool "$2" --error-exitcode 9 \
+    python3 "$1/bench/sanitize_kernels.py" ${4:-} > "$OUT/$3" 2>&1
+  echo "exit $?: $(grep -c ': ok' "$OUT/$3") ok cases," \
+       "$(grep -E 'ERROR SUMMARY|RACECHECK SUMMARY' "$OUT/$3" | tail -1)"
 }
 
 tests() {
@@ -88,12 +92,7 @@ quick() {
 
 sanitize() {
   for tool in ${SANITIZE_TOOLS:-memcheck racecheck}; do  # SANITIZE_TOOLS=memcheck: one of them
-    # XLA's GEMM autotuning is slow and has crashed under memcheck: our kernels are the target.
-    XLA_PYTHON_CLIENT_PREALLOCATE=false XLA_FLAGS=--xla_gpu_autotune_level=0 \
-      compute-sanitizer --tool $tool --error-exitcode 9 \
-      python3 bench/sanitize_kernels.py > "$OUT/sanitize_$tool.log" 2>&1
-    echo "compute-sanitizer $tool: exit $? ($(grep -c ': ok' "$OUT/sanitize_$tool.log") ok cases," \
-         "$(grep -E 'ERROR SUMMARY|RACECHECK SUMMARY' "$OUT/sanitize_$tool.log" | tail -1))"
+    echo "compute-sanitizer $tool: $(sanitized "$REPO" $tool "sanitize_$tool.log")"
   done
 }
 
@@ -203,8 +202,8 @@ ab() {  # ab DIR[,DIR...] [bench args]
       for lane in 0 1; do
         for i in "${!roots[@]}"; do
           (( i % 2 == lane )) || continue
-          echo "${tags[$i]}'s memcheck: $(PYTHONPATH="${paths[$i]}" memcheck_matmul \
-            "${roots[$i]}" "ab_memcheck_${tags[$i]}.log")" \
+          echo "${tags[$i]}'s memcheck: $(PYTHONPATH="${paths[$i]}" sanitized \
+            "${roots[$i]}" memcheck "ab_memcheck_${tags[$i]}.log" matmul)" \
             > "$OUT/ab_check_${tags[$i]}_memcheck.txt"
         done &
       done
