@@ -19,7 +19,10 @@
 #              line with a JAX_NF4_LINEINFO=1 build; the kernel's own duration, without launch
 #              gaps); the full reports go to $OUT/ncu_*.ncu-rep. PROFILE_CASES="SHAPE:M[:dq] ..."
 #              picks other cases (:dq for double-quantized scales); to profile an A/B tree's
-#              build, PYTHONPATH=/tmp/ab_NAME PROFILE_TAG=NAME_ (prefixes the report names)
+#              build, PYTHONPATH=/tmp/ab_NAME PROFILE_TAG=NAME_ (prefixes the report names);
+#              PROFILE_ARGS="--copies 8" chains the calls over weight copies as the benchmark
+#              does, with e.g. PROFILE_NCU_ARGS="--cache-control none --launch-skip 8
+#              --launch-count 2" for the chain's steady state (default: one call, caches flushed)
 #   probe      bench/wgmma_probe.cu: the wgmma register-A / descriptor conventions (sm_90a)
 #   floor      bench/read_floor.cu: the read-only floor for the benchmark's weight byte counts, and
 #              the byte-pair GEMV's access pattern (layout A, tile-major) read without arithmetic
@@ -112,12 +115,12 @@ profile() {
     local shape rows dq name
     IFS=: read -r shape rows dq <<< "$case"
     name=ncu_${PROFILE_TAG:-}${shape}_m$rows${dq:+_dq}
-    ncu --clock-control none -k regex:'Gemv|GemmTile|GemmWgmma' --launch-skip 2 --launch-count 1 \
+    ncu --clock-control none -k regex:'Gemv|GemmTile|GemmWgmma' ${PROFILE_NCU_ARGS:---launch-skip 2 --launch-count 1} \
       --section SpeedOfLight --section MemoryWorkloadAnalysis --section WarpStateStats \
       --section LaunchStats --section Occupancy --section SourceCounters \
       --import-source yes --export "$OUT/$name" --force-overwrite \
       python3 bench/profile_gemv.py --shape $shape --rows $rows ${dq:+--double-quant} \
-      > "/tmp/$name.log" 2>&1
+      ${PROFILE_ARGS:-} > "/tmp/$name.log" 2>&1
     local rc=$?
     ncu --import "$OUT/$name.ncu-rep" > "$OUT/$name.txt" 2>&1
     echo "ncu $case: exit $rc | $(grep -E 'Duration|DRAM Throughput|Compute \(SM\)' \

@@ -9,10 +9,14 @@ For each weight shape N x K and each M it times, on JAX's default device:
 and per shape jax_nf4.dequantize (bf16 out) and jax_nf4.quantize (bf16 in). Matmuls run chained
 under jax.jit: each call's output is the next call's input (a non-square N x K weight is paired
 with a K x N one), so XLA can neither fold nor de-duplicate them, and weight copies are rotated
-so that more than ``min_bytes`` of weights are touched per pass (the L2 cache cannot serve
-them); one jit dispatch makes at least MIN_CALLS_PER_DISPATCH calls, so that the host's
-per-dispatch work is hidden (one pass per dispatch for ops with work on the weight alone, which
-XLA would merge across passes). Times are wall clock over many chained calls after a warm-up,
+so that the L2 cache cannot serve them. The kernels stream the packed codes with an evict-first
+hint, so L2 keeps the scale arrays of earlier copies (H100, 200 MB of weights rotated: the
+plain 28672 x 8192 GEMV 9% faster than with 1600 MB); so there are as many distinct copies as
+make the scale arrays alone (plain absmax; double-quant codes, nested absmax, table and
+offset) exceed ``min_bytes`` (dense weights: ``min_bytes`` in all). One jit dispatch makes at
+least MIN_CALLS_PER_DISPATCH calls, so that the host's per-dispatch work is hidden (one pass
+per dispatch for ops with work on the weight alone, which XLA would merge across passes).
+Times are wall clock over many chained calls after a warm-up,
 divided by the number of calls (the launch gap between dependent kernels included), the best
 of several rounds over the ops of one shape and M in alternating order (a GPU's clock drops
 under sustained load: no op gains by going first). With --kernel-times every timed op is also
@@ -75,17 +79,24 @@ class Row:
         return None if self.kernel_us is None else self._gbps_at(self.kernel_us)
 
 
-def _random_weights(key, n: int, k: int, copies: int, block_size: int):
-    """`copies` dense bf16 weights [N, K] (std 1/sqrt(K): chained products keep their scale)
-    and their NF4 versions, plain and with double-quantized scales."""
-    dense, quant, quant_dq = [], [], []
-    for i in range(copies):
+def _random_weights(key, n: int, k: int, block_size: int, min_bytes: float):
+    """Distinct random bf16 weights [N, K] (std 1/sqrt(K): chained products keep their scale)
+    totalling at least `min_bytes`, and NF4 versions of as many of them as make the scale
+    arrays of each NF4 list (plain; double-quantized) total at least `min_bytes`."""
+    lists: tuple[list, list, list] = ([], [], [])  # dense, plain NF4, double-quant NF4
+    totals = [0, 0, 0]  # dense bytes, then the scale bytes of each NF4 list
+    i = 0
+    while min(totals) < min_bytes or not all(lists):
         w = (jax.random.normal(jax.random.fold_in(key, i), (n, k), jnp.float32)
              / math.sqrt(k)).astype(jnp.bfloat16)
-        dense.append(w)
-        quant.append(quantize(w, block_size))
-        quant_dq.append(quantize(w, block_size, double_quant=True))
-    return dense, quant, quant_dq
+        for j, make in enumerate((lambda: w, lambda: quantize(w, block_size),
+                                  lambda: quantize(w, block_size, double_quant=True))):
+            if totals[j] < min_bytes or not lists[j]:
+                item = make()
+                lists[j].append(item)
+                totals[j] += item.nbytes if j == 0 else item.nbytes - item.packed.size
+        i += 1
+    return lists
 
 
 def _jnp_nf4_matmul(x, q: NF4Weight):
@@ -333,18 +344,18 @@ def run_benchmark(shapes=LLAMA_SHAPES, rows=DEFAULT_ROWS, block_size: int = 64,
         square = n == k
         per_copy = nf4_bytes * (1 if square else 2)
         copies = max(1, math.ceil(min_bytes / per_copy))
-        dense_copies = max(1, math.ceil(min_bytes / (2 * n * k * (1 if square else 2))))
-        d1, q1, dq1 = _random_weights(jax.random.fold_in(key, 1), n, k, copies, block_size)
+        per_list = min_bytes / (1 if square else 2)  # a non-square chain pairs two lists
+        d1, q1, dq1 = _random_weights(jax.random.fold_in(key, 1), n, k, block_size, per_list)
         if square:
             d2, q2, dq2 = d1, q1, dq1
         else:
-            d2, q2, dq2 = _random_weights(jax.random.fold_in(key, 2), k, n, copies, block_size)
+            d2, q2, dq2 = _random_weights(jax.random.fold_in(key, 2), k, n, block_size, per_list)
 
         def chain(first, second):
             return [w for pair in zip(first, second) for w in (pair if not square else pair[:1])]
 
         chain_q, chain_dq = chain(q1, q2), chain(dq1, dq2)
-        chain_d = chain(d1[:dense_copies], d2[:dense_copies])
+        chain_d = chain(d1, d2)
         avg_nf4 = sum(w.nbytes for w in chain_q) / len(chain_q)
         avg_dq = sum(w.nbytes for w in chain_dq) / len(chain_dq)
         avg_dense = sum(2 * w.shape[0] * w.shape[1] for w in chain_d) / len(chain_d)
@@ -367,8 +378,10 @@ def run_benchmark(shapes=LLAMA_SHAPES, rows=DEFAULT_ROWS, block_size: int = 64,
                     ops, _best_in_rounds(timers, reps, kernel_times)):
                 results.append(Row((n, k), m, op_name, us, int(nbytes), kernel_us))
             del timers
+        # dequantize writes 4x the bytes it reads (normal priority): with min_bytes of weights
+        # its outputs alone keep the scales out of L2.
         for op_name, fn, args in (
-                ("nf4 dequantize", lambda q: dequantize(q, jnp.bfloat16), q1),
+                ("nf4 dequantize", lambda q: dequantize(q, jnp.bfloat16), q1[:copies]),
                 ("nf4 quantize", lambda w: quantize(w, block_size), d1)):
             us, kernel_us = _time_calls(fn, args, reps, kernel_times)
             results.append(Row((n, k), 0, op_name, us, nf4_bytes + 2 * n * k, kernel_us))

@@ -28,6 +28,21 @@ def test_benchmark_rows_and_table():
     assert "| 64x128 | 1 |" in table and "| 64x128 | 3 |" in table and "quantize us" in table
 
 
+def test_weight_copies_rotate_the_scale_arrays_past_min_bytes():
+    # The GEMV streams the packed codes evict-first, so L2 would keep the scales of a short
+    # rotation: each NF4 list must have min_bytes of scale arrays, from distinct weights.
+    import numpy as np
+    dense, plain, dq = benchmark._random_weights(jax.random.PRNGKey(0), 64, 128, 64, 6000)
+    assert len(dense) == 1  # one 64x128 bf16 weight is 16 KB
+    plain_scales = [q.absmax.nbytes for q in plain]
+    dq_scales = [q.nbytes - q.packed.size for q in dq]
+    assert sum(plain_scales) >= 6000 > sum(plain_scales[:-1])  # 512 B each: 12 copies
+    assert sum(dq_scales) >= 6000 > sum(dq_scales[:-1])
+    packed = {np.asarray(q.packed).tobytes() for q in dq}
+    assert len(packed) == len(dq)  # distinct weights, not repeats of one
+    assert np.array_equal(np.asarray(plain[0].packed), np.asarray(dq[0].packed))
+
+
 def test_dequant_dot_baseline_from_16_rows():
     rows = benchmark.run_benchmark(shapes=((128, 256),), rows=(1, 16), min_bytes=1e4, iters=1,
                                    reps=1)
@@ -232,13 +247,15 @@ def test_dequantize_and_quantize_kernel_times_trace_one_call_over_all_copies(mon
     out = tmp_path / "bench.json"
     assert cli.main(["bench", "--shapes", "64x128", "--rows", "1", "--min-mb", "0.01",
                      "--iters", "1", "--kernel-times", "--json", str(out)]) == 0
-    # 64x128 NF4 is 4608 bytes, paired with a 128x64 one: 2 copies rotate 1e4 bytes
+    # 64x128 NF4 is 4608 bytes, paired with a 128x64 one: 2 copies rotate 1e4 bytes; one
+    # 64x128 bf16 weight (16 KB) is more than half of them
     dequantized, quantized = traced[-2:]
     assert [w.shape for w in dequantized] == [(64, 128)] * 2
     assert [w.dtype for w in dequantized] == [jax.numpy.bfloat16] * 2
-    assert [type(q) for q in quantized] == [jax_nf4.NF4Weight] * 2
+    assert [type(q) for q in quantized] == [jax_nf4.NF4Weight]
     dumped = {r["op"]: r for r in json.loads(out.read_text())}
-    assert dumped["nf4 dequantize"]["kernel_us"] == dumped["nf4 quantize"]["kernel_us"] == 300.0
+    assert dumped["nf4 dequantize"]["kernel_us"] == 300.0  # 600 µs busy over 2 copies
+    assert dumped["nf4 quantize"]["kernel_us"] == 600.0
     assert dumped["nf4 dq matmul"]["kernel_us"] is not None
 
 
