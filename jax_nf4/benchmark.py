@@ -14,8 +14,9 @@ hint, so L2 keeps the scale arrays of earlier copies (H100, 200 MB of weights ro
 plain 28672 x 8192 GEMV 9% faster than with 1600 MB); so there are as many distinct copies as
 make the scale arrays alone (plain absmax; double-quant codes, nested absmax, table and
 offset) exceed ``min_bytes`` (dense weights: ``min_bytes`` in all). One jit dispatch makes at
-least MIN_CALLS_PER_DISPATCH calls, so that the host's per-dispatch work is hidden (one pass
-per dispatch for ops with work on the weight alone, which XLA would merge across passes).
+least MIN_PASSES_PER_DISPATCH passes over the weights and MIN_CALLS_PER_DISPATCH calls, so that
+the host's per-dispatch work on every weight array is hidden (one pass per dispatch for ops
+with work on the weight alone, which XLA would merge across passes).
 Times are wall clock over many chained calls after a warm-up,
 divided by the number of calls (the launch gap between dependent kernels included), the best
 of several rounds over the ops of one shape and M in alternating order (a GPU's clock drops
@@ -224,9 +225,13 @@ def _traced_busy_us(fn: Callable, *args) -> float | None:
     return None if trace is None else device_busy_us(trace)
 
 
-# Op calls per jit dispatch at least. The host handles every leaf of every weight at each
-# dispatch (a double-quantized weight has 5): a short chain of fast calls would time the host.
+# Op calls per jit dispatch at least, and passes over the weights per dispatch at least. The
+# host handles every leaf of every weight at each dispatch (a double-quantized weight has 5,
+# ~3 µs each): one pass over hundreds of weights would time the host, not the GPU.
 MIN_CALLS_PER_DISPATCH = 32
+MIN_PASSES_PER_DISPATCH = 8
+# Passes beyond this many calls run in a fori_loop (one pass of HLO) rather than unrolled.
+MAX_UNROLLED_CALLS = 512
 
 
 def _chained(op: Callable, passes: int) -> Callable:
@@ -234,11 +239,17 @@ def _chained(op: Callable, passes: int) -> Callable:
     alone (a dequantization) is merged by XLA across passes over the same weight: ops with such
     work must be timed with one pass per dispatch (:func:`_weight_only_work`)."""
 
+    def one_pass(x, weights):
+        for w in weights:
+            x = op(x, w)
+        return x
+
     @jax.jit
     def chain(x, weights):
+        if passes * len(weights) > MAX_UNROLLED_CALLS:
+            return lax.fori_loop(0, passes, lambda _, y: one_pass(y, weights), x)
         for _ in range(passes):
-            for w in weights:
-                x = op(x, w)
+            x = one_pass(x, weights)
         return x
 
     return chain
@@ -256,12 +267,13 @@ def _weight_only_work(op_name: str, m: int, block_size: int) -> bool:
 
 class _ChainTimer:
     """`op` chained over `weights` from `x` (:func:`_chained`), compiled and warmed up: one jit
-    call runs the chain over all of them, repeated to at least MIN_CALLS_PER_DISPATCH calls
-    unless `one_pass`, and such calls are dispatched back to back, each taking the previous
-    output."""
+    call runs the chain over all of them, at least MIN_PASSES_PER_DISPATCH times and to at
+    least MIN_CALLS_PER_DISPATCH calls unless `one_pass`, and such calls are dispatched back to
+    back, each taking the previous output."""
 
     def __init__(self, op: Callable, weights: Sequence, x, iters: int, one_pass: bool = False):
-        passes = 1 if one_pass else math.ceil(MIN_CALLS_PER_DISPATCH / len(weights))
+        passes = 1 if one_pass else max(MIN_PASSES_PER_DISPATCH,
+                                        math.ceil(MIN_CALLS_PER_DISPATCH / len(weights)))
         self.calls = passes * len(weights)
         self.dispatches = math.ceil(iters / passes)
         self.chain = _chained(op, passes)
