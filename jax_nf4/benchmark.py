@@ -16,15 +16,14 @@ make the scale arrays alone (plain absmax; double-quant codes, nested absmax, ta
 offset) exceed ``min_bytes`` (dense weights: ``min_bytes`` in all). One jit dispatch makes at
 least MIN_PASSES_PER_DISPATCH passes over the weights and MIN_CALLS_PER_DISPATCH calls, so that
 the host's per-dispatch work on every weight array is hidden (one pass per dispatch for ops
-with work on the weight alone, which XLA would merge across passes).
-Times are wall clock over many chained calls after a warm-up,
-divided by the number of calls (the launch gap between dependent kernels included), the best
-of several rounds over the ops of one shape and M in alternating order (a GPU's clock drops
-under sustained load: no op gains by going first). With --kernel-times every timed op is also
-traced twice with jax.profiler: "kernel us" is the time the GPU streams were busy per call
-(no gaps), the smaller of the two; dequantize and quantize are traced as one jit call
-over all the weight copies, since their wall times (one dispatch per call) are host-bound on
-small shapes.
+with work on the weight alone, which XLA would merge across passes). Times are wall clock
+over many chained calls after a warm-up, divided by the number of calls (the launch gap
+between dependent kernels included), the best of several rounds over the ops of one shape and
+M in alternating order (a GPU's clock drops under sustained load: no op gains by going
+first). With --kernel-times every timed op is also traced twice with jax.profiler: "kernel us"
+is the time the GPU streams were busy per call (no gaps), the smaller of the two; dequantize
+and quantize are traced as one jit call over all the weight copies, since their wall times
+(one dispatch per call) are host-bound on small shapes.
 """
 
 from __future__ import annotations
@@ -80,19 +79,21 @@ class Row:
         return None if self.kernel_us is None else self._gbps_at(self.kernel_us)
 
 
-def _random_weights(key, n: int, k: int, block_size: int, min_bytes: float):
+def _random_weights(key, n: int, k: int, block_size: int, min_dense_bytes: float,
+                    min_scale_bytes: float):
     """Distinct random bf16 weights [N, K] (std 1/sqrt(K): chained products keep their scale)
-    totalling at least `min_bytes`, and NF4 versions of as many of them as make the scale
-    arrays of each NF4 list (plain; double-quantized) total at least `min_bytes`."""
+    totalling at least `min_dense_bytes`, and NF4 versions of as many of them as make the scale
+    arrays of each NF4 list (plain; double-quantized) total at least `min_scale_bytes`."""
     lists: tuple[list, list, list] = ([], [], [])  # dense, plain NF4, double-quant NF4
     totals = [0, 0, 0]  # dense bytes, then the scale bytes of each NF4 list
+    minimums = (min_dense_bytes, min_scale_bytes, min_scale_bytes)
     i = 0
-    while min(totals) < min_bytes or not all(lists):
+    while any(t < m for t, m in zip(totals, minimums)) or not all(lists):
         w = (jax.random.normal(jax.random.fold_in(key, i), (n, k), jnp.float32)
              / math.sqrt(k)).astype(jnp.bfloat16)
         for j, make in enumerate((lambda: w, lambda: quantize(w, block_size),
                                   lambda: quantize(w, block_size, double_quant=True))):
-            if totals[j] < min_bytes or not lists[j]:
+            if totals[j] < minimums[j] or not lists[j]:
                 item = make()
                 lists[j].append(item)
                 totals[j] += item.nbytes if j == 0 else item.nbytes - item.packed.size
@@ -356,12 +357,15 @@ def run_benchmark(shapes=LLAMA_SHAPES, rows=DEFAULT_ROWS, block_size: int = 64,
         square = n == k
         per_copy = nf4_bytes * (1 if square else 2)
         copies = max(1, math.ceil(min_bytes / per_copy))
-        per_list = min_bytes / (1 if square else 2)  # a non-square chain pairs two lists
-        d1, q1, dq1 = _random_weights(jax.random.fold_in(key, 1), n, k, block_size, per_list)
+        # A non-square chain pairs two lists; quantize rotates over the first list alone.
+        per_list = min_bytes / (1 if square else 2)
+        d1, q1, dq1 = _random_weights(jax.random.fold_in(key, 1), n, k, block_size, min_bytes,
+                                      per_list)
         if square:
             d2, q2, dq2 = d1, q1, dq1
         else:
-            d2, q2, dq2 = _random_weights(jax.random.fold_in(key, 2), k, n, block_size, per_list)
+            d2, q2, dq2 = _random_weights(jax.random.fold_in(key, 2), k, n, block_size,
+                                          min_bytes, per_list)
 
         def chain(first, second):
             return [w for pair in zip(first, second) for w in (pair if not square else pair[:1])]

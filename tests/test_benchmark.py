@@ -32,8 +32,8 @@ def test_weight_copies_rotate_the_scale_arrays_past_min_bytes():
     # The GEMV streams the packed codes evict-first, so L2 would keep the scales of a short
     # rotation: each NF4 list must have min_bytes of scale arrays, from distinct weights.
     import numpy as np
-    dense, plain, dq = benchmark._random_weights(jax.random.PRNGKey(0), 64, 128, 64, 6000)
-    assert len(dense) == 1  # one 64x128 bf16 weight is 16 KB
+    dense, plain, dq = benchmark._random_weights(jax.random.PRNGKey(0), 64, 128, 64, 40000, 6000)
+    assert len(dense) == 3  # a 64x128 bf16 weight is 16 KB
     plain_scales = [q.absmax.nbytes for q in plain]
     dq_scales = [q.nbytes - q.packed.size for q in dq]
     assert sum(plain_scales) >= 6000 > sum(plain_scales[:-1])  # 512 B each: 12 copies
@@ -248,7 +248,7 @@ def test_dequantize_and_quantize_kernel_times_trace_one_call_over_all_copies(mon
     assert cli.main(["bench", "--shapes", "64x128", "--rows", "1", "--min-mb", "0.01",
                      "--iters", "1", "--kernel-times", "--json", str(out)]) == 0
     # 64x128 NF4 is 4608 bytes, paired with a 128x64 one: 2 copies rotate 1e4 bytes; one
-    # 64x128 bf16 weight (16 KB) is more than half of them
+    # 64x128 bf16 weight (16 KB) is more than 1e4 bytes
     dequantized, quantized = traced[-2:]
     assert [w.shape for w in dequantized] == [(64, 128)] * 2
     assert [w.dtype for w in dequantized] == [jax.numpy.bfloat16] * 2
