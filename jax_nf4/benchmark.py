@@ -13,10 +13,12 @@ so that the L2 cache cannot serve them. The kernels stream the packed codes with
 hint, so L2 keeps the scale arrays of earlier copies (H100, 200 MB of weights rotated: the
 plain 28672 x 8192 GEMV 9% faster than with 1600 MB); so there are as many distinct copies as
 make the scale arrays alone (plain absmax; double-quant codes, nested absmax, table and
-offset) exceed ``min_bytes`` (dense weights: ``min_bytes`` in all). One jit dispatch makes at
-least MIN_PASSES_PER_DISPATCH passes over the weights and MIN_CALLS_PER_DISPATCH calls, so that
-the host's per-dispatch work on every weight array is hidden (one pass per dispatch for ops
-with work on the weight alone, which XLA would merge across passes). Times are wall clock
+offset) exceed ``min_bytes`` (dense weights: ``min_bytes`` in all), within half of the memory
+XLA may allocate on the device (past it, a warning says which times may be optimistic). One
+jit dispatch makes at least MIN_PASSES_PER_DISPATCH passes over the weights and
+MIN_CALLS_PER_DISPATCH calls, so that the host's per-dispatch work on every weight array is
+hidden (one pass per dispatch for ops with work on the weight alone, which XLA would merge
+across passes). Times are wall clock
 over many chained calls after a warm-up, divided by the number of calls (the launch gap
 between dependent kernels included), the best of several rounds over the ops of one shape and
 M in alternating order (a GPU's clock drops under sustained load: no op gains by going
@@ -38,6 +40,7 @@ import os
 import re
 import tempfile
 import time
+import warnings
 from typing import Callable, Sequence
 
 import jax
@@ -79,24 +82,49 @@ class Row:
         return None if self.kernel_us is None else self._gbps_at(self.kernel_us)
 
 
+# The weight lists of one shape may take at most this share of the memory XLA may allocate
+# on the device: on a small GPU the rotation is cut short, with a warning, rather than running
+# out of memory (the double-quant lists of the largest shapes take ~7 GB otherwise).
+MAX_WEIGHT_MEMORY_SHARE = 0.5
+
+
+def _device_memory_limit() -> int | None:
+    """Bytes XLA may allocate on the default device; None where it does not say (the CPU)."""
+    stats = jax.devices()[0].memory_stats()
+    return int(stats["bytes_limit"]) if stats and "bytes_limit" in stats else None
+
+
+def _scale_bytes(q: NF4Weight) -> int:
+    """Bytes of a weight's arrays other than the packed codes (its scales)."""
+    return q.nbytes - q.packed.size
+
+
 def _random_weights(key, n: int, k: int, block_size: int, min_dense_bytes: float,
-                    min_scale_bytes: float):
+                    min_scale_bytes: float, max_list_bytes: float = math.inf):
     """Distinct random bf16 weights [N, K] (std 1/sqrt(K): chained products keep their scale)
     totalling at least `min_dense_bytes`, and NF4 versions of as many of them as make the scale
-    arrays of each NF4 list (plain; double-quantized) total at least `min_scale_bytes`."""
+    arrays of each NF4 list (plain; double-quantized) total at least `min_scale_bytes`. No
+    list grows past `max_list_bytes` (each has at least one weight)."""
     lists: tuple[list, list, list] = ([], [], [])  # dense, plain NF4, double-quant NF4
     totals = [0, 0, 0]  # dense bytes, then the scale bytes of each NF4 list
+    sizes = [0, 0, 0]  # bytes of one weight of each list
     minimums = (min_dense_bytes, min_scale_bytes, min_scale_bytes)
+
+    def wants(j: int) -> bool:
+        return not lists[j] or (totals[j] < minimums[j]
+                                and (len(lists[j]) + 1) * sizes[j] <= max_list_bytes)
+
     i = 0
-    while any(t < m for t, m in zip(totals, minimums)) or not all(lists):
+    while any(wants(j) for j in range(3)):
         w = (jax.random.normal(jax.random.fold_in(key, i), (n, k), jnp.float32)
              / math.sqrt(k)).astype(jnp.bfloat16)
         for j, make in enumerate((lambda: w, lambda: quantize(w, block_size),
                                   lambda: quantize(w, block_size, double_quant=True))):
-            if totals[j] < minimums[j] or not lists[j]:
+            if wants(j):
                 item = make()
                 lists[j].append(item)
-                totals[j] += item.nbytes if j == 0 else item.nbytes - item.packed.size
+                sizes[j] = item.nbytes
+                totals[j] += item.nbytes if j == 0 else _scale_bytes(item)
         i += 1
     return lists
 
@@ -359,13 +387,24 @@ def run_benchmark(shapes=LLAMA_SHAPES, rows=DEFAULT_ROWS, block_size: int = 64,
         copies = max(1, math.ceil(min_bytes / per_copy))
         # A non-square chain pairs two lists; quantize rotates over the first list alone.
         per_list = min_bytes / (1 if square else 2)
+        limit = _device_memory_limit()
+        max_list = (math.inf if limit is None
+                    else MAX_WEIGHT_MEMORY_SHARE * limit / (3 if square else 6))
         d1, q1, dq1 = _random_weights(jax.random.fold_in(key, 1), n, k, block_size, min_bytes,
-                                      per_list)
+                                      per_list, max_list)
         if square:
             d2, q2, dq2 = d1, q1, dq1
         else:
             d2, q2, dq2 = _random_weights(jax.random.fold_in(key, 2), k, n, block_size,
-                                          min_bytes, per_list)
+                                          min_bytes, per_list, max_list)
+        for kind, weights in (("plain", q1), ("double-quant", dq1)):
+            rotated = sum(_scale_bytes(q) for q in weights)
+            if rotated < per_list:
+                warnings.warn(
+                    f"bench {n}x{k}: device memory allows only {rotated / 1e6:.1f} MB of "
+                    f"{kind} scale arrays rotated (wanted {per_list / 1e6:.1f} MB): the L2 cache "
+                    f"may serve part of them, so the {kind} matmul times may be optimistic",
+                    stacklevel=2)
 
         def chain(first, second):
             return [w for pair in zip(first, second) for w in (pair if not square else pair[:1])]

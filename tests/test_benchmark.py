@@ -43,6 +43,23 @@ def test_weight_copies_rotate_the_scale_arrays_past_min_bytes():
     assert np.array_equal(np.asarray(plain[0].packed), np.asarray(dq[0].packed))
 
 
+def test_weight_copies_stop_at_the_memory_cap_with_a_warning(monkeypatch):
+    # On a small GPU the rotation is cut short (one weight at least), with a warning.
+    dense, plain, dq = benchmark._random_weights(jax.random.PRNGKey(0), 64, 128, 64, 40000, 6000,
+                                                 max_list_bytes=11000)
+    assert (len(dense), len(plain), len(dq)) == (1, 2, 2)  # 16384, 2 x 4608, 2 x 5256 bytes
+    monkeypatch.setattr(benchmark, "_device_memory_limit", lambda: 60000)  # 10000 per list
+    with pytest.warns(UserWarning) as caught:
+        rows = benchmark.run_benchmark(shapes=((64, 64),), rows=(1,), min_bytes=3e4, iters=1,
+                                       reps=1)
+    # 64x64: plain 2304 bytes a weight (4 fit: 1 KB of scales), double-quant 3144 (3 fit)
+    assert [str(w.message) for w in caught] == [
+        f"bench 64x64: device memory allows only 0.0 MB of {kind} scale arrays rotated (wanted "
+        f"0.0 MB): the L2 cache may serve part of them, so the {kind} matmul times may be "
+        f"optimistic" for kind in ("plain", "double-quant")]
+    assert {r.op for r in rows} >= {"nf4 matmul", "nf4 dq matmul"}
+
+
 def test_dequant_dot_baseline_from_16_rows():
     rows = benchmark.run_benchmark(shapes=((128, 256),), rows=(1, 16), min_bytes=1e4, iters=1,
                                    reps=1)
