@@ -12,6 +12,7 @@ import jax
 import jax.numpy as jnp
 
 import jax_nf4
+from jax_nf4 import benchmark
 
 parser = argparse.ArgumentParser()
 parser.add_argument("--shape", default="28672x8192")
@@ -31,13 +32,5 @@ if args.copies == 1:
 else:  # square shapes: y [M, N] is the next x [M, K]
     qs = [jax_nf4.quantize((w * (1 + i / 64)).astype(args.dtype), double_quant=args.double_quant)
           for i in range(args.copies)]
-
-    @jax.jit
-    def chain(y, qs):
-        for _ in range(2):
-            for q in qs:
-                y = jax_nf4.matmul(y, q)
-        return y
-
-    y = chain(x, qs).block_until_ready()
+    y = benchmark._chained(jax_nf4.matmul, 2)(x, qs).block_until_ready()
 print(y.shape, float(jnp.abs(y.astype(jnp.float32)).mean()))
